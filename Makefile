@@ -8,7 +8,6 @@ DEMO_OUT ?= demo-out
 
 $(BIN)/ctsearch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 

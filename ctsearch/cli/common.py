@@ -1,0 +1,71 @@
+"""What every command shares: one-line errors, progress, JSON output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable, Iterable, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ctsearch.errors import CTSearchInputError
+
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable JSON result on stdout.")
+QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No progress bars or chatter.")
+ADDRESS_OPT = typer.Option(
+    None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else start Ray in this process)."
+)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("CTSEARCH_DEBUG", "") not in ("", "0")
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn user errors into one line on stderr and exit code 1 (traceback only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CTSearchInputError as e:
+            if debug_enabled():
+                raise
+            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def progress(items: Iterable[T], total: int | None, description: str, quiet: bool = False) -> Iterable[T]:
+    """Iterate ``items`` with a progress bar on stderr (nothing when quiet or not a terminal)."""
+    if quiet or not sys.stderr.isatty():
+        yield from items
+        return
+    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*cols, console=err_console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+def say(message: str, quiet: bool = False) -> None:
+    """Human chatter goes to stderr so stdout stays clean for --json."""
+    if not quiet:
+        err_console.print(message, highlight=False, soft_wrap=True)
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()

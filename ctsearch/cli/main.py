@@ -1,0 +1,37 @@
+"""The ``ctsearch`` command line: one module per command group, each with ``register(app)``."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import typer
+
+app = typer.Typer(
+    name="ctsearch",
+    help="Content-based image retrieval for CT archives: synth, prepare, train, index, search, explain, evaluate, demo.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+    if debug:
+        os.environ["CTSEARCH_DEBUG"] = "1"
+
+
+@app.command()
+def version() -> None:
+    """Print the ctsearch version."""
+    from ctsearch import __version__
+
+    typer.echo(__version__)
+
+
+COMMAND_MODULES = ["synth", "prepare", "train", "index", "search", "explain", "evaluate", "report", "demo"]
+
+for _name in COMMAND_MODULES:
+    if importlib.util.find_spec(f"ctsearch.cli.{_name}") is not None:
+        importlib.import_module(f"ctsearch.cli.{_name}").register(app)

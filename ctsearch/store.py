@@ -1,0 +1,162 @@
+"""Parquet schemas for the artefacts ctsearch writes, and their readers.
+
+Slice datasets (``train.parquet`` / ``test.parquet`` from ``ctsearch prepare --protocol decathlon``)
+hold one row per slice; pixels are stored as raw little-endian bytes with their height and width
+so files stay plain and readable from any language (docs/formats.md).
+
+Example:
+    >>> import numpy as np, tempfile, os
+    >>> s = SliceSet(hu=np.zeros((2, 4, 4), np.int16), mask=np.zeros((2, 4, 4), np.uint8),
+    ...              label=np.array([0, 1], np.int8), volume_id=np.array(["a", "a"]),
+    ...              patient_id=np.array(["p", "p"]), slice_index=np.array([3, 7], np.int32),
+    ...              z_mm=np.array([0.0, 10.0]))
+    >>> path = os.path.join(tempfile.mkdtemp(), "train.parquet")
+    >>> write_slices(s, path)
+    >>> read_slices(path).hu.shape
+    (2, 4, 4)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ctsearch.errors import CTSearchInputError
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("volume_id", pa.string()),
+        ("patient_id", pa.string()),
+        ("study_id", pa.string()),
+        ("series_id", pa.string()),
+        ("exam_date", pa.string()),
+        ("path", pa.string()),
+        ("format", pa.string()),  # nifti | dicom
+        ("label_path", pa.string()),
+        ("case_number", pa.int64()),
+        ("nz", pa.int32()),
+        ("ny", pa.int32()),
+        ("nx", pa.int32()),
+        ("spacing_z", pa.float64()),
+        ("spacing_y", pa.float64()),
+        ("spacing_x", pa.float64()),
+    ]
+)
+
+ERRORS_SCHEMA = pa.schema([("path", pa.string()), ("stage", pa.string()), ("error", pa.string())])
+
+SLICES_SCHEMA = pa.schema(
+    [
+        ("volume_id", pa.string()),
+        ("patient_id", pa.string()),
+        ("slice_index", pa.int32()),
+        ("z_mm", pa.float64()),
+        ("label", pa.int8()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("hu", pa.binary()),  # int16 little-endian, row-major [height, width]
+        ("mask", pa.binary()),  # uint8 (1 = liver or tumour), row-major [height, width]
+    ]
+)
+
+
+@dataclass
+class SliceSet:
+    """A stack of labelled slices.
+
+    Attributes:
+        hu: int16 [n, y, x] Hounsfield units.
+        mask: uint8 [n, y, x], 1 where the slice shows liver (Decathlon label > 0).
+        label: int8 [n], 1 if the slice contains liver.
+        volume_id, patient_id: str [n].
+        slice_index: int32 [n], index in the canonical orientation (0 = most inferior).
+        z_mm: float64 [n], slice position along the body axis.
+    """
+
+    hu: np.ndarray
+    mask: np.ndarray
+    label: np.ndarray
+    volume_id: np.ndarray
+    patient_id: np.ndarray
+    slice_index: np.ndarray
+    z_mm: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.hu.shape[0])
+
+
+def atomic_write_table(table: pa.Table, path: str | os.PathLike) -> None:
+    """Write a parquet file via temp + rename so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def errors_table(rows: list[dict]) -> pa.Table:
+    """rows of {path, stage, error} -> a table with ERRORS_SCHEMA."""
+    return pa.Table.from_pylist([{k: r.get(k) for k in ERRORS_SCHEMA.names} for r in rows], schema=ERRORS_SCHEMA)
+
+
+def slices_table(s: SliceSet) -> pa.Table:
+    n, h, w = s.hu.shape
+    hu = np.ascontiguousarray(s.hu, dtype="<i2")
+    mask = np.ascontiguousarray(s.mask, dtype=np.uint8)
+    return pa.table(
+        {
+            "volume_id": pa.array([str(v) for v in s.volume_id], pa.string()),
+            "patient_id": pa.array([str(v) for v in s.patient_id], pa.string()),
+            "slice_index": pa.array(np.asarray(s.slice_index, np.int32)),
+            "z_mm": pa.array(np.asarray(s.z_mm, np.float64)),
+            "label": pa.array(np.asarray(s.label, np.int8)),
+            "height": pa.array(np.full(n, h, np.int32)),
+            "width": pa.array(np.full(n, w, np.int32)),
+            "hu": pa.array([hu[i].tobytes() for i in range(n)], pa.binary()),
+            "mask": pa.array([mask[i].tobytes() for i in range(n)], pa.binary()),
+        },
+        schema=SLICES_SCHEMA,
+    )
+
+
+def write_slices(s: SliceSet, path: str | os.PathLike) -> None:
+    """Write a SliceSet as a slice-dataset parquet file (atomic)."""
+    atomic_write_table(slices_table(s), path)
+
+
+def read_slices(path: str | os.PathLike) -> SliceSet:
+    """Read a slice-dataset parquet file into numpy arrays (all slices must share one size)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CTSearchInputError(path, "no such slice dataset (run `ctsearch prepare --protocol decathlon` first)")
+    try:
+        t = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CTSearchInputError(path, f"not a readable parquet file ({e})") from None
+    missing = set(SLICES_SCHEMA.names) - set(t.column_names)
+    if missing:
+        raise CTSearchInputError(path, f"not a slice dataset: missing columns {sorted(missing)}")
+    n = t.num_rows
+    hs, ws = t.column("height").to_numpy(), t.column("width").to_numpy()
+    if n and (np.any(hs != hs[0]) or np.any(ws != ws[0])):
+        raise CTSearchInputError(path, "slices differ in size; resample them to one size first")
+    h, w = (int(hs[0]), int(ws[0])) if n else (0, 0)
+
+    def stack(col: str, dtype) -> np.ndarray:
+        buf = b"".join(t.column(col).to_pylist())
+        return np.frombuffer(buf, dtype=dtype).reshape(n, h, w).copy()
+
+    return SliceSet(
+        hu=stack("hu", "<i2").astype(np.int16),
+        mask=stack("mask", np.uint8),
+        label=t.column("label").to_numpy().astype(np.int8),
+        volume_id=np.asarray(t.column("volume_id").to_pylist(), dtype=object),
+        patient_id=np.asarray(t.column("patient_id").to_pylist(), dtype=object),
+        slice_index=t.column("slice_index").to_numpy().astype(np.int32),
+        z_mm=t.column("z_mm").to_numpy().astype(np.float64),
+    )
