@@ -1,0 +1,41 @@
+"""Shared fixtures: one Ray session per test run, and one small synthetic archive + slice dataset."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep torch from oversubscribing the CPU when Ray workers run beside the test process.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray started once for the whole session; 4 logical CPUs even on 2 cores so data and training both get CPU."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_archive(tmp_path_factory):
+    """A small synthetic archive: 8 patients, 64 px slices, NIfTI (Decathlon layout) + DICOM, seed 0."""
+    from ctsearch.synth import synth_archive as make
+
+    out = tmp_path_factory.mktemp("synth")
+    make(out, volumes=8, seed=0, size=64, fmt="both")
+    return out
+
+
+@pytest.fixture(scope="session")
+def slice_dataset(synth_archive, tmp_path_factory):
+    """``ctsearch prepare --protocol decathlon`` output for ``synth_archive``: 6 train / 2 test volumes."""
+    from ctsearch.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(synth_archive / "nifti", out, protocol="decathlon", per_volume=5, train_volumes=6, seed=0)
+    return out
