@@ -8,6 +8,8 @@ Example:
 """
 
 from ctsearch.errors import CTSearchInputError
+from ctsearch.io.dicom import write_dicom_series
+from ctsearch.io.nifti import write_nifti
 from ctsearch.io.volume import Volume
 
-__all__ = ["CTSearchInputError", "Volume"]
+__all__ = ["CTSearchInputError", "Volume", "write_dicom_series", "write_nifti"]
