@@ -160,3 +160,28 @@ def read_slices(path: str | os.PathLike) -> SliceSet:
         slice_index=t.column("slice_index").to_numpy().astype(np.int32),
         z_mm=t.column("z_mm").to_numpy().astype(np.float64),
     )
+
+
+# Index embeddings (``ctsearch index``): one row per slice, the metadata below plus
+# ``embedding: fixed_size_list<float32 | float16>[D]`` (L2-normalised). docs/formats.md.
+EMBEDDING_META_SCHEMA = pa.schema(
+    [
+        ("volume_id", pa.string()),
+        ("patient_id", pa.string()),
+        ("study_id", pa.string()),
+        ("series_id", pa.string()),
+        ("exam_date", pa.string()),
+        ("slice_index", pa.int32()),
+        ("z_mm", pa.float64()),
+        ("path", pa.string()),
+    ]
+)
+
+EMBEDDING_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+    """EMBEDDING_META_SCHEMA + ``embedding: fixed_size_list<dtype>[dim]``."""
+    if dtype not in EMBEDDING_DTYPES:
+        raise CTSearchInputError(None, f"embedding dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {dtype!r}")
+    return EMBEDDING_META_SCHEMA.append(pa.field("embedding", pa.list_(EMBEDDING_DTYPES[dtype], int(dim))))
