@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.pixels import apply_modality_lut
 from pydicom.valuerep import format_number_as_ds
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ctsearch.errors import CTSearchInputError
+from ctsearch.io.orient import canonical_transform, spacing_of, to_canonical
 from ctsearch.io.volume import Volume
 
 # RescaleIntercept used for the unsigned pixels we write (the common scanner convention).
@@ -154,3 +157,338 @@ def _ds(v: float) -> str:
     """A DICOM Decimal String (<= 16 characters) for ``v``."""
     v = float(v) + 0.0  # folds -0.0 into 0.0
     return format_number_as_ds(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+# Refuse series whose headers claim more voxels than any CT volume plausibly holds.
+MAX_VOXELS = 2 * 1024**3
+_INT16 = np.iinfo(np.int16)
+_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+_MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+# Axial: the slice normal within ~37 degrees of the body axis (gantry tilt stays well below).
+_AXIAL_MIN_COS = 0.8
+
+# Which pip packages let pydicom decode a compressed transfer syntax (pydicom 3 pixel plugins).
+_PLUGIN_HINTS = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg and pylibjpeg-libjpeg (or python-gdcm)",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg and pylibjpeg-libjpeg (or python-gdcm)",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg and pylibjpeg-libjpeg (or python-gdcm)",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg and pylibjpeg-libjpeg (or python-gdcm)",
+    "1.2.840.10008.1.2.4.80": "pyjpegls (or pylibjpeg and pylibjpeg-libjpeg, or python-gdcm)",
+    "1.2.840.10008.1.2.4.81": "pyjpegls (or pylibjpeg and pylibjpeg-libjpeg, or python-gdcm)",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg and pylibjpeg-openjpeg (or python-gdcm)",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg and pylibjpeg-openjpeg (or python-gdcm)",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg and pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.202": "pylibjpeg and pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg and pylibjpeg-openjpeg",
+}
+
+
+class NotAxialCTSeries(CTSearchInputError):
+    """A readable series that is not an axial CT stack (localizer, single slice, MR ...): skipped."""
+
+
+def sniff_dicom(path: str | os.PathLike) -> bool:
+    """True if the file content looks like DICOM: 'DICM' after the 128-byte preamble, or a
+    preamble-less dataset starting with a group 0002/0008 tag. Names and extensions are ignored."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return True
+    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3:4] == b"\x00"
+
+
+def read_dicom_header(path: str | os.PathLike) -> pydicom.Dataset:
+    """Parse one file's DICOM header (no pixel data); raise CTSearchInputError if it is not DICOM."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CTSearchInputError(path, "no such file")
+    if os.path.getsize(path) == 0:
+        raise CTSearchInputError(path, "empty file")
+    if not sniff_dicom(path):
+        raise CTSearchInputError(path, "not a DICOM file (no 'DICM' marker or DICOM header)")
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        sop_class = str(ds.get("SOPClassUID", ""))
+        series_uid = str(ds.get("SeriesInstanceUID", ""))
+    except Exception as e:  # pydicom raises many types on corrupt input
+        raise CTSearchInputError(path, f"unreadable DICOM header ({_describe(e)})") from None
+    if sop_class == _MEDIA_STORAGE_DIRECTORY:
+        raise NotAxialCTSeries(path, "DICOMDIR (a directory index, not an image)")
+    if not series_uid:
+        raise CTSearchInputError(path, "DICOM file without SeriesInstanceUID")
+    return ds
+
+
+def group_series(
+    files: list[str | os.PathLike], stage: str = "read"
+) -> tuple[dict[str, list[tuple[str, pydicom.Dataset]]], list[dict]]:
+    """Read the headers of ``files`` and group them by SeriesInstanceUID.
+
+    Returns:
+        ({series_uid: [(path, header), ...]}, errors) with one ``{path, stage, error}`` dict per
+        file that is not a readable DICOM image.
+    """
+    groups: dict[str, list[tuple[str, pydicom.Dataset]]] = {}
+    errors: list[dict] = []
+    for path in files:
+        try:
+            ds = read_dicom_header(path)
+        except CTSearchInputError as e:
+            errors.append(error_row(e, stage))
+            continue
+        groups.setdefault(str(ds.SeriesInstanceUID), []).append((os.fspath(path), ds))
+    return groups, errors
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """A validated axial CT series, known from its headers only; :meth:`read` loads the pixels.
+
+    Attributes:
+        files: slice files ordered along the slice normal, from the stored first slice.
+        shape: canonical (z, y, x) shape; spacing_mm: canonical (z, y, x) voxel size.
+        affine: voxel (i, j, k) -> LPS mm of the canonical grid.
+        folder: the deepest folder holding all the files (used to name the series in messages).
+    """
+
+    series_id: str
+    study_id: str
+    patient_id: str
+    exam_date: str | None
+    files: tuple[str, ...]
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    affine: np.ndarray
+    folder: str
+    stored_affine: np.ndarray  # voxel -> LPS of the grid as stored, before reorientation
+
+    def read(self) -> Volume:
+        """Decode, rescale (RescaleSlope/Intercept) and reorient the slices into a Volume."""
+        first = _decode_slice(self.files[0])
+        rows, cols = first.shape
+        stack = np.empty((len(self.files), rows, cols), dtype=np.int16)
+        stack[0] = first
+        for k, path in enumerate(self.files[1:], start=1):
+            s = _decode_slice(path)
+            if s.shape != (rows, cols):
+                raise CTSearchInputError(path, f"slice is {s.shape[0]}x{s.shape[1]}, series is {rows}x{cols}")
+            stack[k] = s
+        hu, affine = to_canonical(stack.transpose(2, 1, 0), self.stored_affine)
+        return Volume(
+            hu=hu,
+            spacing_mm=self.spacing_mm,
+            affine=affine,
+            patient_id=self.patient_id,
+            study_id=self.study_id,
+            series_id=self.series_id,
+            exam_date=self.exam_date,
+            source=self.folder,
+        )
+
+
+def plan_series(items: list[tuple[str, pydicom.Dataset]]) -> DicomSeries:
+    """Validate one series' headers and work out its geometry.
+
+    Raises:
+        NotAxialCTSeries: a readable series that is not an axial CT stack (the reason says why).
+        CTSearchInputError: a broken series (inconsistent sizes, duplicate positions ...).
+    """
+    paths = [p for p, _ in items]
+    folder = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    first_path, ds0 = items[0]
+    uid = str(ds0.SeriesInstanceUID)
+    name = f"series {uid} ({len(items)} files)"
+
+    def skip(reason):
+        return NotAxialCTSeries(folder, f"{name}: skipped, {reason}")
+
+    modality = str(ds0.get("Modality", "")) or "missing"
+    if modality != "CT":
+        raise skip(f"modality {modality}, not CT")
+    image_type = [str(t).upper() for t in (ds0.get("ImageType") or [])]
+    if "LOCALIZER" in image_type:
+        raise skip("localizer (scout) images")
+    if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for _, ds in items):
+        raise skip("multi-frame (enhanced) CT is not supported")
+    if len(items) < 2:
+        raise skip("single slice, not a volume")
+
+    geo = []
+    for path, ds in items:
+        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
+            if ds.get(tag) in (None, ""):
+                raise CTSearchInputError(path, f"{name}: slice lacks {tag}")
+        try:
+            ipp = np.array([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
+            iop = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+            ps = np.array([float(v) for v in ds.PixelSpacing], dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise CTSearchInputError(path, f"{name}: unreadable geometry ({_describe(e)})") from None
+        if ipp.shape != (3,) or iop.shape != (6,) or ps.shape != (2,) or not np.all(np.isfinite(np.r_[ipp, iop, ps])):
+            raise CTSearchInputError(path, f"{name}: malformed ImagePositionPatient/ImageOrientationPatient/PixelSpacing")
+        if str(ds.get("Modality", "")) != "CT":
+            raise CTSearchInputError(path, f"{name}: mixes modalities ({ds.get('Modality')!s} and CT)")
+        geo.append((path, ipp, iop, ps, (int(ds.Rows), int(ds.Columns))))
+
+    _, _, iop0, ps0, size0 = geo[0]
+    for path, _, iop, ps, size in geo[1:]:
+        if size != size0:
+            raise CTSearchInputError(path, f"{name}: slice is {size[0]}x{size[1]}, other slices are {size0[0]}x{size0[1]}")
+        if not np.allclose(iop, iop0, atol=1e-4):
+            raise CTSearchInputError(path, f"{name}: ImageOrientationPatient differs between slices")
+        if not np.allclose(ps, ps0, rtol=1e-4, atol=1e-5):
+            raise CTSearchInputError(path, f"{name}: PixelSpacing differs between slices")
+    if min(ps0) <= 0 or min(size0) < 1:
+        raise CTSearchInputError(first_path, f"{name}: non-positive PixelSpacing or image size")
+    row_dir, col_dir = iop0[:3], iop0[3:]
+    if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3 or abs(row_dir @ col_dir) > 1e-3:
+        raise CTSearchInputError(first_path, f"{name}: ImageOrientationPatient is not two orthonormal vectors")
+    normal = np.cross(row_dir, col_dir)
+    if abs(normal[2]) < _AXIAL_MIN_COS:
+        plane = "sagittal" if abs(normal[0]) >= abs(normal[1]) else "coronal"
+        raise skip(f"non-axial ({plane}/oblique) slices, normal {np.round(normal, 3).tolist()}")
+
+    # Order by position along the slice normal: file names and InstanceNumber are not trusted.
+    along = np.array([ipp @ normal for _, ipp, _, _, _ in geo])
+    order = np.argsort(along, kind="stable")
+    along = along[order]
+    gaps = np.diff(along)
+    dup = np.flatnonzero(gaps < 1e-3)
+    if dup.size:
+        a, b = geo[order[dup[0]]][0], geo[order[dup[0] + 1]][0]
+        raise CTSearchInputError(folder, f"{name}: duplicate slice position {along[dup[0]]:.3f} mm in {a} and {b}")
+    step = float(np.median(gaps))
+    if np.max(np.abs(gaps - step)) > 0.05 * step + 1e-3:
+        raise CTSearchInputError(
+            folder, f"{name}: irregular slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm): missing slices?"
+        )
+    positions = np.array([geo[i][1] for i in order])
+    stored = np.eye(4)
+    stored[:3, 0] = row_dir * ps0[1]  # along a row: column index i, column spacing
+    stored[:3, 1] = col_dir * ps0[0]  # down a column: row index j, row spacing
+    stored[:3, 2] = (positions[-1] - positions[0]) / (len(positions) - 1)
+    stored[:3, 3] = positions[0]
+    rows, cols = size0
+    n_voxels = len(items) * rows * cols
+    if n_voxels > MAX_VOXELS:
+        raise CTSearchInputError(folder, f"{name}: {n_voxels} voxels, over the {MAX_VOXELS} limit")
+    _, affine, shape_ijk = canonical_transform(stored, (cols, rows, len(items)))
+    return DicomSeries(
+        series_id=uid,
+        study_id=str(ds0.get("StudyInstanceUID", "")),
+        patient_id=str(ds0.get("PatientID", "")),
+        exam_date=_iso_date(ds0),
+        files=tuple(geo[i][0] for i in order),
+        shape=(shape_ijk[2], shape_ijk[1], shape_ijk[0]),
+        spacing_mm=spacing_of(affine),
+        affine=affine,
+        folder=folder,
+        stored_affine=stored,
+    )
+
+
+def read_dicom_series(folder: str | os.PathLike) -> tuple[list[Volume], list[dict]]:
+    """Read every axial CT series under ``folder`` (any depth), one Volume per SeriesInstanceUID.
+
+    Files are recognised by content, not name. Series that are not axial CT stacks (localizer,
+    single slice, other modality, sagittal/coronal) and broken series are not returned; each
+    appears in the second list as ``{"path", "stage": "read", "error"}``, as does every file
+    that is not readable DICOM.
+
+    Example:
+        >>> vols, skipped = read_dicom_series("exam_folder")    # doctest: +SKIP
+        >>> [v.series_id for v in vols], [s["error"] for s in skipped]   # doctest: +SKIP
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise CTSearchInputError(folder, "not a folder")
+    groups, errors = group_series(_walk_files(folder))
+    volumes = []
+    for items in groups.values():
+        try:
+            volumes.append(plan_series(items).read())
+        except CTSearchInputError as e:
+            errors.append(error_row(e, "read"))
+    return volumes, errors
+
+
+def read_dicom_folder(folder: str | os.PathLike) -> Volume:
+    """Read a folder (any depth) that holds exactly one axial CT series; anything else raises."""
+    folder = os.fspath(folder)
+    files = _walk_files(folder)
+    if not files:
+        raise CTSearchInputError(folder, "folder holds no files")
+    groups, errors = group_series(files)
+    if errors:
+        e = errors[0]
+        more = f" (and {len(errors) - 1} more unreadable files)" if len(errors) > 1 else ""
+        raise CTSearchInputError(e["path"], e["error"].split(": ", 1)[-1] + more)
+    if len(groups) > 1:
+        raise CTSearchInputError(
+            folder,
+            f"holds {len(groups)} DICOM series; read_volume takes one series: use "
+            "ctsearch.io.read_dicom_series or ctsearch.io.scan_archive (ctsearch prepare)",
+        )
+    return plan_series(next(iter(groups.values()))).read()
+
+
+def error_row(e: CTSearchInputError, stage: str) -> dict:
+    """A CTSearchInputError as a row of store.ERRORS_SCHEMA."""
+    return {"path": e.path or "", "stage": stage, "error": e.problem}
+
+
+def _walk_files(folder: str) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        out.extend(os.path.join(dirpath, f) for f in sorted(filenames))
+    return out
+
+
+def _decode_slice(path: str) -> np.ndarray:
+    """int16 [rows, cols] HU of one slice: pydicom's modality LUT, rounded and clipped."""
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as e:
+        raise CTSearchInputError(path, f"unreadable DICOM file ({_describe(e)})") from None
+    if "PixelData" not in ds:
+        raise CTSearchInputError(path, "missing pixel data")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise CTSearchInputError(path, "not a grayscale image (SamplesPerPixel != 1)")
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    try:
+        pixels = ds.pixel_array
+    except Exception as e:
+        hint = _PLUGIN_HINTS.get(str(syntax or ""))
+        detail = _describe(e)
+        if hint and ("plugin" in detail.lower() or "missing" in detail.lower() or "dependenc" in detail.lower()):
+            name = getattr(syntax, "name", str(syntax))
+            raise CTSearchInputError(
+                path, f"pixel data is compressed ({name}) and no installed decoder handles it: install {hint}"
+            ) from None
+        raise CTSearchInputError(path, f"cannot decode pixel data ({detail})") from None
+    if pixels.ndim != 2:
+        raise CTSearchInputError(path, f"expected one 2-D frame, pixel data has shape {pixels.shape}")
+    hu = apply_modality_lut(pixels, ds)
+    if np.issubdtype(hu.dtype, np.floating):
+        hu = np.rint(np.nan_to_num(hu, nan=-1024.0))
+    return np.clip(hu, _INT16.min, _INT16.max).astype(np.int16)
+
+
+def _iso_date(ds: pydicom.Dataset) -> str | None:
+    for tag in ("StudyDate", "SeriesDate", "AcquisitionDate"):
+        d = str(ds.get(tag, "") or "").strip()
+        if len(d) == 8 and d.isdigit():
+            return f"{d[:4]}-{d[4:6]}-{d[6:]}"
+    return None
+
+
+def _describe(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or "no detail"
+    return f"{type(e).__name__}: {text[:200]}"

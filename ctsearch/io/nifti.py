@@ -18,15 +18,19 @@ Example:
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
+import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from ctsearch.errors import CTSearchInputError
+from ctsearch.io.orient import canonical_transform, spacing_of, to_canonical
 from ctsearch.io.volume import Volume
 
 # NIfTI RAS+ <-> DICOM LPS+: negate x and y.
@@ -86,3 +90,200 @@ def _save(zyx: np.ndarray, affine_ras: np.ndarray, path) -> None:
     img.header.set_slope_inter(1.0, 0.0)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, os.fspath(path))
+
+
+# Deflate cannot expand data by more than ~1032:1, so a .nii.gz whose header needs more bytes than
+# that is lying about its size.
+_MAX_DEFLATE_RATIO = 1032
+_INT16 = np.iinfo(np.int16)
+
+
+@dataclass(frozen=True)
+class NiftiHeader:
+    """What :func:`read_nifti_header` learns without touching voxel data.
+
+    Attributes:
+        shape: canonical (z, y, x) shape.
+        spacing_mm: canonical (z, y, x) voxel size.
+        affine: voxel (i, j, k) -> LPS mm of the canonical grid.
+    """
+
+    path: str
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    affine: np.ndarray
+
+
+def read_nifti_header(path: str | os.PathLike) -> NiftiHeader:
+    """Read and validate a NIfTI header (no voxel data); raise CTSearchInputError if unusable."""
+    img, shape_ijk, affine_lps = _open_checked(path)
+    _, new_affine, new_shape = canonical_transform(affine_lps, shape_ijk)
+    zyx = (new_shape[2], new_shape[1], new_shape[0])
+    return NiftiHeader(os.fspath(path), zyx, spacing_of(new_affine), new_affine)
+
+
+def read_nifti(path: str | os.PathLike) -> Volume:
+    """Read a .nii / .nii.gz CT volume into the canonical orientation, in int16 HU.
+
+    scl_slope / scl_inter are applied, values rounded to the nearest integer and clipped to the
+    int16 range; NaN becomes -1024 (air). Ids come from the file name (``liver_3.nii.gz`` ->
+    ``liver_3``) unless a sidecar ``liver_3.json`` next to it gives ``patient_id``, ``study_id``,
+    ``series_id`` or ``exam_date``.
+    """
+    img, _, affine_lps = _open_checked(path)
+    data = _load_scaled(img, path, _to_int16)
+    hu, affine = to_canonical(data, affine_lps)
+    stem = nifti_stem(path)
+    ids = {"patient_id": stem, "study_id": stem, "series_id": stem, "exam_date": None}
+    ids.update(_sidecar(path))
+    return Volume(
+        hu=hu,
+        spacing_mm=spacing_of(affine),
+        affine=affine,
+        patient_id=ids["patient_id"],
+        study_id=ids["study_id"],
+        series_id=ids["series_id"],
+        exam_date=ids["exam_date"],
+        source=os.fspath(path),
+    )
+
+
+def read_label(path: str | os.PathLike, like: Volume | None = None) -> np.ndarray:
+    """Read a NIfTI segmentation as uint8 [z, y, x] in the canonical orientation.
+
+    With ``like``, the label must match that volume's canonical shape (a Decathlon image and its
+    label share one grid), else CTSearchInputError.
+    """
+    img, _, affine_lps = _open_checked(path)
+    data = _load_scaled(img, path, _to_uint8)
+    label, _ = to_canonical(data, affine_lps)
+    if like is not None and label.shape != like.hu.shape:
+        raise CTSearchInputError(path, f"label shape {label.shape} differs from image shape {like.hu.shape}")
+    return label
+
+
+def _open_checked(path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarray]:
+    """Open lazily (header only) and refuse anything whose data we should not try to read."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CTSearchInputError(path, "no such file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CTSearchInputError(path, "empty file")
+    gz = path.lower().endswith(".gz")
+    try:
+        img = nib.load(path, mmap=False)
+        header = img.header
+        shape = tuple(int(d) for d in header.get_data_shape())
+        itemsize = header.get_data_dtype().itemsize
+        offset = int(header.get_data_offset())
+    except CTSearchInputError:
+        raise
+    except Exception as e:  # nibabel, gzip, zlib and EOF errors alike
+        raise CTSearchInputError(path, f"not a readable NIfTI file ({_describe(e)})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise CTSearchInputError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise CTSearchInputError(path, f"expected a 3-D volume, header says shape {shape}")
+    if min(shape) < 1:
+        raise CTSearchInputError(path, f"header says shape {shape}: no voxels")
+    n_voxels = int(np.prod(shape, dtype=np.int64))
+    if n_voxels > MAX_VOXELS:
+        raise CTSearchInputError(path, f"header claims {n_voxels} voxels (shape {shape}), over the {MAX_VOXELS} limit")
+    needed = offset + n_voxels * itemsize
+    if not gz and needed > size:
+        raise CTSearchInputError(path, f"header claims {needed} bytes of image but the file holds {size} (truncated?)")
+    if gz:
+        _check_gzip_size(path, size, needed)
+    affine_ras = img.affine
+    if affine_ras is None or not np.all(np.isfinite(affine_ras)):
+        raise CTSearchInputError(path, "header has no usable affine")
+    affine_lps = LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)
+    try:
+        canonical_transform(affine_lps, shape)
+    except ValueError as e:
+        raise CTSearchInputError(path, str(e)) from None
+    return img, shape, affine_lps
+
+
+def _check_gzip_size(path: str, size: int, needed: int) -> None:
+    """Make sure the gzip stream really holds ``needed`` bytes before anything allocates them."""
+    if needed > _MAX_DEFLATE_RATIO * size + 1024:
+        raise CTSearchInputError(path, f"header claims {needed} bytes of image, impossible for a {size}-byte gzip file")
+    with open(path, "rb") as f:
+        f.seek(max(size - 4, 0))
+        (isize,) = struct.unpack("<I", f.read(4).rjust(4, b"\0"))
+    if isize == needed % 2**32:
+        return
+    # The trailer disagrees (truncated file, or several gzip members): count the real bytes by
+    # streaming, in bounded memory.
+    total = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                total += len(chunk)
+                if total >= needed:
+                    return
+    except (OSError, EOFError, zlib.error) as e:
+        raise CTSearchInputError(path, f"truncated or corrupt gzip stream ({_describe(e)})") from None
+    raise CTSearchInputError(path, f"header claims {needed} bytes of image but the gzip stream holds {total} (truncated?)")
+
+
+def _load_scaled(img, path, convert) -> np.ndarray:
+    """Read the voxels one k-slab at a time, scaling with scl_slope/scl_inter, then ``convert``."""
+    proxy = img.dataobj
+    shape = tuple(int(d) for d in img.shape[:3])
+    try:
+        raw = np.asanyarray(proxy.get_unscaled()).reshape(shape)
+        slope, inter = float(proxy.slope), float(proxy.inter)
+        return convert(raw, slope, inter)
+    except CTSearchInputError as e:
+        raise CTSearchInputError(path, e.problem) if e.path is None else e from None
+    except Exception as e:  # nibabel, gzip, zlib and EOF errors alike
+        raise CTSearchInputError(path, f"cannot read voxel data ({_describe(e)})") from None
+
+
+def _to_int16(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
+    if raw.dtype == np.int16 and slope == 1.0 and inter == 0.0:
+        return raw
+    out = np.empty(raw.shape, dtype=np.int16)
+    for k in range(raw.shape[2]):  # per slab: bounded float64 temporaries
+        v = raw[:, :, k].astype(np.float64) * slope + inter
+        v = np.nan_to_num(v, nan=-1024.0, posinf=_INT16.max, neginf=_INT16.min)
+        out[:, :, k] = np.clip(np.rint(v), _INT16.min, _INT16.max)
+    return out
+
+
+def _to_uint8(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
+    if raw.dtype == np.uint8 and slope == 1.0 and inter == 0.0:
+        return raw
+    out = np.empty(raw.shape, dtype=np.uint8)
+    for k in range(raw.shape[2]):
+        v = np.rint(np.nan_to_num(raw[:, :, k].astype(np.float64) * slope + inter, nan=0.0))
+        if v.size and (v.min() < 0 or v.max() > 255):
+            raise CTSearchInputError(None, f"label values outside 0..255 ({v.min():g}..{v.max():g})")
+        out[:, :, k] = v
+    return out
+
+
+def _sidecar(path) -> dict:
+    """Ids from ``<stem>.json`` next to the image, if present (keys as in Volume)."""
+    side = os.path.join(os.path.dirname(os.fspath(path)), nifti_stem(path) + ".json")
+    if not os.path.isfile(side):
+        return {}
+    try:
+        with open(side, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CTSearchInputError(side, f"unreadable sidecar JSON ({_describe(e)})") from None
+    if not isinstance(meta, dict):
+        raise CTSearchInputError(side, "sidecar JSON must be an object")
+    keys = ("patient_id", "study_id", "series_id", "exam_date")
+    return {k: str(meta[k]) for k in keys if meta.get(k) not in (None, "")}
+
+
+def _describe(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or "no detail"
+    return f"{type(e).__name__}: {text[:200]}"
