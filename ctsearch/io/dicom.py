@@ -246,7 +246,7 @@ def group_series(
     return groups, errors
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DicomSeries:
     """A validated axial CT series, known from its headers only; :meth:`read` loads the pixels.
 
@@ -408,7 +408,7 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[list[Volume], list[dic
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise CTSearchInputError(folder, "not a folder")
-    groups, errors = group_series(_walk_files(folder))
+    groups, errors = group_series(walk_files(folder))
     volumes = []
     for items in groups.values():
         try:
@@ -421,7 +421,7 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[list[Volume], list[dic
 def read_dicom_folder(folder: str | os.PathLike) -> Volume:
     """Read a folder (any depth) that holds exactly one axial CT series; anything else raises."""
     folder = os.fspath(folder)
-    files = _walk_files(folder)
+    files = walk_files(folder)
     if not files:
         raise CTSearchInputError(folder, "folder holds no files")
     groups, errors = group_series(files)
@@ -443,7 +443,8 @@ def error_row(e: CTSearchInputError, stage: str) -> dict:
     return {"path": e.path or "", "stage": stage, "error": e.problem}
 
 
-def _walk_files(folder: str) -> list[str]:
+def walk_files(folder: str) -> list[str]:
+    """Every file under ``folder`` (any depth), in a deterministic order."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()

@@ -133,9 +133,7 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     img, _, affine_lps = _open_checked(path)
     data = _load_scaled(img, path, _to_int16)
     hu, affine = to_canonical(data, affine_lps)
-    stem = nifti_stem(path)
-    ids = {"patient_id": stem, "study_id": stem, "series_id": stem, "exam_date": None}
-    ids.update(_sidecar(path))
+    ids = nifti_ids(path)
     return Volume(
         hu=hu,
         spacing_mm=spacing_of(affine),
@@ -268,9 +266,25 @@ def _to_uint8(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
     return out
 
 
+def sidecar_path(path: str | os.PathLike) -> str:
+    """``dir/liver_3.nii.gz`` -> ``dir/liver_3.json``, the optional id sidecar."""
+    return os.path.join(os.path.dirname(os.fspath(path)), nifti_stem(path) + ".json")
+
+
+def nifti_ids(path: str | os.PathLike) -> dict:
+    """patient_id, study_id, series_id (default: the file stem) and exam_date (default None).
+
+    A sidecar ``<stem>.json`` next to the file may override any of them, e.g.
+    ``{"patient_id": "P17", "study_id": "S2", "exam_date": "2019-05-02"}``.
+    """
+    stem = nifti_stem(path)
+    ids = {"patient_id": stem, "study_id": stem, "series_id": stem, "exam_date": None}
+    ids.update(_sidecar(path))
+    return ids
+
+
 def _sidecar(path) -> dict:
-    """Ids from ``<stem>.json`` next to the image, if present (keys as in Volume)."""
-    side = os.path.join(os.path.dirname(os.fspath(path)), nifti_stem(path) + ".json")
+    side = sidecar_path(path)
     if not os.path.isfile(side):
         return {}
     try:
