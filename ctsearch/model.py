@@ -128,3 +128,200 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     encoder = build_encoder(config)
     encoder.load_state_dict(load_file(str(w_path)))
     return encoder.to(device).eval(), config
+
+
+# ---------------------------------------------------------------------------------------------
+# SimSiam heads (Chen & He 2021, as in the reference code; reference-facts.md)
+
+
+def simsiam_dims(backbone: str) -> tuple[int, int]:
+    """(projection dim, predictor bottleneck dim): 2048/512 for ResNet50, D and D/4 otherwise."""
+    dim = BACKBONES[backbone][1]
+    return dim, max(dim // 4, 1)
+
+
+def projection_mlp(in_dim: int, dim: int) -> nn.Sequential:
+    """Linear-BN-ReLU-Linear-BN-ReLU-Linear-BN(affine=False): three layers, as in SimSiam."""
+    mlp = nn.Sequential(
+        nn.Linear(in_dim, in_dim, bias=False),
+        nn.BatchNorm1d(in_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(in_dim, in_dim, bias=False),
+        nn.BatchNorm1d(in_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(in_dim, dim),
+        nn.BatchNorm1d(dim, affine=False),
+    )
+    # The bias of the last linear layer is cancelled by the BN that follows it; SimSiam freezes it.
+    mlp[6].bias.requires_grad = False
+    return mlp
+
+
+def prediction_mlp(dim: int, pred_dim: int) -> nn.Sequential:
+    """Linear-BN-ReLU-Linear: the bottleneck predictor h."""
+    return nn.Sequential(
+        nn.Linear(dim, pred_dim, bias=False),
+        nn.BatchNorm1d(pred_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(pred_dim, dim),
+    )
+
+
+class SimSiam(nn.Module):
+    """Encoder f (backbone up to global pooling) + projector g + predictor h.
+
+    ``forward(x1, x2)`` returns ``p1, p2, z1, z2`` with the targets z detached (stop-gradient).
+    Only ``encoder`` is kept after training (``save_encoder(model.encoder, ...)``).
+
+    Example:
+        >>> m = SimSiam(ModelConfig(backbone="tiny", image_size=64))
+        >>> p1, p2, z1, z2 = m(torch.rand(4, 3, 64, 64), torch.rand(4, 3, 64, 64))
+        >>> p1.shape, z2.requires_grad
+        (torch.Size([4, 128]), False)
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        dim, pred_dim = simsiam_dims(config.backbone)
+        self.encoder = build_encoder(config)
+        self.projector = projection_mlp(config.embedding_dim, dim)
+        self.predictor = prediction_mlp(dim, pred_dim)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+        z1 = self.projector(self.encoder(x1))
+        z2 = self.projector(self.encoder(x2))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        return p1, p2, z1.detach(), z2.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Initial weights: never downloaded. ImageNet weights come from a file the user names or from
+# the local torch cache, where torchvision itself would have put them.
+
+IMAGENET_FILES = {"resnet50": "resnet50-0676ba61.pth", "resnet18": "resnet18-f37072fd.pth"}
+IMAGENET_URLS = {name: f"https://download.pytorch.org/models/{f}" for name, f in IMAGENET_FILES.items()}
+
+
+def torch_cache_dir() -> Path:
+    """Where torchvision keeps downloaded weights: ``torch.hub.get_dir()/checkpoints``."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def find_imagenet_weights(backbone: str, weights: str | os.PathLike | None = None) -> Path:
+    """The ImageNet weight file for ``backbone``: ``weights`` if given, else the torch cache.
+
+    In the cache, the exact torchvision V1 file (the one the reference code used) is preferred;
+    any other ``<backbone>-*.pth`` there (e.g. torchvision's V2 weights) is taken otherwise.
+    """
+    if weights is not None:
+        p = Path(weights)
+        if not p.is_file():
+            raise CTSearchInputError(p, "no such weight file (pass a torchvision ImageNet .pth for --weights)")
+        return p
+    if backbone not in IMAGENET_FILES:
+        raise CTSearchInputError(None, f"--init imagenet needs resnet50 or resnet18, not backbone {backbone!r}")
+    cache = torch_cache_dir()
+    exact = cache / IMAGENET_FILES[backbone]
+    if exact.is_file():
+        return exact
+    others = sorted(cache.glob(f"{backbone}-*.pth"))
+    if others:
+        return others[0]
+    raise CTSearchInputError(
+        exact,
+        f"ImageNet weights for {backbone} not found and ctsearch never downloads; fetch "
+        f"{IMAGENET_URLS[backbone]} on a machine with network and put it at this path "
+        f"(or pass --weights FILE, or use --init random)",
+    )
+
+
+def _encoder_state(state: dict) -> dict[str, torch.Tensor]:
+    """Backbone weights from a state dict in any common layout, without the classifier.
+
+    Accepts torchvision files (``conv1.weight``, ``fc.*``), SimSiam checkpoints
+    (``{"state_dict": {"module.encoder.conv1.weight", ...}}``) and ctsearch checkpoints
+    (``encoder.*``, ``projector.*``, ``predictor.*``).
+    """
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        k = key.removeprefix("module.")
+        if k.startswith(("projector.", "predictor.")):
+            continue
+        k = k.removeprefix("encoder.")
+        if k.startswith("fc."):
+            continue
+        out[k] = value
+    return out
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file or a torch file, loaded without executing code."""
+    p = Path(path)
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(p))
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user input problem
+        raise CTSearchInputError(p, f"unreadable weight file ({type(e).__name__}: {e})") from None
+
+
+def initial_encoder_state(
+    init: str, config: ModelConfig, weights: str | os.PathLike | None = None
+) -> dict[str, torch.Tensor] | None:
+    """Encoder weights to start training from, or None for ``init == "random"``.
+
+    ``init`` is ``imagenet`` (torchvision weights, see ``find_imagenet_weights``), ``random``,
+    or a path: a run directory (``model.json`` + ``encoder.safetensors``) or a weight file.
+    The result always matches ``build_encoder(config)`` key for key and shape for shape.
+    """
+    if init == "random":
+        if weights is not None:
+            raise CTSearchInputError(weights, "--weights is only used with --init imagenet")
+        return None
+    if init == "imagenet":
+        path = find_imagenet_weights(config.backbone, weights)
+    else:
+        path = Path(init)
+        if path.is_dir():
+            src_cfg = path / MODEL_JSON
+            if src_cfg.is_file():
+                other = json.loads(src_cfg.read_text()).get("backbone")
+                if other != config.backbone:
+                    raise CTSearchInputError(path, f"holds a {other} encoder, but --backbone is {config.backbone}")
+            path = path / ENCODER_FILE
+        if not path.is_file():
+            raise CTSearchInputError(path, "no such run directory or weight file for --init (expected imagenet, random, a run dir or a file)")
+    state = _encoder_state(read_weights(path))
+    expected = build_encoder(config).state_dict()
+    missing = sorted(set(expected) - set(state))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or wrong:
+        what = f"missing {missing[:3]}" if missing else f"shape mismatch at {wrong[:3]}"
+        raise CTSearchInputError(path, f"weights do not fit a {config.backbone} encoder ({what})")
+    return {k: state[k] for k in expected}
+
+
+@torch.no_grad()
+def embed(encoder: nn.Module, hu, config: ModelConfig, batch_size: int = 64, device: str | torch.device = "cpu"):
+    """HU slices [n, y, x] -> float32 numpy embeddings [n, D] through ``eval_transform``.
+
+    The encoder's train/eval mode is restored afterwards, so this can run mid-training.
+    """
+    import numpy as np
+
+    from ctsearch.views import eval_transform
+
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    for start in range(0, len(hu), batch_size):
+        x = eval_transform(hu[start : start + batch_size], config).to(device)
+        out.append(encoder(x).float().cpu().numpy())
+    encoder.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, config.embedding_dim), np.float32)

@@ -41,3 +41,70 @@ def eval_transform(hu, config: ModelConfig) -> torch.Tensor:
     x = apply_window(t, Window(*config.wide), config.rescale)[:, None]
     x = resize_short_side(x, config.image_size)
     return x.expand(-1, 3, -1, -1).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training views (SimSiam). The reference code windows each slice, stacks it into pseudo-RGB and
+# then gives each view its own independent augmentation (reference-facts.md, "Two views").
+
+JITTER_SATURATION = {"paper": 0.4, "reference": 0.2}
+
+
+def view_windows(config: ModelConfig) -> tuple[Window, Window]:
+    """Windows of view 1 and view 2: clinical = (wide, narrow); standard = (wide, wide)."""
+    wide, narrow = Window(*config.wide), Window(*config.narrow)
+    if config.views == "clinical":
+        return wide, narrow
+    if config.views == "standard":
+        return wide, wide
+    raise ValueError(f"views must be 'clinical' or 'standard', got {config.views!r}")
+
+
+def augmentation(image_size: int, jitter: str = "paper"):
+    """RandomResizedCrop(S, 0.2-1) -> jitter (p 0.8) -> grayscale (p 0.2) -> flip (p 0.5), per image [3, y, x].
+
+    ``jitter`` picks the saturation strength: ``paper`` 0.4 (paper text), ``reference`` 0.2
+    (reference code). On pseudo-RGB, saturation, hue and grayscale leave the image unchanged.
+    """
+    from torchvision.transforms import v2 as T
+
+    if jitter not in JITTER_SATURATION:
+        raise ValueError(f"jitter must be one of {sorted(JITTER_SATURATION)}, got {jitter!r}")
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, JITTER_SATURATION[jitter], 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomHorizontalFlip(p=0.5),
+        ]
+    )
+
+
+class TwoViews:
+    """HU slices [n, y, x] -> two augmented views, each float32 [n, 3, S, S] in [0, 1].
+
+    Randomness comes from torch's global generator: seed it (``torch.manual_seed``) for
+    reproducible views.
+
+    Example:
+        >>> import numpy as np
+        >>> views = TwoViews(ModelConfig(image_size=32, views="clinical"))
+        >>> x1, x2 = views(np.zeros((2, 48, 48), np.int16))
+        >>> tuple(x1.shape), tuple(x2.shape)
+        ((2, 3, 32, 32), (2, 3, 32, 32))
+    """
+
+    def __init__(self, config: ModelConfig, jitter: str = "paper"):
+        self.windows = view_windows(config)
+        self.rescale = config.rescale
+        self.augment = augmentation(config.image_size, jitter)
+
+    def view(self, images: list[torch.Tensor], window: Window) -> torch.Tensor:
+        return torch.stack(
+            [self.augment(apply_window(img, window, self.rescale)[None].expand(3, -1, -1)) for img in images]
+        )
+
+    def __call__(self, hu) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hu``: int16 [n, y, x], or a list of [y, x] slices that may differ in size."""
+        images = [torch.as_tensor(np.asarray(h)) for h in hu]
+        return self.view(images, self.windows[0]), self.view(images, self.windows[1])

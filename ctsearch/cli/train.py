@@ -1,0 +1,62 @@
+"""``ctsearch train DATASET_DIR OUT``: SimSiam with HU-clipping views, on Ray Train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, emit_json, handle_errors, progress, say
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_cmd)
+
+
+@handle_errors
+def train_cmd(
+    dataset_dir: Path = typer.Argument(..., help="Folder written by `ctsearch prepare` (train.parquet, test.parquet)."),
+    out: Path = typer.Argument(..., help="Run directory; rerunning with the same OUT resumes after the last finished epoch."),
+    backbone: str = typer.Option("resnet50", help="Backbone: resnet50 (2048-d), resnet18 (512-d), tiny (128-d, tests)."),
+    image_size: int = typer.Option(224, help="Side of the square network input, pixels."),
+    views: str = typer.Option("clinical", help="clinical: view 1 wide [-200,300] HU, view 2 narrow [50,150] HU; standard: both wide."),
+    rescale: str = typer.Option("reference", help="reference: narrow view on the wide scale (reference code); own: stretch each window to [0,1]."),
+    jitter: str = typer.Option("paper", help="Colour-jitter saturation: paper (0.4) or reference (0.2)."),
+    init: str = typer.Option("imagenet", help="Start weights: imagenet (local file or torch cache, never downloaded), random, or a run dir / weight file."),
+    weights: Optional[Path] = typer.Option(None, help="ImageNet weight file for --init imagenet (default: the torch cache)."),
+    epochs: int = typer.Option(250, help="Total epochs of the run (a rerun with more epochs continues)."),
+    batch_size: int = typer.Option(32, help="Global batch size, slices (split over workers)."),
+    base_lr: float = typer.Option(0.05, help="Base learning rate; lr = base_lr x batch / 256."),
+    schedule: str = typer.Option("constant", help="Learning-rate schedule: constant (paper) or cosine (original SimSiam)."),
+    fix_pred_lr: bool = typer.Option(False, "--fix-pred-lr", help="Keep the predictor's lr fixed under the cosine schedule."),
+    seed: int = typer.Option(0, help="Random seed (weights, views, data order)."),
+    eval_every: int = typer.Option(5, help="Evaluate MAP@5 and 5-NN accuracy every N epochs (0: never)."),
+    workers: int = typer.Option(1, help="Ray Train workers (data parallel)."),
+    gpus_per_worker: float = typer.Option(0.0, help="GPUs per worker (0: train on CPU)."),
+    cpus_per_worker: float = typer.Option(1.0, help="CPUs reserved per worker (also its torch threads); leave some for Ray Data."),
+    max_failures: int = typer.Option(3, help="Worker failures to recover from (restart from the last checkpoint); -1: unlimited."),
+    address: Optional[str] = ADDRESS_OPT,
+    json_out: bool = JSON_OPT,
+    quiet: bool = QUIET_OPT,
+) -> None:
+    """Train a SimSiam encoder on prepared CT slices; writes checkpoints, metrics and the encoder into OUT."""
+    from ctsearch.jobs.train import TrainOptions, train
+
+    opts = TrainOptions(
+        backbone=backbone, image_size=image_size, views=views, rescale=rescale, jitter=jitter, init=init,
+        weights=str(weights) if weights else None, epochs=epochs, batch_size=batch_size, base_lr=base_lr,
+        schedule=schedule, fix_pred_lr=fix_pred_lr, seed=seed, eval_every=eval_every, workers=workers,
+        gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
+    )  # fmt: skip
+
+    def show(rows, done: int, total: int) -> None:
+        for row in progress(rows, total - done, f"training {out.name}", quiet):
+            extra = f"  MAP@5 {row['map_at_5']:.3f}  5-NN acc {row['knn_accuracy']:.3f}" if "map_at_5" in row else ""
+            say(f"epoch {row['epoch']}/{total}  loss {row['loss']:.4f}  {row['seconds']:.0f} s{extra}", quiet)
+
+    summary = train(dataset_dir, out, opts, address=address, on_epoch=show)
+    if json_out:
+        emit_json(summary)
+    else:
+        say(f"encoder written to {out} ({summary['epochs']} epochs, final loss {summary['final_loss']})", quiet)

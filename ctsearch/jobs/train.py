@@ -1,0 +1,439 @@
+"""SimSiam training on Ray Train (V2 API): one laptop by default, a GPU cluster unchanged.
+
+The driver checks the inputs, writes ``OUT/config.json`` and starts a ``TorchTrainer``. Each
+worker reads its shard of ``train.parquet`` through Ray Data, makes two views per slice
+(``ctsearch.views.TwoViews``) and runs ``ctsearch.ssl.train_step``. Rank 0 checkpoints every
+epoch into ``OUT/checkpoints`` (Ray's run folder, weights as safetensors), appends a line to
+``OUT/metrics.jsonl`` and finally writes the encoder (``OUT/encoder.safetensors`` +
+``OUT/model.json``) for ``ctsearch index``.
+
+Resuming: Ray Train V2 restores a run from ``RunConfig(storage_path, name)``; a worker that fails
+is restarted from the last checkpoint (``max_failures``), and running the same command again on
+the same OUT continues after the last finished epoch. OUT must therefore be storage that every
+node sees (a local disk on one machine, NFS or similar on a cluster).
+
+Example:
+    >>> from ctsearch.jobs.train import TrainOptions, train  # doctest: +SKIP
+    >>> train("prepared/", "runs/r0", TrainOptions(backbone="tiny", image_size=64, init="random", epochs=2))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from ctsearch.errors import CTSearchInputError
+from ctsearch.model import SimSiam, ModelConfig, initial_encoder_state, save_encoder
+from ctsearch.ssl import OptimConfig, build_optimizer, set_lr, train_step
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+CKPT_MODEL, CKPT_OPTIM, CKPT_STATE = "model.safetensors", "optimizer.pt", "state.json"
+# Test hook: a worker raises once when it reaches this epoch (exercises max_failures).
+FAIL_ENV = "CTSEARCH_FAIL_AT_EPOCH"
+FAIL_MARKER = ".injected_failure"
+SHUFFLE_BUFFER = 256  # rows held per worker for the local shuffle (~128 MiB of 512x512 slices)
+
+
+@dataclass
+class TrainOptions:
+    """Every option of ``ctsearch train``; see docs/training.md for their meaning."""
+
+    backbone: str = "resnet50"
+    image_size: int = 224
+    views: str = "clinical"
+    rescale: str = "reference"
+    jitter: str = "paper"
+    init: str = "imagenet"
+    weights: str | None = None
+    epochs: int = 250
+    batch_size: int = 32
+    base_lr: float = 0.05
+    schedule: str = "constant"
+    fix_pred_lr: bool = False
+    seed: int = 0
+    eval_every: int = 5
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3
+    keep_checkpoints: int = 2
+
+    # Options that define what is trained; a rerun on the same OUT must keep them.
+    IDENTITY = (
+        "backbone", "image_size", "views", "rescale", "jitter", "init", "weights",
+        "batch_size", "base_lr", "schedule", "fix_pred_lr", "seed",
+    )  # fmt: skip
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(backbone=self.backbone, image_size=self.image_size, views=self.views, rescale=self.rescale)
+
+    def optim_config(self) -> OptimConfig:
+        return OptimConfig(
+            base_lr=self.base_lr, batch_size=self.batch_size, schedule=self.schedule,
+            fix_pred_lr=self.fix_pred_lr, epochs=self.epochs,
+        )  # fmt: skip
+
+
+def check_options(o: TrainOptions) -> None:
+    """Reject impossible combinations with one-line messages before any work starts."""
+    from ctsearch.model import BACKBONES
+
+    choices = {
+        "backbone": sorted(BACKBONES), "views": ["clinical", "standard"], "rescale": ["reference", "own"],
+        "jitter": ["paper", "reference"], "schedule": ["constant", "cosine"],
+    }  # fmt: skip
+    for name, allowed in choices.items():
+        if getattr(o, name) not in allowed:
+            raise CTSearchInputError(None, f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(o, name)!r}")
+    positive = ("image_size", "epochs", "batch_size", "workers")
+    for name in positive:
+        if getattr(o, name) < 1:
+            raise CTSearchInputError(None, f"--{name.replace('_', '-')} must be at least 1")
+    if o.image_size < 32:
+        raise CTSearchInputError(None, "--image-size must be at least 32 pixels")
+    if o.batch_size % o.workers or o.batch_size // o.workers < 2:
+        raise CTSearchInputError(None, f"--batch-size {o.batch_size} must split into >= 2 slices per worker over {o.workers} workers")
+    if o.eval_every < 0 or o.max_failures < -1 or o.cpus_per_worker <= 0 or o.gpus_per_worker < 0:
+        raise CTSearchInputError(None, "--eval-every >= 0, --max-failures >= -1, --cpus-per-worker > 0, --gpus-per-worker >= 0")
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    import ctsearch
+
+    return {
+        "ctsearch": ctsearch.__version__, "python": platform.python_version(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "ray": ray.__version__, "numpy": np.__version__,
+    }  # fmt: skip
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_metrics(out: str | os.PathLike) -> list[dict]:
+    """The rows of ``OUT/metrics.jsonl`` (one per epoch; epoch 0 holds the untrained evaluation)."""
+    path = Path(out) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _prepare_run_dir(out: Path, opts: TrainOptions, dataset_dir: Path) -> dict:
+    """Create OUT or check that it holds the same run; (re)write config.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / CONFIG_FILE
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    starts = []
+    if cfg_path.is_file():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except ValueError as e:
+            raise CTSearchInputError(cfg_path, f"unreadable run config ({e}); use a new OUT") from None
+        changed = [k for k in TrainOptions.IDENTITY if old.get("options", {}).get(k) != getattr(opts, k)]
+        if changed:
+            diffs = ", ".join(f"--{k.replace('_', '-')} {old['options'].get(k)!r} -> {getattr(opts, k)!r}" for k in changed)
+            raise CTSearchInputError(out, f"holds a run with other options ({diffs}); resume with the same options or use a new OUT")
+        starts = old.get("starts", [])
+    config = {
+        "options": {k: v for k, v in asdict(opts).items()},
+        "model": opts.model_config().to_json(),
+        "lr": opts.optim_config().init_lr,
+        "dataset": str(dataset_dir),
+        "versions": versions(),
+        "starts": starts + [now],
+    }
+    _write_json(cfg_path, config)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker side
+
+
+def decode_hu(batch: dict) -> list[np.ndarray]:
+    """A Ray Data batch of the slice schema -> int16 HU images [height, width], one per row."""
+    return [
+        np.frombuffer(buf, dtype="<i2").reshape(int(h), int(w)).astype(np.int16)
+        for buf, h, w in zip(batch["hu"], batch["height"], batch["width"])
+    ]
+
+
+def _evaluate(model: SimSiam, config: ModelConfig, eval_data, device) -> dict:
+    """MAP@5 and 5-NN accuracy of the encoder (test queries, train database) and the collapse monitor."""
+    from ctsearch.metrics import knn_accuracy, map_at_k
+    from ctsearch.model import embed
+
+    db, q = eval_data
+    db_emb = embed(model.encoder, db.hu, config, device=device)
+    q_emb = embed(model.encoder, q.hu, config, device=device)
+    model.projector.eval()
+    with torch.no_grad():
+        z = model.projector(torch.from_numpy(q_emb).to(device)).float().cpu().numpy()
+    model.projector.train()
+    unit = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    return {
+        "map_at_5": map_at_k(q_emb, q.label, db_emb, db.label, k=5),
+        "knn_accuracy": knn_accuracy(q_emb, q.label, db_emb, db.label, k=5),
+        # SimSiam's collapse monitor, on the L2-normalised projector output z of the test slices:
+        # ~1/sqrt(dim) when healthy, 0 when every output is the same.
+        "embedding_std": float(unit.std(axis=0).mean()),
+    }
+
+
+def _rewrite_metrics(out: Path, keep_through_epoch: int) -> None:
+    """Drop metric rows of epochs that are about to be trained again (their checkpoint was lost)."""
+    rows = [r for r in read_metrics(out) if r["epoch"] <= keep_through_epoch]
+    tmp = out / f".{METRICS_FILE}.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, out / METRICS_FILE)
+
+
+def _append_metrics(out: Path, row: dict) -> None:
+    with open(out / METRICS_FILE, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_checkpoint(model: torch.nn.Module, optimizer, epoch: int, directory: str) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(directory, CKPT_MODEL))
+    torch.save(optimizer.state_dict(), os.path.join(directory, CKPT_OPTIM))
+    Path(directory, CKPT_STATE).write_text(json.dumps({"epoch": epoch}))
+
+
+def _load_checkpoint(directory: str) -> tuple[dict, dict, int]:
+    from safetensors.torch import load_file
+
+    model_state = load_file(os.path.join(directory, CKPT_MODEL))
+    optim_state = torch.load(os.path.join(directory, CKPT_OPTIM), map_location="cpu", weights_only=True)
+    epoch = json.loads(Path(directory, CKPT_STATE).read_text())["epoch"]
+    return model_state, optim_state, epoch
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """Ray Train worker: resume or initialise, then one report (and checkpoint) per epoch."""
+    import ray.train.torch
+
+    from ctsearch.views import TwoViews
+
+    opts = TrainOptions(**cfg["options"])
+    mcfg = ModelConfig.from_json(cfg["model"])
+    optim_cfg = opts.optim_config()
+    out = Path(cfg["out"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(opts.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+
+    torch.manual_seed(opts.seed)
+    model = SimSiam(mcfg)
+    start_epoch, optim_state = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model_state, optim_state, start_epoch = _load_checkpoint(d)
+        model.load_state_dict(model_state)
+    elif cfg["init_state"] is not None:
+        model.encoder.load_state_dict(ray.get(cfg["init_state"]))
+    if on_gpu and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if on_gpu:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    core = getattr(model, "module", model)
+    optimizer = build_optimizer(model, config=optim_cfg)
+    if optim_state is not None:
+        optimizer.load_state_dict(optim_state)
+
+    eval_data = None
+    if rank == 0:
+        _rewrite_metrics(out, start_epoch)
+        if opts.eval_every:
+            from ctsearch.store import read_slices
+
+            eval_data = (read_slices(cfg["train_path"]), read_slices(cfg["test_path"]))
+            if start_epoch == 0:
+                _append_metrics(out, {"epoch": 0, **_evaluate(core, mcfg, eval_data, device)})
+
+    views = TwoViews(mcfg, opts.jitter)
+    shard = ray.train.get_dataset_shard("train")
+    local_batch = opts.batch_size // world
+    autocast = torch.bfloat16 if on_gpu else None
+    fail_at = cfg.get("fail_at_epoch")
+    for epoch in range(start_epoch, opts.epochs):
+        number = epoch + 1  # epochs are counted from 1 in every output
+        if fail_at == number and not (out / FAIL_MARKER).exists():
+            (out / FAIL_MARKER).touch()
+            raise RuntimeError(f"injected failure at epoch {number} ({FAIL_ENV})")
+        t0 = time.perf_counter()
+        # Views depend on (seed, epoch, rank) only, so a resumed run sees what it would have seen.
+        torch.manual_seed(opts.seed * 1_000_003 + epoch * 1009 + rank)
+        lr = set_lr(optimizer, epoch, optim_cfg)
+        losses = []
+        batches = shard.iter_batches(
+            batch_size=local_batch, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=opts.seed * 1009 + epoch,
+        )  # fmt: skip
+        for batch in batches:
+            x1, x2 = views(decode_hu(batch))
+            mf = torch.channels_last if on_gpu else torch.contiguous_format
+            x1 = x1.to(device, non_blocking=True, memory_format=mf)
+            x2 = x2.to(device, non_blocking=True, memory_format=mf)
+            losses.append(train_step(model, optimizer, x1, x2, autocast))
+        if not losses:
+            raise RuntimeError(f"worker {rank} got no full batch of {local_batch} slices in epoch {number}")
+        loss = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device)
+        if world > 1:
+            torch.distributed.all_reduce(loss)
+        row = {
+            "epoch": number, "loss": float(loss[0] / loss[1]), "lr": lr, "steps": len(losses),
+            "images": int(loss[1]) * local_batch, "seconds": round(time.perf_counter() - t0, 3),
+        }  # fmt: skip
+        if rank == 0:
+            if opts.eval_every and (number % opts.eval_every == 0 or number == opts.epochs):
+                row.update(_evaluate(core, mcfg, eval_data, device))
+            _append_metrics(out, row)
+            with tempfile.TemporaryDirectory() as d:
+                _save_checkpoint(core, optimizer, number, d)
+                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(row)
+    if rank == 0:
+        save_encoder(core.encoder, mcfg, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver side
+
+
+def _follow_epochs(out: Path, done: int, stop: threading.Event) -> Iterator[dict]:
+    """Yield each new training row of metrics.jsonl as rank 0 appends it (for the progress bar)."""
+    seen = done
+    while True:
+        finished = stop.is_set()
+        for row in read_metrics(out):
+            if row["epoch"] > seen and "loss" in row:
+                seen = row["epoch"]
+                yield row
+        if finished:
+            return
+        stop.wait(0.5)
+
+
+def train(
+    dataset_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    opts: TrainOptions,
+    address: str | None = None,
+    on_epoch: Callable[[Iterator[dict], int, int], None] | None = None,
+) -> dict:
+    """Train (or resume) a SimSiam run from ``DATASET_DIR/train.parquet`` into ``out``.
+
+    ``on_epoch(rows, done, total)``, if given, runs in a thread and consumes the per-epoch rows
+    as they arrive (the CLI draws its progress bar with it). Returns a summary dict.
+    """
+    from ctsearch.jobs.runtime import start_ray
+
+    check_options(opts)
+    dataset_dir, out = Path(dataset_dir).resolve(), Path(out).resolve()
+    train_path, test_path = dataset_dir / "train.parquet", dataset_dir / "test.parquet"
+    import pyarrow.parquet as pq
+
+    for path in [train_path] + ([test_path] if opts.eval_every else []):
+        if not path.is_file():
+            raise CTSearchInputError(path, "no such slice dataset (run `ctsearch prepare --protocol decathlon` first)")
+    try:
+        n_train = pq.ParquetFile(train_path).metadata.num_rows
+    except Exception as e:  # noqa: BLE001 - an unreadable file is the user's input problem
+        raise CTSearchInputError(train_path, f"not a readable parquet file ({e})") from None
+    if n_train < opts.batch_size:
+        raise CTSearchInputError(train_path, f"{n_train} slices, fewer than one batch (--batch-size {opts.batch_size})")
+
+    mcfg = opts.model_config()
+    init_state = None
+    if not (out / CHECKPOINT_DIR).exists():
+        init_state = initial_encoder_state(opts.init, mcfg, opts.weights)
+    _prepare_run_dir(out, opts, dataset_dir)
+    done = max((r["epoch"] for r in read_metrics(out) if "loss" in r), default=0)
+
+    need = math.ceil(opts.workers * opts.cpus_per_worker) + 2  # + headroom for Ray Data
+    start_ray(address, num_cpus=max(need, os.cpu_count() or 1))
+    fail_at = os.environ.get(FAIL_ENV)
+    loop_config = {
+        "options": asdict(opts),
+        "model": mcfg.to_json(),
+        "out": str(out),
+        "train_path": str(train_path),
+        "test_path": str(test_path),
+        "init_state": ray.put(init_state) if init_state is not None else None,
+        "fail_at_epoch": int(fail_at) if fail_at else None,
+    }
+    resources = {"CPU": opts.cpus_per_worker}
+    if opts.gpus_per_worker:
+        resources["GPU"] = opts.gpus_per_worker
+    dataset = ray.data.read_parquet(str(train_path), columns=["hu", "height", "width"])
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=opts.workers, use_gpu=opts.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=CHECKPOINT_DIR,
+            storage_path=str(out),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=opts.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=opts.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+
+    stop = threading.Event()
+    follower = None
+    if on_epoch is not None:
+        rows = _follow_epochs(out, done, stop)
+        follower = threading.Thread(target=on_epoch, args=(rows, done, opts.epochs), daemon=True)
+        follower.start()
+    t0 = time.perf_counter()
+    try:
+        trainer.fit()
+    finally:
+        stop.set()
+        if follower is not None:
+            follower.join(timeout=5)
+
+    rows = read_metrics(out)
+    trained = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "map_at_5" in r]
+    return {
+        "out": str(out),
+        "epochs": max((r["epoch"] for r in trained), default=0),
+        "resumed_after_epoch": done,
+        "final_loss": trained[-1]["loss"] if trained else None,
+        "last_eval": evals[-1] if evals else None,
+        "encoder": str(out / "encoder.safetensors"),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
