@@ -1,0 +1,43 @@
+"""``ctsearch prepare``: archive -> manifest (+ the paper's slice protocol)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ctsearch.errors import CTSearchInputError
+from ctsearch.cli.common import JSON_OPT, QUIET_OPT, emit_json, handle_errors, progress, say
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("prepare")
+    @handle_errors
+    def prepare_cmd(
+        archive: Path = typer.Argument(..., help="Archive folder: Decathlon layout, NIfTI files, or a DICOM tree of any depth."),
+        out: Path = typer.Argument(..., help="Output folder for manifest.parquet, errors.parquet (and train/test.parquet)."),
+        protocol: str = typer.Option(None, "--protocol", help="Also cut a slice dataset: 'decathlon' (the paper's 5 liver + 5 non-liver slices per volume)."),
+        per_volume: int = typer.Option(5, "--per-volume", help="Slices per volume of each kind (with and without liver)."),
+        train_volumes: int = typer.Option(100, "--train-volumes", help="The first N labelled volumes by case number form the train split; the rest is test."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the slice choice."),
+        json_out: bool = JSON_OPT,
+        quiet: bool = QUIET_OPT,
+    ) -> None:
+        """Scan ARCHIVE into OUT/manifest.parquet (one row per volume) and OUT/errors.parquet."""
+        from ctsearch.prepare import prepare
+
+        summary = prepare(
+            archive, out, protocol=protocol, per_volume=per_volume, train_volumes=train_volumes, seed=seed,
+            progress=lambda items, total, desc: progress(items, total, desc, quiet or json_out),
+        )
+        if summary["volumes"] == 0:
+            raise CTSearchInputError(archive, f"no readable volumes ({summary['errors']} errors, listed in {out}/errors.parquet)")
+        if json_out:
+            emit_json(summary)
+            return
+        say(f"{summary['volumes']} volumes, {summary['errors']} errors -> {out}/manifest.parquet, errors.parquet", quiet)
+        if protocol:
+            say(f"{protocol}: train {summary['train_volumes']} volumes / {summary['train_slices']} slices, "
+                f"test {summary['test_volumes']} volumes / {summary['test_slices']} slices", quiet)
+            if summary["short_volumes"]:
+                say(f"[yellow]{len(summary['short_volumes'])} volumes had too few slices of one kind (see protocol.json)[/yellow]", quiet)

@@ -1,0 +1,148 @@
+"""``ctsearch prepare``: scan an archive into a manifest, and cut the paper's slice protocol.
+
+The manifest has one row per volume (``store.MANIFEST_SCHEMA``) and every input that could not be
+used is a row of ``errors.parquet``. With ``protocol="decathlon"`` each labelled volume also gives
+``per_volume`` slices that contain liver (label > 0) and ``per_volume`` that do not; volumes ordered
+by case number go to ``train.parquet`` (the first ``train_volumes``) and ``test.parquet`` (the rest).
+
+Slice choice rule (documented in docs/formats.md): for each volume, draw uniformly without
+replacement from its liver slices and, separately, from its non-liver slices, with a generator
+seeded by ``(seed, case number)``; so adding or removing other volumes never changes a volume's
+slices. A volume with fewer slices of a kind gives all it has, and ``protocol.json`` says so.
+
+Example:
+    >>> summary = prepare("Task03_Liver", "prepared", protocol="decathlon")   # doctest: +SKIP
+    >>> summary["volumes"], summary["train_slices"], summary["test_slices"]  # doctest: +SKIP
+    (131, 1000, 310)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from ctsearch.errors import CTSearchInputError
+from ctsearch.io import ScanEntry, scan_archive
+from ctsearch.store import MANIFEST_SCHEMA, SliceSet, atomic_write_table, errors_table, write_slices
+
+PROTOCOLS = ("decathlon",)
+
+
+def select_slices(label: np.ndarray, per_volume: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Pick slice indices with and without liver.
+
+    Args:
+        label: uint8 [z, y, x] segmentation (0 background, > 0 liver or tumour).
+        per_volume: how many slices of each kind to draw.
+        rng: the volume's generator.
+
+    Returns:
+        (liver_indices, non_liver_indices): sorted int arrays of at most ``per_volume`` each.
+    """
+    has_liver = label.reshape(label.shape[0], -1).max(axis=1) > 0
+    picks = []
+    for pool in (np.flatnonzero(has_liver), np.flatnonzero(~has_liver)):
+        n = min(per_volume, pool.size)
+        picks.append(np.sort(rng.choice(pool, size=n, replace=False)) if n else pool[:0])
+    return picks[0], picks[1]
+
+
+def _protocol_order(entries: list[ScanEntry]) -> list[ScanEntry]:
+    """Labelled volumes by case number (liver_0, liver_1, ...), then by id for those without one."""
+    labelled = [e for e in entries if e.label_path]
+    return sorted(labelled, key=lambda e: (e.case_number is None, e.case_number or 0, e.volume_id))
+
+
+def _cut(entry: ScanEntry, per_volume: int, seed: int) -> tuple[SliceSet, dict]:
+    vol = entry.read()
+    label = entry.read_label(vol)
+    rng = np.random.default_rng([seed, entry.case_number if entry.case_number is not None else 0])
+    liver, other = select_slices(label, per_volume, rng)
+    idx = np.concatenate([liver, other])
+    n = idx.size
+    slices = SliceSet(
+        hu=vol.hu[idx],
+        mask=(label[idx] > 0).astype(np.uint8),
+        label=np.concatenate([np.ones(liver.size, np.int8), np.zeros(other.size, np.int8)]),
+        volume_id=np.array([entry.volume_id] * n, dtype=object),
+        patient_id=np.array([vol.patient_id or entry.patient_id] * n, dtype=object),
+        slice_index=idx.astype(np.int32),
+        z_mm=vol.z_mm()[idx],
+    )
+    record = {"volume_id": entry.volume_id, "case_number": entry.case_number,
+              "liver": liver.tolist(), "non_liver": other.tolist()}
+    return slices, record
+
+
+def _concat(parts: list[SliceSet]) -> SliceSet:
+    shapes = {p.hu.shape[1:] for p in parts}
+    if len(shapes) > 1:
+        raise CTSearchInputError(None, f"volumes have different slice sizes {sorted(shapes)}; the slice protocol needs one size")
+    fields = SliceSet.__dataclass_fields__
+    return SliceSet(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in fields})
+
+
+def prepare(
+    archive: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    protocol: str | None = None,
+    per_volume: int = 5,
+    train_volumes: int = 100,
+    seed: int = 0,
+    progress: Callable[[Iterable, int, str], Iterable] | None = None,
+) -> dict:
+    """Scan ``archive`` and write ``out/manifest.parquet``, ``out/errors.parquet`` (and the protocol files).
+
+    Returns a summary dict: volumes, errors, and for a protocol train/test volumes and slices.
+    """
+    archive, out = Path(archive), Path(out)
+    if not archive.exists():
+        raise CTSearchInputError(archive, "no such archive folder")
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise CTSearchInputError(None, f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
+    if per_volume < 1 or train_volumes < 0:
+        raise CTSearchInputError(None, "--per-volume must be >= 1 and --train-volumes >= 0")
+    progress = progress or (lambda items, total, desc: items)
+
+    entries, errors = scan_archive(archive)
+    atomic_write_table(pa.Table.from_pylist([e.row() for e in entries], schema=MANIFEST_SCHEMA), out / "manifest.parquet")
+    summary: dict = {"archive": str(archive), "out": str(out), "volumes": len(entries)}
+
+    if protocol == "decathlon":
+        ordered = _protocol_order(entries)
+        if not ordered:
+            raise CTSearchInputError(archive, "no labelled volumes found: the decathlon protocol needs imagesTr/ with labelsTr/")
+        parts: dict[str, list[SliceSet]] = {"train": [], "test": []}
+        records: list[dict] = []
+        for i, entry in enumerate(progress(ordered, len(ordered), "cutting slices")):
+            split = "train" if i < train_volumes else "test"
+            try:
+                slices, record = _cut(entry, per_volume, seed)
+            except CTSearchInputError as e:
+                errors.append({"path": entry.path, "stage": "protocol", "error": e.problem})
+                continue
+            parts[split].append(slices)
+            records.append({**record, "split": split, "short": len(slices) < 2 * per_volume})
+        for split, split_parts in parts.items():
+            if split_parts:
+                write_slices(_concat(split_parts), out / f"{split}.parquet")
+            summary[f"{split}_volumes"] = len(split_parts)
+            summary[f"{split}_slices"] = int(sum(len(p) for p in split_parts))
+        short = [r["volume_id"] for r in records if r["short"]]
+        summary["short_volumes"] = short
+        meta = {"protocol": protocol, "per_volume": per_volume, "train_volumes": train_volumes, "seed": seed,
+                "rule": "uniform without replacement within liver / non-liver slices, rng seeded by (seed, case_number)",
+                "volumes": records}
+        tmp = out / ".protocol.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, out / "protocol.json")
+
+    atomic_write_table(errors_table(errors), out / "errors.parquet")
+    summary["errors"] = len(errors)
+    return summary
