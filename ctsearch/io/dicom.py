@@ -213,7 +213,9 @@ def read_dicom_header(path: str | os.PathLike) -> pydicom.Dataset:
     if not sniff_dicom(path):
         raise CTSearchInputError(path, "not a DICOM file (no 'DICM' marker or DICOM header)")
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        # Large values (the pixels) are deferred: parsed past, not loaded, so their presence and
+        # length can still be checked against the header and the file size.
+        ds = pydicom.dcmread(path, defer_size=1024, force=True)
         sop_class = str(ds.get("SOPClassUID", ""))
         series_uid = str(ds.get("SeriesInstanceUID", ""))
     except Exception as e:  # pydicom raises many types on corrupt input
@@ -292,6 +294,33 @@ class DicomSeries:
         )
 
 
+def pixel_data_problem(path: str, ds: pydicom.Dataset) -> str | None:
+    """Why the (deferred) pixel data of a header from :func:`read_dicom_header` is unusable, or None.
+
+    Catches missing pixel data, and for uncompressed transfer syntaxes a value shorter than
+    Rows x Columns x BitsAllocated or one that runs past the end of the file (truncated file).
+    """
+    if "PixelData" not in ds:
+        return "missing pixel data"
+    elem = ds.get_item("PixelData", keep_deferred=True)
+    length, tell = getattr(elem, "length", None), getattr(elem, "value_tell", None)
+    if length is None or tell is None or length == 0xFFFFFFFF:  # loaded already, or encapsulated
+        return None
+    if tell + length > os.path.getsize(path):
+        return f"truncated file: pixel data needs {tell + length} bytes, file has {os.path.getsize(path)}"
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_compressed:
+        return None
+    try:
+        needed = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+        needed = needed * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8
+    except (AttributeError, TypeError, ValueError):
+        return "missing Rows, Columns or BitsAllocated"
+    if length < needed:
+        return f"pixel data holds {length} bytes, Rows x Columns x BitsAllocated need {needed}"
+    return None
+
+
 def plan_series(items: list[tuple[str, pydicom.Dataset]]) -> DicomSeries:
     """Validate one series' headers and work out its geometry.
 
@@ -335,6 +364,9 @@ def plan_series(items: list[tuple[str, pydicom.Dataset]]) -> DicomSeries:
         if str(ds.get("Modality", "")) != "CT":
             raise CTSearchInputError(path, f"{name}: mixes modalities ({ds.get('Modality')!s} and CT)")
         geo.append((path, ipp, iop, ps, (int(ds.Rows), int(ds.Columns))))
+        problem = pixel_data_problem(path, ds)
+        if problem:
+            raise CTSearchInputError(path, f"{name}: {problem}")
 
     _, _, iop0, ps0, size0 = geo[0]
     for path, _, iop, ps, size in geo[1:]:

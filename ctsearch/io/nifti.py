@@ -178,7 +178,9 @@ def _open_checked(path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarr
     except CTSearchInputError:
         raise
     except Exception as e:  # nibabel, gzip, zlib and EOF errors alike
-        raise CTSearchInputError(path, f"not a readable NIfTI file ({_describe(e)})") from None
+        # nibabel's message for a cut .gz is vague ("cannot work out file type"): say what broke.
+        problem = _gzip_problem(path)[1] if gz else None
+        raise CTSearchInputError(path, problem or f"not a readable NIfTI file ({_describe(e)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise CTSearchInputError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
     if len(shape) == 4 and shape[3] == 1:
@@ -215,18 +217,26 @@ def _check_gzip_size(path: str, size: int, needed: int) -> None:
         (isize,) = struct.unpack("<I", f.read(4).rjust(4, b"\0"))
     if isize == needed % 2**32:
         return
-    # The trailer disagrees (truncated file, or several gzip members): count the real bytes by
-    # streaming, in bounded memory.
+    # The trailer disagrees (truncated file, or several gzip members): count the real bytes.
+    total, problem = _gzip_problem(path, stop_after=needed)
+    if problem:
+        raise CTSearchInputError(path, problem)
+    if total < needed:
+        raise CTSearchInputError(path, f"header claims {needed} bytes of image but the gzip stream holds {total} (truncated?)")
+
+
+def _gzip_problem(path: str, stop_after: int | None = None) -> tuple[int, str | None]:
+    """Stream-decompress in bounded memory: (bytes seen, why the stream is broken or None)."""
     total = 0
     try:
         with gzip.open(path, "rb") as f:
             while chunk := f.read(1 << 22):
                 total += len(chunk)
-                if total >= needed:
-                    return
+                if stop_after is not None and total >= stop_after:
+                    break
     except (OSError, EOFError, zlib.error) as e:
-        raise CTSearchInputError(path, f"truncated or corrupt gzip stream ({_describe(e)})") from None
-    raise CTSearchInputError(path, f"header claims {needed} bytes of image but the gzip stream holds {total} (truncated?)")
+        return total, f"truncated or corrupt gzip stream ({_describe(e)})"
+    return total, None
 
 
 def _load_scaled(img, path, convert) -> np.ndarray:

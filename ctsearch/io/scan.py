@@ -1,7 +1,7 @@
 """Find the volumes in an archive, and read any one of them.
 
 :func:`scan_archive` walks a folder of any depth and returns one :class:`ScanEntry` per volume,
-reading headers only (nibabel header, pydicom ``stop_before_pixels``), plus one error row per
+reading headers only (nibabel header; pydicom with the pixel data deferred, never decoded), plus one error row per
 input it cannot use. It understands, also mixed in one tree:
 
 - the Medical Segmentation Decathlon layout (``dataset.json``, ``imagesTr/``, ``labelsTr/``,
@@ -187,7 +187,6 @@ def scan_archive(root: str | os.PathLike) -> tuple[list[ScanEntry], list[dict]]:
     for items in groups.values():
         try:
             series = dicom.plan_series(items)
-            _check_pixel_sizes(series)
         except CTSearchInputError as e:
             errors.append(dicom.error_row(e, "scan"))
             continue
@@ -275,24 +274,6 @@ def _nifti_entries(images: list[str], labels: list[str], root: str, errors: list
             )
         )
     return entries
-
-
-def _check_pixel_sizes(series: dicom.DicomSeries) -> None:
-    """Catch missing or truncated pixel data from file sizes alone (uncompressed files only)."""
-    nz, ny, nx = series.shape
-    slice_bytes = ny * nx * 2  # CT is 16-bit; a smaller file cannot hold one uncompressed slice
-    for path in series.files:
-        if os.path.getsize(path) < slice_bytes and not _is_compressed(path):
-            raise CTSearchInputError(
-                path, f"file holds {os.path.getsize(path)} bytes, less than one {ny}x{nx} 16-bit slice: missing or truncated pixel data"
-            )
-
-
-def _is_compressed(path: str) -> bool:
-    try:
-        return bool(dicom.read_dicom_header(path).file_meta.TransferSyntaxUID.is_compressed)
-    except (CTSearchInputError, AttributeError):
-        return False
 
 
 def _is_apple_double(path: str) -> bool:
