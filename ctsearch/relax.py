@@ -114,10 +114,15 @@ def _device_of(encoder: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _embed(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Representations in float32; bf16 autocast + channels_last on CUDA."""
-    if x.device.type == "cuda":
+def _embed(encoder: nn.Module, x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """Representations in float32; bf16 autocast on CUDA.
+
+    channels_last input lets oneDNN (CPU) and cuDNN (GPU) pick their fast NHWC convolutions
+    (about 1.5-2x on CPU for these ResNets) without touching the caller's encoder weights.
+    """
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    if x.device.type == "cuda":
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return encoder(x).float()
     return encoder(x).float()
@@ -160,8 +165,6 @@ def relax(
     if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != x.shape[3]:
         raise ValueError(f"image must be [3, S, S] or [n, 3, S, S], got {tuple(image.shape)}")
     device = _device_of(encoder)
-    if device.type == "cuda":
-        encoder = encoder.to(memory_format=torch.channels_last)
     x = x.to(device, torch.float32)
     n, size = x.shape[0], x.shape[-1]
 
@@ -229,21 +232,22 @@ def u_relax(importance: np.ndarray, uncertainty: np.ndarray, gamma: float = 1.0,
     return imp * (unc < gamma * ref)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def relax_per_mask(encoder: nn.Module, image: torch.Tensor, masks: torch.Tensor, batch_size: int = 100) -> RelaxResult:
     """The reference's algorithm, kept as the cross-check for ``relax``: West's running update
-    of R and U, one mask at a time in a Python loop. image [3, S, S], masks [N, S, S].
+    of R and U, one mask at a time in a Python loop, plain memory format, batches of 100.
+    image [3, S, S], masks [N, S, S].
     """
     device = _device_of(encoder)
     x = image.to(device, torch.float32)[None]
     size = x.shape[-1]
-    h = _embed(encoder, x)
+    h = _embed(encoder, x, channels_last=False)
     r = torch.zeros(size, size, device=device)
     u = torch.zeros(size, size, device=device)
     w = torch.full((size, size), _W0, device=device)
     for start in range(0, masks.shape[0], batch_size):
         m = masks[start : start + batch_size].to(device, torch.float32)
-        sims = F.cosine_similarity(h, _embed(encoder, x * m[:, None]), dim=1)
+        sims = F.cosine_similarity(h, _embed(encoder, x * m[:, None], channels_last=False), dim=1)
         for s, mi in zip(sims, m):
             w += mi
             r_prev = r.clone()
