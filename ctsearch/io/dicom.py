@@ -203,8 +203,28 @@ def sniff_dicom(path: str | os.PathLike) -> bool:
     return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3:4] == b"\x00"
 
 
-def read_dicom_header(path: str | os.PathLike) -> pydicom.Dataset:
-    """Parse one file's DICOM header (no pixel data); raise CTSearchInputError if it is not DICOM."""
+@dataclass(frozen=True)
+class SliceHeader:
+    """What one DICOM file's header says, as plain values (None where a tag is absent)."""
+
+    path: str
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    exam_date: str | None
+    modality: str
+    image_type: tuple[str, ...]
+    frames: int
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None
+    rows: int | None
+    cols: int | None
+    pixel_problem: str | None
+
+
+def read_dicom_header(path: str | os.PathLike) -> SliceHeader:
+    """Parse one file's DICOM header without decoding pixels; CTSearchInputError if unusable."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CTSearchInputError(path, "no such file")
@@ -216,35 +236,65 @@ def read_dicom_header(path: str | os.PathLike) -> pydicom.Dataset:
         # Large values (the pixels) are deferred: parsed past, not loaded, so their presence and
         # length can still be checked against the header and the file size.
         ds = pydicom.dcmread(path, defer_size=1024, force=True)
-        sop_class = str(ds.get("SOPClassUID", ""))
-        series_uid = str(ds.get("SeriesInstanceUID", ""))
-    except Exception as e:  # pydicom raises many types on corrupt input
+        if str(ds.get("SOPClassUID", "")) == _MEDIA_STORAGE_DIRECTORY:
+            raise NotAxialCTSeries(path, "DICOMDIR (a directory index, not an image)")
+        series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if not series_uid:
+            raise CTSearchInputError(path, "DICOM file without SeriesInstanceUID")
+        return SliceHeader(
+            path=path,
+            series_uid=series_uid,
+            study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+            patient_id=str(ds.get("PatientID", "") or ""),
+            exam_date=_iso_date(ds),
+            modality=str(ds.get("Modality", "") or ""),
+            image_type=tuple(str(t).upper() for t in _as_list(ds.get("ImageType"))),
+            frames=int(ds.get("NumberOfFrames", 1) or 1),
+            position=_floats(ds, "ImagePositionPatient", 3),
+            orientation=_floats(ds, "ImageOrientationPatient", 6),
+            pixel_spacing=_floats(ds, "PixelSpacing", 2),
+            rows=int(ds.Rows) if ds.get("Rows") is not None else None,
+            cols=int(ds.Columns) if ds.get("Columns") is not None else None,
+            pixel_problem=pixel_data_problem(path, ds),
+        )
+    except CTSearchInputError:
+        raise
+    except Exception as e:  # pydicom raises many types on corrupt input, also lazily on access
         raise CTSearchInputError(path, f"unreadable DICOM header ({_describe(e)})") from None
-    if sop_class == _MEDIA_STORAGE_DIRECTORY:
-        raise NotAxialCTSeries(path, "DICOMDIR (a directory index, not an image)")
-    if not series_uid:
-        raise CTSearchInputError(path, "DICOM file without SeriesInstanceUID")
-    return ds
 
 
-def group_series(
-    files: list[str | os.PathLike], stage: str = "read"
-) -> tuple[dict[str, list[tuple[str, pydicom.Dataset]]], list[dict]]:
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+
+
+def _floats(ds: pydicom.Dataset, tag: str, n: int) -> tuple[float, ...] | None:
+    value = ds.get(tag)
+    if value in (None, ""):
+        return None
+    values = tuple(float(v) for v in _as_list(value))
+    if len(values) != n or not all(np.isfinite(values)):
+        raise ValueError(f"{tag} should be {n} finite numbers, got {values}")
+    return values
+
+
+def group_series(files: list[str | os.PathLike], stage: str = "read") -> tuple[dict[str, list[SliceHeader]], list[dict]]:
     """Read the headers of ``files`` and group them by SeriesInstanceUID.
 
     Returns:
-        ({series_uid: [(path, header), ...]}, errors) with one ``{path, stage, error}`` dict per
+        ({series_uid: [SliceHeader, ...]}, errors) with one ``{path, stage, error}`` dict per
         file that is not a readable DICOM image.
     """
-    groups: dict[str, list[tuple[str, pydicom.Dataset]]] = {}
+    groups: dict[str, list[SliceHeader]] = {}
     errors: list[dict] = []
     for path in files:
         try:
-            ds = read_dicom_header(path)
+            h = read_dicom_header(path)
         except CTSearchInputError as e:
             errors.append(error_row(e, stage))
             continue
-        groups.setdefault(str(ds.SeriesInstanceUID), []).append((os.fspath(path), ds))
+        groups.setdefault(h.series_uid, []).append(h)
     return groups, errors
 
 
@@ -257,6 +307,7 @@ class DicomSeries:
         shape: canonical (z, y, x) shape; spacing_mm: canonical (z, y, x) voxel size.
         affine: voxel (i, j, k) -> LPS mm of the canonical grid.
         folder: the deepest folder holding all the files (used to name the series in messages).
+        stored_affine: voxel -> LPS mm of the grid as stored (column, row, file order).
     """
 
     series_id: str
@@ -268,7 +319,7 @@ class DicomSeries:
     spacing_mm: tuple[float, float, float]
     affine: np.ndarray
     folder: str
-    stored_affine: np.ndarray  # voxel -> LPS of the grid as stored, before reorientation
+    stored_affine: np.ndarray
 
     def read(self) -> Volume:
         """Decode, rescale (RescaleSlope/Intercept) and reorient the slices into a Volume."""
@@ -295,20 +346,23 @@ class DicomSeries:
 
 
 def pixel_data_problem(path: str, ds: pydicom.Dataset) -> str | None:
-    """Why the (deferred) pixel data of a header from :func:`read_dicom_header` is unusable, or None.
+    """Why the deferred pixel data of a header read with ``defer_size`` is unusable, or None.
 
-    Catches missing pixel data, and for uncompressed transfer syntaxes a value shorter than
-    Rows x Columns x BitsAllocated or one that runs past the end of the file (truncated file).
+    Catches missing pixel data, an unknown transfer syntax, and for uncompressed transfer
+    syntaxes a value shorter than Rows x Columns x BitsAllocated or running past the end of the
+    file (a truncated file).
     """
     if "PixelData" not in ds:
         return "missing pixel data"
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and not syntax.is_transfer_syntax:
+        return f"unknown transfer syntax {str(syntax)!r}"
     elem = ds.get_item("PixelData", keep_deferred=True)
     length, tell = getattr(elem, "length", None), getattr(elem, "value_tell", None)
     if length is None or tell is None or length == 0xFFFFFFFF:  # loaded already, or encapsulated
         return None
     if tell + length > os.path.getsize(path):
         return f"truncated file: pixel data needs {tell + length} bytes, file has {os.path.getsize(path)}"
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if syntax is not None and syntax.is_compressed:
         return None
     try:
@@ -321,102 +375,87 @@ def pixel_data_problem(path: str, ds: pydicom.Dataset) -> str | None:
     return None
 
 
-def plan_series(items: list[tuple[str, pydicom.Dataset]]) -> DicomSeries:
+def plan_series(items: list[SliceHeader]) -> DicomSeries:
     """Validate one series' headers and work out its geometry.
 
     Raises:
         NotAxialCTSeries: a readable series that is not an axial CT stack (the reason says why).
         CTSearchInputError: a broken series (inconsistent sizes, duplicate positions ...).
     """
-    paths = [p for p, _ in items]
-    folder = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
-    first_path, ds0 = items[0]
-    uid = str(ds0.SeriesInstanceUID)
-    name = f"series {uid} ({len(items)} files)"
+    folder = os.path.commonpath([os.path.dirname(os.path.abspath(h.path)) for h in items])
+    h0 = items[0]
+    name = f"series {h0.series_uid} ({len(items)} files)"
 
     def skip(reason):
         return NotAxialCTSeries(folder, f"{name}: skipped, {reason}")
 
-    modality = str(ds0.get("Modality", "")) or "missing"
-    if modality != "CT":
-        raise skip(f"modality {modality}, not CT")
-    image_type = [str(t).upper() for t in (ds0.get("ImageType") or [])]
-    if "LOCALIZER" in image_type:
+    if h0.modality != "CT":
+        raise skip(f"modality {h0.modality or 'missing'}, not CT")
+    if "LOCALIZER" in h0.image_type:
         raise skip("localizer (scout) images")
-    if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for _, ds in items):
+    if any(h.frames > 1 for h in items):
         raise skip("multi-frame (enhanced) CT is not supported")
     if len(items) < 2:
         raise skip("single slice, not a volume")
 
-    geo = []
-    for path, ds in items:
-        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
-            if ds.get(tag) in (None, ""):
-                raise CTSearchInputError(path, f"{name}: slice lacks {tag}")
-        try:
-            ipp = np.array([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
-            iop = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
-            ps = np.array([float(v) for v in ds.PixelSpacing], dtype=np.float64)
-        except (TypeError, ValueError) as e:
-            raise CTSearchInputError(path, f"{name}: unreadable geometry ({_describe(e)})") from None
-        if ipp.shape != (3,) or iop.shape != (6,) or ps.shape != (2,) or not np.all(np.isfinite(np.r_[ipp, iop, ps])):
-            raise CTSearchInputError(path, f"{name}: malformed ImagePositionPatient/ImageOrientationPatient/PixelSpacing")
-        if str(ds.get("Modality", "")) != "CT":
-            raise CTSearchInputError(path, f"{name}: mixes modalities ({ds.get('Modality')!s} and CT)")
-        geo.append((path, ipp, iop, ps, (int(ds.Rows), int(ds.Columns))))
-        problem = pixel_data_problem(path, ds)
-        if problem:
-            raise CTSearchInputError(path, f"{name}: {problem}")
-
-    _, _, iop0, ps0, size0 = geo[0]
-    for path, _, iop, ps, size in geo[1:]:
-        if size != size0:
-            raise CTSearchInputError(path, f"{name}: slice is {size[0]}x{size[1]}, other slices are {size0[0]}x{size0[1]}")
-        if not np.allclose(iop, iop0, atol=1e-4):
-            raise CTSearchInputError(path, f"{name}: ImageOrientationPatient differs between slices")
-        if not np.allclose(ps, ps0, rtol=1e-4, atol=1e-5):
-            raise CTSearchInputError(path, f"{name}: PixelSpacing differs between slices")
-    if min(ps0) <= 0 or min(size0) < 1:
-        raise CTSearchInputError(first_path, f"{name}: non-positive PixelSpacing or image size")
-    row_dir, col_dir = iop0[:3], iop0[3:]
-    if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3 or abs(row_dir @ col_dir) > 1e-3:
-        raise CTSearchInputError(first_path, f"{name}: ImageOrientationPatient is not two orthonormal vectors")
+    for h in items:
+        for tag, value in (("ImagePositionPatient", h.position), ("ImageOrientationPatient", h.orientation),
+                           ("PixelSpacing", h.pixel_spacing), ("Rows", h.rows), ("Columns", h.cols)):
+            if value is None:
+                raise CTSearchInputError(h.path, f"{name}: slice lacks {tag}")
+        if h.modality != "CT":
+            raise CTSearchInputError(h.path, f"{name}: mixes modalities ({h.modality or 'missing'} and CT)")
+        if h.pixel_problem:
+            raise CTSearchInputError(h.path, f"{name}: {h.pixel_problem}")
+        if (h.rows, h.cols) != (h0.rows, h0.cols):
+            raise CTSearchInputError(h.path, f"{name}: slice is {h.rows}x{h.cols}, other slices are {h0.rows}x{h0.cols}")
+        if not np.allclose(h.orientation, h0.orientation, atol=1e-4):
+            raise CTSearchInputError(h.path, f"{name}: ImageOrientationPatient differs between slices")
+        if not np.allclose(h.pixel_spacing, h0.pixel_spacing, rtol=1e-4, atol=1e-5):
+            raise CTSearchInputError(h.path, f"{name}: PixelSpacing differs between slices")
+    ps0 = np.array(h0.pixel_spacing)
+    if ps0.min() <= 0 or min(h0.rows, h0.cols) < 1:
+        raise CTSearchInputError(h0.path, f"{name}: non-positive PixelSpacing or image size")
+    iop = np.array(h0.orientation)
+    row_dir, col_dir = iop[:3], iop[3:]
+    if (abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3
+            or abs(row_dir @ col_dir) > 1e-3):
+        raise CTSearchInputError(h0.path, f"{name}: ImageOrientationPatient is not two orthonormal vectors")
     normal = np.cross(row_dir, col_dir)
     if abs(normal[2]) < _AXIAL_MIN_COS:
         plane = "sagittal" if abs(normal[0]) >= abs(normal[1]) else "coronal"
         raise skip(f"non-axial ({plane}/oblique) slices, normal {np.round(normal, 3).tolist()}")
 
     # Order by position along the slice normal: file names and InstanceNumber are not trusted.
-    along = np.array([ipp @ normal for _, ipp, _, _, _ in geo])
+    positions = np.array([h.position for h in items])
+    along = positions @ normal
     order = np.argsort(along, kind="stable")
-    along = along[order]
+    along, positions = along[order], positions[order]
     gaps = np.diff(along)
     dup = np.flatnonzero(gaps < 1e-3)
     if dup.size:
-        a, b = geo[order[dup[0]]][0], geo[order[dup[0] + 1]][0]
-        raise CTSearchInputError(folder, f"{name}: duplicate slice position {along[dup[0]]:.3f} mm in {a} and {b}")
+        a, b = items[order[dup[0]]].path, items[order[dup[0] + 1]].path
+        raise CTSearchInputError(b, f"{name}: duplicate slice position {along[dup[0]]:.3f} mm, also in {a}")
     step = float(np.median(gaps))
     if np.max(np.abs(gaps - step)) > 0.05 * step + 1e-3:
         raise CTSearchInputError(
             folder, f"{name}: irregular slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm): missing slices?"
         )
-    positions = np.array([geo[i][1] for i in order])
     stored = np.eye(4)
     stored[:3, 0] = row_dir * ps0[1]  # along a row: column index i, column spacing
     stored[:3, 1] = col_dir * ps0[0]  # down a column: row index j, row spacing
     stored[:3, 2] = (positions[-1] - positions[0]) / (len(positions) - 1)
     stored[:3, 3] = positions[0]
-    rows, cols = size0
-    n_voxels = len(items) * rows * cols
+    n_voxels = len(items) * h0.rows * h0.cols
     if n_voxels > MAX_VOXELS:
         raise CTSearchInputError(folder, f"{name}: {n_voxels} voxels, over the {MAX_VOXELS} limit")
-    _, affine, shape_ijk = canonical_transform(stored, (cols, rows, len(items)))
+    _, affine, shape_ijk = canonical_transform(stored, (h0.cols, h0.rows, len(items)))
     return DicomSeries(
-        series_id=uid,
-        study_id=str(ds0.get("StudyInstanceUID", "")),
-        patient_id=str(ds0.get("PatientID", "")),
-        exam_date=_iso_date(ds0),
-        files=tuple(geo[i][0] for i in order),
+        series_id=h0.series_uid,
+        study_id=h0.study_uid,
+        patient_id=h0.patient_id,
+        exam_date=h0.exam_date,
+        files=tuple(items[i].path for i in order),
         shape=(shape_ijk[2], shape_ijk[1], shape_ijk[0]),
         spacing_mm=spacing_of(affine),
         affine=affine,
@@ -488,19 +527,21 @@ def _decode_slice(path: str) -> np.ndarray:
     """int16 [rows, cols] HU of one slice: pydicom's modality LUT, rounded and clipped."""
     try:
         ds = pydicom.dcmread(path, force=True)
+        if "PixelData" not in ds:
+            raise CTSearchInputError(path, "missing pixel data")
+        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+            raise CTSearchInputError(path, "not a grayscale image (SamplesPerPixel != 1)")
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    except CTSearchInputError:
+        raise
     except Exception as e:
         raise CTSearchInputError(path, f"unreadable DICOM file ({_describe(e)})") from None
-    if "PixelData" not in ds:
-        raise CTSearchInputError(path, "missing pixel data")
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise CTSearchInputError(path, "not a grayscale image (SamplesPerPixel != 1)")
-    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     try:
         pixels = ds.pixel_array
     except Exception as e:
         hint = _PLUGIN_HINTS.get(str(syntax or ""))
         detail = _describe(e)
-        if hint and ("plugin" in detail.lower() or "missing" in detail.lower() or "dependenc" in detail.lower()):
+        if hint and any(w in detail.lower() for w in ("plugin", "missing", "dependenc")):
             name = getattr(syntax, "name", str(syntax))
             raise CTSearchInputError(
                 path, f"pixel data is compressed ({name}) and no installed decoder handles it: install {hint}"
@@ -508,7 +549,10 @@ def _decode_slice(path: str) -> np.ndarray:
         raise CTSearchInputError(path, f"cannot decode pixel data ({detail})") from None
     if pixels.ndim != 2:
         raise CTSearchInputError(path, f"expected one 2-D frame, pixel data has shape {pixels.shape}")
-    hu = apply_modality_lut(pixels, ds)
+    try:
+        hu = apply_modality_lut(pixels, ds)
+    except Exception as e:
+        raise CTSearchInputError(path, f"unusable RescaleSlope/RescaleIntercept ({_describe(e)})") from None
     if np.issubdtype(hu.dtype, np.floating):
         hu = np.rint(np.nan_to_num(hu, nan=-1024.0))
     return np.clip(hu, _INT16.min, _INT16.max).astype(np.int16)

@@ -1,0 +1,269 @@
+"""Bad input: one CTSearchInputError naming the file and the problem, or one errors row in a
+scan -- never another exception type, never a silent skip."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from ctsearch.errors import CTSearchInputError
+from ctsearch.io import Volume, read_volume, scan_archive, write_dicom_series, write_nifti
+
+
+def small_volume(shape=(4, 8, 8), seed=0, series_id="s") -> Volume:
+    hu = np.random.default_rng(seed).integers(-1000, 1500, size=shape).astype(np.int16)
+    sp = (3.0, 0.75, 0.75)
+    return Volume(hu=hu, spacing_mm=sp, affine=Volume.affine_from(sp, (0.0, 0.0, 0.0)),
+                  patient_id="p", study_id="st", series_id=series_id, exam_date="2020-01-01")
+
+
+def nifti_bytes(tmp_path, shape=(4, 8, 8), suffix=".nii.gz") -> bytes:
+    path = tmp_path / f"_good{suffix}"
+    write_nifti(small_volume(shape), path)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def series(tmp_path, name="dcm", **kw):
+    return write_dicom_series(small_volume(**kw), tmp_path / "in" / name, file_names="ordered")
+
+
+def header_with_dims(tmp_path, dims, suffix):
+    """A valid NIfTI header whose dims claim ``dims`` voxels, followed by 512 bytes of data."""
+    raw = bytearray(nifti_bytes(tmp_path, suffix=".nii"))[:352 + 512]
+    struct.pack_into("<8h", raw, 40, 3, *dims, 1, 1, 1, 1)
+    return gzip.compress(bytes(raw)) if suffix == ".nii.gz" else bytes(raw)
+
+
+# Each case builds one bad input under tmp_path/"in" and returns
+# (what to pass to read_volume, the file the message must name, read fragment, scan fragment).
+def truncated_gzip_data(t):
+    data = nifti_bytes(t, shape=(6, 32, 32))
+    p = t / "in" / "cut.nii.gz"
+    p.write_bytes(data[: int(len(data) * 0.7)])
+    return p, p, "truncated", "truncated"
+
+
+def truncated_gzip_header(t):
+    p = t / "in" / "cut.nii.gz"
+    p.write_bytes(nifti_bytes(t)[:20])
+    return p, p, "gzip", "gzip"
+
+
+def empty_nifti(t):
+    p = t / "in" / "empty.nii.gz"
+    p.write_bytes(b"")
+    return p, p, "empty file", "empty file"
+
+
+def empty_dicom_in_series(t):
+    series(t)
+    p = t / "in" / "dcm" / "zz.dcm"
+    p.write_bytes(b"")
+    return p.parent, p, "empty file", "empty file"
+
+
+def text_named_dcm(t):
+    series(t)
+    p = t / "in" / "dcm" / "readme.dcm"
+    p.write_text("Patient scans, do not delete\n")
+    return p.parent, p, "not a DICOM file", "not a NIfTI"
+
+
+def text_named_nii(t):
+    p = t / "in" / "x.nii"
+    p.write_text("hello\n" * 100)
+    return p, p, "not a readable NIfTI", "not a readable NIfTI"
+
+
+def huge_dims(t):
+    p = t / "in" / "huge.nii"
+    p.write_bytes(header_with_dims(t, (30000, 30000, 30000), ".nii"))
+    return p, p, "limit", "limit"
+
+
+def huge_dims_gz(t):
+    p = t / "in" / "huge.nii.gz"
+    p.write_bytes(header_with_dims(t, (4000, 4000, 100), ".nii.gz"))
+    return p, p, "claims", "claims"
+
+
+def plausible_dims_short_file(t):
+    p = t / "in" / "short.nii"
+    p.write_bytes(header_with_dims(t, (512, 512, 300), ".nii"))
+    return p, p, "truncated", "truncated"
+
+
+def plausible_dims_short_gz(t):
+    """Within the deflate ratio, but the gzip trailer and stream disagree with the header."""
+    p = t / "in" / "short.nii.gz"
+    raw = bytearray(nifti_bytes(t, shape=(20, 64, 64), suffix=".nii"))
+    struct.pack_into("<8h", raw, 40, 3, 64, 64, 40, 1, 1, 1, 1)  # twice the slices it holds
+    p.write_bytes(gzip.compress(bytes(raw)))
+    return p, p, "gzip stream holds", "gzip stream holds"
+
+
+def two_d_nifti(t):
+    p = t / "in" / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), p)
+    return p, p, "3-D", "3-D"
+
+
+def inconsistent_sizes(t):
+    files = series(t)
+    ds = pydicom.dcmread(files[1])
+    ds.Rows, ds.Columns = 4, 4
+    ds.PixelData = np.zeros((4, 4), "<u2").tobytes()
+    ds.save_as(files[1])
+    return files[0].parent, files[1], "slice is 4x4", "slice is 4x4"
+
+
+def duplicate_positions(t):
+    files = series(t)
+    ds = pydicom.dcmread(files[2])
+    ds.ImagePositionPatient = pydicom.dcmread(files[1]).ImagePositionPatient
+    ds.save_as(files[2])
+    return files[0].parent, files[2], "duplicate slice position", "duplicate slice position"
+
+
+def missing_slice(t):
+    files = series(t, shape=(5, 8, 8))
+    files[2].unlink()
+    return files[0].parent, files[0].parent, "irregular slice spacing", "irregular slice spacing"
+
+
+def missing_pixel_data(t):
+    files = series(t)
+    ds = pydicom.dcmread(files[3])
+    del ds.PixelData
+    ds.save_as(files[3])
+    return files[0].parent, files[3], "missing pixel data", "missing pixel data"
+
+
+def truncated_dicom(t):
+    files = series(t, shape=(3, 64, 64))
+    files[1].write_bytes(files[1].read_bytes()[:-2000])
+    return files[0].parent, files[1], "truncated file", "truncated file"
+
+
+def rows_claim_too_big(t):
+    files = series(t)
+    ds = pydicom.dcmread(files[0])
+    ds.Rows = ds.Columns = 60000
+    ds.save_as(files[0])
+    return files[0].parent, files[0], "pixel data holds", "pixel data holds"
+
+
+def missing_position(t):
+    files = series(t)
+    ds = pydicom.dcmread(files[1])
+    del ds.ImagePositionPatient
+    ds.save_as(files[1])
+    return files[0].parent, files[1], "lacks ImagePositionPatient", "lacks ImagePositionPatient"
+
+
+def non_ct(t):
+    files = series(t)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.Modality = "MR"
+        ds.save_as(f)
+    return files[0].parent, files[0].parent, "modality MR, not CT", "modality MR, not CT"
+
+
+def dicm_then_garbage(t):
+    series(t)
+    p = t / "in" / "dcm" / "garbage"
+    p.write_bytes(b"\0" * 128 + b"DICM" + bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)))
+    return p.parent, p, "", ""
+
+
+def single_dicom_file(t):
+    files = series(t, shape=(1, 8, 8))
+    return files[0], files[0], "single DICOM file", "single slice"
+
+
+def empty_folder(t):
+    p = t / "in" / "nothing"
+    p.mkdir()
+    return p, p, "holds no files", None
+
+
+CASES = [
+    truncated_gzip_data, truncated_gzip_header, empty_nifti, empty_dicom_in_series, text_named_dcm,
+    text_named_nii, huge_dims, huge_dims_gz, plausible_dims_short_file, plausible_dims_short_gz,
+    two_d_nifti, inconsistent_sizes, duplicate_positions, missing_slice, missing_pixel_data,
+    truncated_dicom, rows_claim_too_big, missing_position, non_ct, dicm_then_garbage,
+    single_dicom_file, empty_folder,
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_read_volume_raises_one_clear_error(tmp_path, case):
+    (tmp_path / "in").mkdir()
+    target, culprit, fragment, _ = case(tmp_path)
+    with pytest.raises(CTSearchInputError) as info:
+        read_volume(target)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(culprit) in message, message
+    assert fragment in message, message
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_scan_reports_every_bad_input(tmp_path, case):
+    (tmp_path / "in").mkdir()
+    _, culprit, _, fragment = case(tmp_path)
+    entries, errors = scan_archive(tmp_path / "in")
+    if fragment is None:  # nothing there: nothing to report
+        assert entries == [] and errors == []
+        return
+    hits = [e for e in errors if str(culprit) in e["path"] or e["path"] in str(culprit)]
+    assert hits, errors
+    assert all(e["stage"] == "scan" for e in errors)
+    assert any(fragment in e["error"] for e in hits), hits
+    # a broken series yields no entry; a bad extra file beside a good series leaves the series usable
+    for e in entries:
+        assert e.read().hu.shape == e.shape
+
+
+def test_random_corruption_never_escapes_as_another_exception(tmp_path):
+    rng = np.random.default_rng(0)
+    good_nii = nifti_bytes(tmp_path, shape=(3, 16, 16), suffix=".nii")
+    good_gz = nifti_bytes(tmp_path, shape=(3, 16, 16))
+    good_dcm = series(tmp_path, name="src", shape=(2, 16, 16))[0].read_bytes()
+    outcomes = {"ok": 0, "error": 0}
+    for trial in range(60):
+        kind = trial % 3
+        data = bytearray([good_nii, good_gz, good_dcm][kind])
+        for _ in range(int(rng.integers(1, 8))):  # overwrite a few random bytes, mostly in headers
+            pos = int(rng.integers(0, min(len(data), 400 if rng.random() < 0.8 else len(data))))
+            data[pos] = int(rng.integers(0, 256))
+        if rng.random() < 0.3:
+            data = data[: int(rng.integers(1, len(data)))]
+        folder = tmp_path / f"t{trial}"
+        folder.mkdir()
+        if kind == 2:
+            path = folder / "x.dcm"
+            path.write_bytes(bytes(data))
+            other = pydicom.dcmread(tmp_path / "in" / "src" / "slice_0001.dcm")
+            other.save_as(folder / "y.dcm")
+            target = folder
+        else:
+            target = path = folder / ("x.nii" if kind == 0 else "x.nii.gz")
+            path.write_bytes(bytes(data))
+        try:
+            read_volume(target)
+            outcomes["ok"] += 1
+        except CTSearchInputError as e:
+            assert str(folder) in str(e)
+            outcomes["error"] += 1
+        entries, errors = scan_archive(folder)
+        assert len(entries) + len(errors) >= 1
+    assert outcomes["error"] > 10  # the corruption did bite
