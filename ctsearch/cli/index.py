@@ -1,0 +1,83 @@
+"""``ctsearch index``: embed an archive into an index directory (Ray Data + FAISS shards)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, emit_json, err_console, handle_errors, say
+
+
+def register(app: typer.Typer) -> None:
+    app.command("index")(index_cmd)
+
+
+@handle_errors
+def index_cmd(
+    source: Path = typer.Argument(..., help="Archive folder (NIfTI / DICOM, any layout), a manifest.parquet from `ctsearch prepare`, or one volume."),
+    model: Path = typer.Option(..., "--model", help="Run directory of `ctsearch train` (model.json + encoder.safetensors)."),
+    out: Path = typer.Option(..., "--out", help="Index directory; created, or extended when it already holds an index of the same model."),
+    gpus: int = typer.Option(0, help="GPUs to embed on, one model per GPU (bf16, channels_last); 0: one model on the CPU."),
+    batch_size: int = typer.Option(64, help="Slices per model batch."),
+    dtype: str = typer.Option("float32", help="Stored embedding type: float32, or float16 to halve the files."),
+    ann_threshold: int = typer.Option(200_000, help="Vectors from which a shard gets an ANN index instead of exact search (docs/scaling.md)."),
+    ann: str = typer.Option("ivfpq", help="ANN kind at or above --ann-threshold: ivfpq (IVF-PQ + exact re-ranking) or hnsw."),
+    shard_volumes: int = typer.Option(32, help="Volumes per shard, the unit committed at once (what a killed run can lose)."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads of the CPU model (default: all cores)."),
+    address: Optional[str] = ADDRESS_OPT,
+    json_out: bool = JSON_OPT,
+    quiet: bool = QUIET_OPT,
+) -> None:
+    """Embed every axial slice of SOURCE and add it to the index at --out.
+
+    Volumes already in the index (same series id and content) are skipped; a killed run is
+    finished by running the same command again. Failures go to OUT/errors.parquet.
+    """
+    from ctsearch.jobs.index import index_source
+
+    bar = _Bar(quiet or json_out)
+    try:
+        summary = index_source(source, model, out, gpus=gpus, batch_size=batch_size, dtype=dtype,
+                               ann_threshold=ann_threshold, ann=ann, shard_volumes=shard_volumes,
+                               address=address, threads=threads, on_volume=bar.update, quiet=quiet or json_out)
+    finally:
+        bar.close()
+    if json_out:
+        emit_json(summary)
+        return
+    say(
+        f"indexed {summary['volumes_indexed']} volumes ({summary['rows_added']} slices) into {out}; "
+        f"skipped {summary['unchanged_skipped'] + summary['duplicates_skipped']} already indexed; "
+        f"{summary['volumes_failed']} failed, {summary['scan_errors']} unreadable files "
+        f"(see {out / 'errors.parquet'}); index now {summary['index_rows']} slices in {summary['shards']} shards",
+        quiet,
+    )
+
+
+class _Bar:
+    """A volume progress bar on stderr, driven by the job's callback."""
+
+    def __init__(self, off: bool):
+        import sys
+
+        self.bar = self.task = None
+        if off or not sys.stderr.isatty():
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("indexing volumes"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=err_console, transient=True)
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            return
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("index", total=total)
+        self.bar.update(self.task, completed=done)
+
+    def close(self) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.stop()

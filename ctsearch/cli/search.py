@@ -1,0 +1,85 @@
+"""``ctsearch search``: the k most similar slices in an index, as a table or JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ctsearch.cli.common import JSON_OPT, emit_json, handle_errors
+
+JSON_KEYS = ("rank", "score", "volume_id", "patient_id", "study_id", "series_id", "exam_date", "slice_index", "z_mm", "path")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("search")(search_cmd)
+
+
+@handle_errors
+def search_cmd(
+    index_dir: Path = typer.Argument(..., help="Index directory written by `ctsearch index`."),
+    query: str = typer.Argument(..., help="A NIfTI file or DICOM series folder, or a row of the index as volume_id:slice_index."),
+    slice_: Optional[int] = typer.Option(None, "--slice", help="Slice of a file/folder QUERY (0 = most inferior; default: the middle slice)."),
+    k: int = typer.Option(5, "-k", "--k", help="Number of results."),
+    patient: Optional[str] = typer.Option(None, help="Only return slices of this patient id."),
+    exclude_patient: Optional[str] = typer.Option(None, help="Never return slices of this patient id (e.g. the query's own)."),
+    cross_exam: bool = typer.Option(False, "--cross-exam", help="Instead: per other series of the query's patient, the best-matching slices ordered by z."),
+    per_exam: int = typer.Option(3, help="Slices per series with --cross-exam."),
+    device: str = typer.Option("cpu", help="cpu (FAISS) or cuda (exact search with torch on the GPU)."),
+    nprobe: Optional[int] = typer.Option(None, help="IVF lists probed in IVF-PQ shards (default: stored per shard)."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Find the slices most similar to QUERY (cosine similarity of the index's embeddings)."""
+    from ctsearch.index import Index
+
+    index = Index.open(index_dir, device=device)
+    vector, qmeta = index.embed_query(query, slice_)
+    if cross_exam:
+        from ctsearch.crossexam import cross_exam as run
+
+        if not qmeta.get("patient_id"):
+            from ctsearch.errors import CTSearchInputError
+
+            raise CTSearchInputError(query, "has no patient id; --cross-exam needs one")
+        exams = run(index, vector, qmeta["patient_id"], exclude_volume=qmeta.get("volume_id"), per_exam=per_exam)
+        if json_out:
+            emit_json(exams)
+        else:
+            _print_exams(qmeta, exams)
+        return
+    res = index.search(vector, k=k, patient=patient, exclude_patient=exclude_patient, nprobe=nprobe)
+    hits = [{key: h.get(key) for key in JSON_KEYS} for h in res.hits[0]]
+    if json_out:
+        emit_json(hits)
+        return
+    _print_hits(qmeta, hits)
+
+
+def _print_hits(qmeta: dict, hits: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"query {qmeta.get('volume_id')}:{qmeta.get('slice_index')} (patient {qmeta.get('patient_id')})")
+    for col in ("rank", "score", "patient", "volume", "slice", "z mm", "path"):
+        t.add_column(col, justify="right" if col in ("rank", "score", "slice", "z mm") else "left")
+    for h in hits:
+        t.add_row(str(h["rank"]), f"{h['score']:.4f}", str(h["patient_id"]), str(h["volume_id"]), str(h["slice_index"]),
+                  f"{h['z_mm']:.1f}", str(h["path"]))
+    Console().print(t)
+
+
+def _print_exams(qmeta: dict, exams: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"query {qmeta.get('volume_id')}:{qmeta.get('slice_index')} at z {qmeta.get('z_mm', float('nan')):.1f} mm, "
+                    f"patient {qmeta.get('patient_id')}: other series")
+    for col in ("exam date", "study", "volume", "best slice", "best z mm", "score", "matches by z (slice@z:score)"):
+        t.add_column(col)
+    for e in exams:
+        b = e["best"]
+        ms = "  ".join(f"{m['slice_index']}@{m['z_mm']:.0f}:{m['score']:.3f}" for m in e["matches"])
+        t.add_row(str(e["exam_date"] or ""), str(e["study_id"]), str(e["volume_id"]), str(b["slice_index"]),
+                  f"{b['z_mm']:.1f}", f"{b['score']:.4f}", ms)
+    Console().print(t)

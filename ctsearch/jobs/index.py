@@ -1,0 +1,359 @@
+"""``ctsearch index``: embed every slice of an archive with Ray Data, commit FAISS shards.
+
+The pipeline follows Ray's batch-inference guide, one stage per resource:
+
+    volume paths --map_batches(read_volume_rows)--> one row per slice (HU bytes)     CPU tasks
+                 --map_batches(Preprocess)-------> eval_transform pixels            CPU tasks
+                 --map_batches(Embedder)---------> L2-normalised embeddings         actor pool (1 model / GPU)
+                 --iter_batches (driver)---------> shard complete? write + commit   driver
+
+Only paths travel into the object store; decoding, windowing and the model run in separate
+stages, so Ray Data's streaming executor keeps the model fed while other volumes decode.
+
+The unit of work is a shard: ``shard_volumes`` volumes whose rows are committed together
+(index.IndexWriter.commit_shard). A volume already in the index (same series id and content
+hash), or a path already handled with the same size and mtime, is skipped; a killed run leaves
+whole shards only, so running it again finishes the rest without duplicates or gaps.
+
+Example:
+    >>> summary = index_source("archive/", "runs/r1", "idx/")   # doctest: +SKIP
+    >>> summary["rows_added"], summary["errors"]               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from ctsearch.errors import CTSearchInputError
+from ctsearch.index import DEFAULT_ANN_THRESHOLD, IndexWriter, content_hash, file_fingerprint, l2_normalize
+from ctsearch.jobs.runtime import start_ray
+from ctsearch.model import ModelConfig, load_encoder
+
+ID_COLUMNS = ("volume_id", "patient_id", "study_id", "series_id", "exam_date")
+
+
+# ----------------------------------------------------------------------------- source -> volume tasks
+
+
+def resolve_source(source: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """An archive folder, a manifest.parquet or one volume -> (volume tasks, scan errors).
+
+    Each task is ``{path, format, volume_id, patient_id, study_id, series_id, exam_date}``;
+    ids are "" where only reading the volume will tell.
+    """
+    src = Path(source)
+    if not src.exists():
+        raise CTSearchInputError(src, "no such file or folder")
+    if src.is_file() and src.suffix == ".parquet":
+        t = pq.read_table(src)
+        if "path" not in t.column_names:
+            raise CTSearchInputError(src, "not a manifest: no 'path' column (write one with `ctsearch prepare`)")
+        rows = t.to_pylist()
+        base = src.parent
+        tasks = [_task(r, base) for r in rows]
+        return tasks, []
+    if src.is_file():
+        return [_task({"path": str(src)}, None)], []
+    from ctsearch.io import scan_archive
+
+    entries, errors = scan_archive(src)
+    return [_task(_as_dict(e), None) for e in entries], [dict(e) for e in errors]
+
+
+def _as_dict(entry) -> dict:
+    if isinstance(entry, dict):
+        return entry
+    if hasattr(entry, "_asdict"):
+        return entry._asdict()
+    return {k: getattr(entry, k) for k in ("path", "format", "files", *ID_COLUMNS) if hasattr(entry, k)}
+
+
+def _task(r: dict, base: Path | None) -> dict:
+    path = str(r["path"])
+    if base is not None and not os.path.isabs(path) and not os.path.exists(path):
+        path = str(base / path)
+    fmt = r.get("format") or ("dicom" if os.path.isdir(path) else "nifti")
+    ids = {c: str(r.get(c) or "") for c in ID_COLUMNS}
+    # A DICOM folder can hold several series: the source's series id is part of the unit's name.
+    entry = f"{path}#{ids['series_id']}" if fmt == "dicom" and ids["series_id"] else path
+    return {"path": path, "format": fmt, "entry": entry, "files": [str(f) for f in (r.get("files") or ())], **ids}
+
+
+# ----------------------------------------------------------------------------- pipeline stages
+
+
+def read_volume_rows(batch: dict[str, np.ndarray], known_ref) -> dict[str, np.ndarray]:
+    """One volume task -> one row per axial slice (HU as int16 bytes), or one status row.
+
+    Status rows (``status`` error | duplicate, ``n_rows`` 1) carry no pixels; every row
+    carries the volume's ``n_rows`` so the driver knows when a volume, and its shard, is complete.
+    """
+    out: dict[str, list] = defaultdict(list)
+    known = _known(known_ref)
+    for i in range(len(batch["path"])):
+        task = {k: batch[k][i] for k in batch}
+        for row in _volume_rows(task, known):
+            for k, v in row.items():
+                out[k].append(v)
+    return {k: np.asarray(v, dtype=object) if k in _OBJECT_COLS else np.asarray(v) for k, v in out.items()}
+
+
+_OBJECT_COLS = {"path", "entry", "format", "status", "error", "content_hash", "hu", "stage", *ID_COLUMNS}
+_KNOWN_CACHE: dict = {}
+
+
+def _known(ref) -> set:
+    key = ref.hex() if hasattr(ref, "hex") else id(ref)
+    if key not in _KNOWN_CACHE:
+        _KNOWN_CACHE.clear()
+        _KNOWN_CACHE[key] = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+    return _KNOWN_CACHE[key]
+
+
+def _volume_rows(task: dict, known: set) -> list[dict]:
+    path = str(task["path"])
+    from ctsearch.io import read_volume
+
+    base = {k: task[k] for k in ("path", "entry", "shard", "order", "size", "mtime_ns")}
+    base["path"], base["entry"] = path, str(task["entry"])
+    status = dict(status="indexed", error="", stage="", content_hash="", hu=b"", height=0, width=0,
+                  slice_index=-1, z_mm=float("nan"), **{c: str(task[c]) for c in ID_COLUMNS})
+    try:
+        chash = content_hash(path, list(task["files"]) or None)
+        series = str(task["series_id"]) if task["format"] == "dicom" and task["series_id"] else None
+        vol = read_volume(path, series_id=series)
+    except CTSearchInputError as e:
+        return [{**base, **status, "status": "error", "stage": "read", "error": e.problem, "n_rows": 1}]
+    except Exception as e:  # a reader bug must not stop the archive: record it and go on
+        return [{**base, **status, "status": "error", "stage": "read", "error": f"{type(e).__name__}: {e}", "n_rows": 1}]
+    ids = {c: str(task[c] or "") for c in ID_COLUMNS}
+    for c in ("patient_id", "study_id", "series_id", "exam_date"):
+        ids[c] = ids[c] or str(getattr(vol, c) or "")
+    ids["volume_id"] = ids["volume_id"] or ids["series_id"] or Path(path).name
+    status.update(ids, content_hash=chash)
+    if f"{ids['series_id']}|{chash}" in known:
+        return [{**base, **status, "status": "duplicate", "n_rows": 1}]
+    hu, z = np.ascontiguousarray(vol.hu, dtype="<i2"), vol.z_mm()
+    n, h, w = hu.shape
+    if n == 0:
+        return [{**base, **status, "status": "error", "stage": "read", "error": "volume has no slices", "n_rows": 1}]
+    return [{**base, **status, "hu": hu[k].tobytes(), "height": h, "width": w, "slice_index": k, "z_mm": float(z[k]),
+             "n_rows": n} for k in range(n)]
+
+
+def preprocess(batch: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
+    """HU rows -> ``pixels`` float32 [n, 3, S, S] by ctsearch.views.eval_transform (CPU stage)."""
+    from ctsearch.views import eval_transform
+
+    cfg = ModelConfig.from_json(config)
+    n, s = len(batch["path"]), cfg.image_size
+    pixels = np.zeros((n, 3, s, s), np.float32)
+    # Slices of different volumes can differ in size: transform each size group as one stack.
+    shapes = defaultdict(list)
+    for i in np.flatnonzero(batch["status"] == "indexed"):
+        shapes[(int(batch["height"][i]), int(batch["width"][i]))].append(i)
+    for (h, w), idx in shapes.items():
+        hu = np.stack([np.frombuffer(batch["hu"][i], dtype="<i2").reshape(h, w) for i in idx])
+        pixels[idx] = eval_transform(hu, cfg).numpy()
+    out = {k: v for k, v in batch.items() if k != "hu"}
+    out["pixels"] = pixels
+    return out
+
+
+class Embedder:
+    """The encoder, once per actor: ``pixels`` -> ``embedding`` float32 [n, D], L2-normalised.
+
+    On a GPU: bf16 autocast and channels_last; on CPU: float32 with ``threads`` torch threads.
+    """
+
+    def __init__(self, model_dir: str, device: str = "cpu", threads: int | None = None):
+        import torch
+
+        if device == "cpu" and threads:
+            torch.set_num_threads(int(threads))
+        self.device = device
+        self.model, self.config = load_encoder(model_dir, device=device)
+        if device != "cpu":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
+        ok = torch.from_numpy(batch["status"] == "indexed")
+        emb = np.zeros((len(x), self.config.embedding_dim), np.float32)
+        if ok.any():
+            with torch.inference_mode():
+                xs = x[ok].to(self.device)
+                if self.device != "cpu":
+                    xs = xs.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        e = self.model(xs)
+                else:
+                    e = self.model(xs)
+                emb[ok.numpy()] = l2_normalize(e.float().cpu().numpy())
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out["embedding"] = emb
+        return out
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def index_source(
+    source: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    gpus: int = 0,
+    batch_size: int = 64,
+    dtype: str = "float32",
+    ann_threshold: int = DEFAULT_ANN_THRESHOLD,
+    ann: str = "ivfpq",
+    shard_volumes: int = 32,
+    address: str | None = None,
+    threads: int | None = None,
+    on_volume: Callable[[int, int], None] | None = None,
+    quiet: bool = True,
+) -> dict:
+    """Index ``source`` (archive folder, manifest.parquet or one volume) into ``out``.
+
+    Returns a summary: volumes seen / skipped / indexed / failed, rows added, shards written.
+    ``on_volume(done, total)`` is called as volumes finish (for progress bars).
+    """
+    if shard_volumes < 1 or batch_size < 1:
+        raise CTSearchInputError(None, "--shard-volumes and --batch-size must be >= 1")
+    _, config = load_encoder(model_dir)  # validates the model dir before any work
+    writer = IndexWriter.open(out, config, model_dir, dtype=dtype, ann_threshold=ann_threshold, ann=ann)
+    tasks, scan_errors = resolve_source(source)
+    if scan_errors:
+        writer.add_scan_errors(scan_errors)
+
+    pending, unchanged = [], 0
+    for t in tasks:
+        try:
+            size, mtime = file_fingerprint(t["path"], t["files"] or None)
+        except OSError:
+            size, mtime = -1, -1
+        if writer.unchanged(t["entry"], (size, mtime)):
+            unchanged += 1
+            continue
+        pending.append({**t, "size": size, "mtime_ns": mtime})
+    summary = {"volumes_seen": len(tasks), "unchanged_skipped": unchanged, "duplicates_skipped": 0,
+               "volumes_indexed": 0, "volumes_failed": 0, "rows_added": 0, "shards_added": [],
+               "scan_errors": len(scan_errors)}
+    if pending:
+        _run_pipeline(pending, writer, model_dir, config, gpus, batch_size, shard_volumes, address, threads,
+                      on_volume, quiet, summary)
+    merged = writer.compact()
+    summary.update(index_rows=writer.manifest["rows"], shards=len(writer.manifest["shards"]),
+                   errors=writer.manifest["errors"], compacted_into=merged)
+    return summary
+
+
+def model_memory_bytes(config: ModelConfig, batch_size: int) -> int:
+    """What one embedding actor holds: weights (x2 while loading) and ~16 activations per input.
+
+    Declaring it is good practice, and also what keeps Ray Data from fusing decoding into the
+    model actor (operators with different resource requests are never fused), so the model
+    never waits on decoding.
+    """
+    from ctsearch.model import build_encoder
+
+    params = sum(p.numel() for p in build_encoder(config).parameters()) * 4
+    return int(2 * params + batch_size * 3 * config.image_size**2 * 4 * 16)
+
+
+def _run_pipeline(pending, writer, model_dir, config, gpus, batch_size, shard_volumes, address, threads,
+                  on_volume, quiet, summary) -> None:
+    start_ray(address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = not quiet
+    for j, t in enumerate(pending):
+        t["order"], t["shard"] = j, j // shard_volumes
+    n_shards = (len(pending) + shard_volumes - 1) // shard_volumes
+    known_ref = ray.put(writer.known_keys())
+    device = "cuda" if gpus else "cpu"
+    if threads is None:
+        threads = os.cpu_count() or 1
+    ds = (
+        ray.data.from_items(pending, override_num_blocks=len(pending))
+        .map_batches(read_volume_rows, batch_size=1, fn_kwargs={"known_ref": known_ref}, num_cpus=1)
+        .map_batches(preprocess, batch_size=batch_size, fn_kwargs={"config": config.to_json()}, num_cpus=1)
+        .map_batches(Embedder, batch_size=batch_size,
+                     fn_constructor_kwargs={"model_dir": str(writer.root / "model"), "device": device, "threads": threads},
+                     compute=ray.data.ActorPoolStrategy(size=max(1, gpus)), num_gpus=1 if gpus else 0,
+                     num_cpus=1, memory=model_memory_bytes(config, batch_size))
+    )
+    by_shard: dict[int, list[dict]] = defaultdict(list)  # shard -> batches of rows
+    remaining = defaultdict(int)  # shard -> volumes not yet complete
+    for t in pending:
+        remaining[t["shard"]] += 1
+    seen = defaultdict(int)  # volume order -> rows received
+    done = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        by_shard_batch = defaultdict(list)
+        for i in range(len(batch["order"])):
+            by_shard_batch[int(batch["shard"][i])].append(i)
+        for shard, idx in by_shard_batch.items():
+            by_shard[shard].append({k: v[idx] for k, v in batch.items()})
+            for i in idx:
+                o = int(batch["order"][i])
+                seen[o] += 1
+                if seen[o] == int(batch["n_rows"][i]):
+                    remaining[shard] -= 1
+                    done += 1
+                    if on_volume:
+                        on_volume(done, len(pending))
+            if remaining[shard] == 0:
+                _commit(writer, by_shard.pop(shard), summary)
+    if any(remaining.values()) or by_shard:
+        raise RuntimeError(f"pipeline ended with {sum(remaining.values())} volumes incomplete (of {n_shards} shards)")
+
+
+def _commit(writer: IndexWriter, parts: list[dict], summary: dict) -> None:
+    """Rows of one complete shard -> volumes/errors records + embeddings, committed atomically."""
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.lexsort((cols["slice_index"], cols["order"]))  # deterministic row order
+    cols = {k: v[order] for k, v in cols.items()}
+    volumes, errors, keep = [], [], []
+    starts = np.flatnonzero(np.r_[True, cols["order"][1:] != cols["order"][:-1]])
+    for a, b in zip(starts, np.r_[starts[1:], len(order)]):
+        r = {k: cols[k][a] for k in cols}
+        status = str(r["status"])
+        # The same content twice in one run (or committed since the job started) is a duplicate.
+        if status == "indexed" and writer.is_indexed(str(r["series_id"]), str(r["content_hash"])):
+            status = "duplicate"
+        if status == "indexed" and any(v["status"] == "indexed" and (v["series_id"], v["content_hash"]) ==
+                                       (str(r["series_id"]), str(r["content_hash"])) for v in volumes):
+            status = "duplicate"
+        volumes.append({"entry": str(r["entry"]), "path": str(r["path"]), "volume_id": str(r["volume_id"]), "series_id": str(r["series_id"]),
+                        "content_hash": str(r["content_hash"]), "size": int(r["size"]), "mtime_ns": int(r["mtime_ns"]),
+                        "n_slices": int(b - a) if status == "indexed" else 0, "status": status})
+        if status == "error":
+            errors.append({"path": str(r["path"]), "stage": str(r["stage"]), "error": str(r["error"])})
+            summary["volumes_failed"] += 1
+        elif status == "duplicate":
+            summary["duplicates_skipped"] += 1
+        else:
+            keep.append(np.arange(a, b))
+            summary["volumes_indexed"] += 1
+    idx = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+    rows = [{c: _py(cols[c][i]) for c in ("volume_id", "patient_id", "study_id", "series_id", "exam_date",
+                                          "slice_index", "z_mm", "path")} for i in idx]
+    for r in rows:
+        r["exam_date"] = r["exam_date"] or None
+    vectors = cols["embedding"][idx] if len(idx) else np.zeros((0, writer.manifest["embedding_dim"]), np.float32)
+    name = writer.commit_shard(rows, vectors, volumes, errors)
+    summary["rows_added"] += len(rows)
+    summary["shards_added"].append(name)
+
+
+def _py(v):
+    return v.item() if isinstance(v, np.generic) else v
