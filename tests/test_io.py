@@ -337,3 +337,19 @@ def test_scan_single_nifti_file_and_missing_root(tmp_path):
     assert [(e.volume_id, e.case_number, e.shape) for e in entries] == [("liver_3", 3, (2, 4, 4))] and errors == []
     with pytest.raises(CTSearchInputError, match="no such file"):
         scan_archive(tmp_path / "nope")
+
+
+def test_synthetic_archive_nifti_and_dicom_copies_identical(synth_archive):
+    """The shared synthetic archive (ctsearch.synth): both copies of every case scan and read the same."""
+    nifti_entries, nifti_errors = scan_archive(synth_archive / "nifti")
+    dicom_entries, dicom_errors = scan_archive(synth_archive / "dicom")
+    assert nifti_errors == [] and dicom_errors == []
+    assert len(nifti_entries) == len(dicom_entries) == 8
+    assert all(e.label_path for e in nifti_entries)
+    by_folder = {os.path.realpath(e.path): e for e in dicom_entries}
+    cases = json.loads((synth_archive / "synth.json").read_text())["cases"]
+    for case, n in zip(sorted(cases, key=lambda c: int(c["case"].split("_")[1])), nifti_entries):
+        assert n.volume_id == case["case"]
+        d = by_folder[os.path.realpath(case["dicom_folder"])]
+        assert d.shape == n.shape and d.exam_date == case["exam_date"]
+        assert_same_scan(d.read(), n.read())
