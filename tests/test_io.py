@@ -277,7 +277,8 @@ def test_scan_archive_written_by_another_tool(tmp_path):
                                study_id=f"liver_{case}", series_id=f"liver_{case}"))
         vols[case] = vol
         label = (vol.hu > 0).astype(np.uint8)
-        write_foreign_nifti(vol, dec / "imagesTr" / f"liver_{case}.nii.gz", label, dec / "labelsTr" / f"liver_{case}.nii.gz")
+        name = f"liver_{case}.nii.gz"
+        write_foreign_nifti(vol, dec / "imagesTr" / name, label, dec / "labelsTr" / name)
         folder = root / "dicom" / f"{rng.integers(1e9):x}" / f"{rng.integers(1e9):x}"
         write_dicom_series(vol, folder, rng_seed=case)
     write_nifti(make_volume(shape=(3, 8, 8)), dec / "imagesTs" / "liver_200.nii.gz")
@@ -290,7 +291,8 @@ def test_scan_archive_written_by_another_tool(tmp_path):
     (dec / "labelsTr" / "liver_77.nii.gz").write_bytes(good)  # label without image
     (root / "dicom" / "notes.dcm").write_text("this is not DICOM\n")
     (root / "dicom" / "empty").write_bytes(b"")
-    broken = write_dicom_series(make_volume(shape=(4, 8, 8), series_id="broken"), root / "dicom" / "b", file_names="ordered")
+    broken_vol = make_volume(shape=(4, 8, 8), series_id="broken")
+    broken = write_dicom_series(broken_vol, root / "dicom" / "b", file_names="ordered")
     ds = pydicom.dcmread(broken[2])
     del ds.PixelData  # a slice whose pixel data is missing
     ds.save_as(broken[2])

@@ -267,3 +267,18 @@ def test_random_corruption_never_escapes_as_another_exception(tmp_path):
         entries, errors = scan_archive(folder)
         assert len(entries) + len(errors) >= 1
     assert outcomes["error"] > 10  # the corruption did bite
+
+
+def test_folder_of_nifti_is_not_a_dicom_series(tmp_path):
+    write_nifti(small_volume(), tmp_path / "a.nii.gz")
+    with pytest.raises(CTSearchInputError, match="holds NIfTI files, not a DICOM series"):
+        read_volume(tmp_path)
+
+
+def test_unreadable_file_in_series_folder_keeps_its_full_reason(tmp_path):
+    series(tmp_path)
+    (tmp_path / "in" / "dcm" / "x").write_bytes(b"\0" * 128 + b"DICM" + b"\x08\x00\x18\x00UI\xff\x7f")
+    with pytest.raises(CTSearchInputError) as info:
+        read_volume(tmp_path / "in" / "dcm")
+    assert str(info.value).startswith(str(tmp_path / "in" / "dcm" / "x") + ": ")
+    assert "DICOM" in info.value.problem

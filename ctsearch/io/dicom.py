@@ -279,7 +279,9 @@ def _floats(ds: pydicom.Dataset, tag: str, n: int) -> tuple[float, ...] | None:
     return values
 
 
-def group_series(files: list[str | os.PathLike], stage: str = "read") -> tuple[dict[str, list[SliceHeader]], list[dict]]:
+def group_series(
+    files: list[str | os.PathLike], stage: str = "read"
+) -> tuple[dict[str, list[SliceHeader]], list[dict]]:
     """Read the headers of ``files`` and group them by SeriesInstanceUID.
 
     Returns:
@@ -408,7 +410,9 @@ def plan_series(items: list[SliceHeader]) -> DicomSeries:
         if h.pixel_problem:
             raise CTSearchInputError(h.path, f"{name}: {h.pixel_problem}")
         if (h.rows, h.cols) != (h0.rows, h0.cols):
-            raise CTSearchInputError(h.path, f"{name}: slice is {h.rows}x{h.cols}, other slices are {h0.rows}x{h0.cols}")
+            raise CTSearchInputError(
+                h.path, f"{name}: slice is {h.rows}x{h.cols}, other slices are {h0.rows}x{h0.cols}"
+            )
         if not np.allclose(h.orientation, h0.orientation, atol=1e-4):
             raise CTSearchInputError(h.path, f"{name}: ImageOrientationPatient differs between slices")
         if not np.allclose(h.pixel_spacing, h0.pixel_spacing, rtol=1e-4, atol=1e-5):
@@ -496,10 +500,14 @@ def read_dicom_folder(folder: str | os.PathLike) -> Volume:
     if not files:
         raise CTSearchInputError(folder, "folder holds no files")
     groups, errors = group_series(files)
+    if not groups and any(f.lower().endswith((".nii", ".nii.gz")) for f in files):
+        raise CTSearchInputError(
+            folder, "holds NIfTI files, not a DICOM series: pass one .nii/.nii.gz file, or scan the folder"
+        )
     if errors:
         e = errors[0]
         more = f" (and {len(errors) - 1} more unreadable files)" if len(errors) > 1 else ""
-        raise CTSearchInputError(e["path"], e["error"].split(": ", 1)[-1] + more)
+        raise CTSearchInputError(e["path"], e["error"] + more)
     if len(groups) > 1:
         raise CTSearchInputError(
             folder,

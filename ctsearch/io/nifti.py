@@ -222,7 +222,9 @@ def _check_gzip_size(path: str, size: int, needed: int) -> None:
     if problem:
         raise CTSearchInputError(path, problem)
     if total < needed:
-        raise CTSearchInputError(path, f"header claims {needed} bytes of image but the gzip stream holds {total} (truncated?)")
+        raise CTSearchInputError(
+            path, f"header claims {needed} bytes of image but the gzip stream holds {total} (truncated?)"
+        )
 
 
 def _gzip_problem(path: str, stop_after: int | None = None) -> tuple[int, str | None]:
