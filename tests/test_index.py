@@ -1,0 +1,219 @@
+"""`ctsearch index` end to end on the synthetic archive: Ray Data pipeline, shards, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ctsearch.cli.main import app
+from ctsearch.index import CRASH_ENV, Index, SimulatedCrash, table_vectors
+from ctsearch.jobs.index import index_source
+from ctsearch.model import ModelConfig, build_encoder, save_encoder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An untrained tiny encoder: enough to tell slices apart, fast on CPU."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="tiny", image_size=64, model_id="tiny-untrained")
+    return save_encoder(build_encoder(cfg), cfg, tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def archive(synth_archive, tmp_path_factory):
+    """The synthetic NIfTI archive plus one corrupt volume."""
+    out = tmp_path_factory.mktemp("archive") / "nifti"
+    shutil.copytree(synth_archive / "nifti", out)
+    (out / "imagesTr" / "liver_99.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 truncated gzip")
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(archive, model_dir, ray_session, tmp_path_factory):
+    """One clean index of ``archive`` in 3-volume shards."""
+    out = tmp_path_factory.mktemp("idx") / "index"
+    summary = index_source(archive, model_dir, out, shard_volumes=3, batch_size=32)
+    return out, summary
+
+
+def _row_set(index_dir) -> set[tuple[str, int]]:
+    idx = Index.open(index_dir)
+    rows = set()
+    for s in idx.shards:
+        t = pq.read_table(index_dir / "embeddings" / f"{s['name']}.parquet", columns=["volume_id", "slice_index"])
+        pairs = list(zip(t.column("volume_id").to_pylist(), t.column("slice_index").to_pylist()))
+        assert len(pairs) == len(set(pairs)), "duplicate rows inside a shard"
+        assert not rows & set(pairs), "the same slice in two shards"
+        rows |= set(pairs)
+    return rows
+
+
+def _embeddings(index_dir) -> dict:
+    out = {}
+    for f in sorted((index_dir / "embeddings").glob("*.parquet")):
+        t = pq.read_table(f)
+        for key, v in zip(zip(t.column("volume_id").to_pylist(), t.column("slice_index").to_pylist()), table_vectors(t)):
+            out[key] = v
+    return out
+
+
+def test_index_covers_every_slice_and_records_the_corrupt_volume(built, synth_archive):
+    out, summary = built
+    n_slices = sum(c.shape[0] for c in _synth_cases(synth_archive))
+    assert summary["volumes_indexed"] == 8 and summary["rows_added"] == n_slices
+    rows = _row_set(out)
+    assert len(rows) == n_slices  # every slice of every readable volume, once
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    assert any(e["path"].endswith("liver_99.nii.gz") for e in errors)
+    manifest = json.loads((out / "index.json").read_text())
+    assert manifest["rows"] == n_slices and len(manifest["shards"]) == 3
+    assert manifest["model"]["model_id"] == "tiny-untrained"
+    assert manifest["preprocessing"]["transform"] == "ctsearch.views.eval_transform"
+    t = pq.read_table(out / "embeddings" / f"{manifest['shards'][0]['name']}.parquet")
+    assert t.schema.field("embedding").type.list_size == 128
+    np.testing.assert_allclose(np.linalg.norm(table_vectors(t), axis=1), 1.0, atol=1e-5)
+    z = t.column("z_mm").to_numpy()
+    assert np.all(np.isfinite(z))
+
+
+def _synth_cases(root):
+    from ctsearch.io import scan_archive
+
+    entries, _ = scan_archive(root / "nifti")
+    return entries
+
+
+def test_volume_that_fails_to_read_lands_in_errors_and_the_rest_is_indexed(archive, model_dir, tmp_path):
+    """A manifest row whose file broke after `prepare`: a read error in the pipeline, not a scan error."""
+    import pyarrow as pa
+
+    from ctsearch.io import scan_archive
+
+    entries, _ = scan_archive(archive)
+    rows = [e.row() for e in entries[:2]]
+    bad = tmp_path / "liver_50.nii.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    rows.append({**rows[0], "volume_id": "liver_50", "path": str(bad), "series_id": "liver_50"})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
+    out = tmp_path / "index"
+    s = index_source(tmp_path / "manifest.parquet", model_dir, out)
+    assert s["volumes_indexed"] == 2 and s["volumes_failed"] == 1
+    assert len(_row_set(out)) == sum(e.shape[0] for e in entries[:2])
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    assert [e["stage"] for e in errors if e["path"] == str(bad)] == ["read"]
+    # the failed volume is not retried while the file is unchanged, and is retried once it changes
+    assert index_source(tmp_path / "manifest.parquet", model_dir, out)["unchanged_skipped"] == 3
+    shutil.copy(entries[2].path, bad)
+    fixed = index_source(tmp_path / "manifest.parquet", model_dir, out)
+    assert fixed["volumes_indexed"] == 1 and fixed["rows_added"] == entries[2].shape[0]
+
+
+def test_second_run_adds_nothing(built, archive, model_dir):
+    out, _ = built
+    before = _row_set(out)
+    again = index_source(archive, model_dir, out, shard_volumes=3)
+    assert again["rows_added"] == 0 and again["shards_added"] == []
+    assert again["unchanged_skipped"] == again["volumes_seen"] == 8
+    assert _row_set(out) == before
+
+
+def test_search_returns_the_query_slice_first(built):
+    out, _ = built
+    idx = Index.open(out)
+    v, meta = idx.lookup("liver_3", 30)
+    hit = idx.search(v, k=5).hits[0][0]
+    assert (hit["volume_id"], hit["slice_index"]) == ("liver_3", 30)
+    assert hit["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_search_by_a_slice_of_another_file_finds_the_same_anatomy(built, synth_archive):
+    """The DICOM copy of liver_3 is another file with identical HU: its slice 30 must find liver_3:30."""
+    out, _ = built
+    folder = next(p for p in (synth_archive / "dicom").rglob("series-*") if "synth-0003" in str(p))
+    idx = Index.open(out)
+    v, meta = idx.embed_query(folder, slice_index=30)
+    hit = idx.search(v, k=3).hits[0][0]
+    assert (hit["volume_id"], hit["slice_index"]) == ("liver_3", 30)
+    assert hit["score"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_exclude_patient_never_returns_that_patient(built):
+    out, _ = built
+    idx = Index.open(out)
+    v, meta = idx.lookup("liver_3", 30)
+    p = meta["patient_id"]
+    res = idx.search(v, k=50, exclude_patient=p)
+    assert len(res.hits[0]) == 50 and all(h["patient_id"] != p for h in res.hits[0])
+    only = idx.search(v, k=10, patient=p)
+    assert only.hits[0] and all(h["patient_id"] == p for h in only.hits[0])
+
+
+@pytest.mark.parametrize("crash", ["commit:1", "files:2"])
+def test_killed_run_then_rerun_gives_the_clean_row_set(built, archive, model_dir, tmp_path, monkeypatch, crash):
+    clean_dir, _ = built
+    out = tmp_path / "index"
+    monkeypatch.setenv(CRASH_ENV, crash)
+    with pytest.raises(SimulatedCrash):
+        index_source(archive, model_dir, out, shard_volumes=3, batch_size=32)
+    committed = json.loads((out / "index.json").read_text())["shards"]
+    assert 1 <= len(committed) < 3  # stopped halfway, whole shards only
+    monkeypatch.delenv(CRASH_ENV)
+    index_source(archive, model_dir, out, shard_volumes=3, batch_size=32)
+    assert _row_set(out) == _row_set(clean_dir)
+    a, b = _embeddings(out), _embeddings(clean_dir)
+    assert all(np.allclose(a[k], b[k], atol=1e-5) for k in b)
+    # no files of uncommitted shards left behind
+    names = {s["name"] for s in json.loads((out / "index.json").read_text())["shards"]}
+    assert {f.stem for f in (out / "embeddings").glob("*.parquet")} == names
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    assert sum(e["path"].endswith("liver_99.nii.gz") for e in errors) == 1
+
+
+def test_second_archive_adds_shards_and_skips_copies(built, archive, synth_archive, model_dir, tmp_path):
+    out = tmp_path / "index"
+    shutil.copytree(built[0], out)
+    before = _row_set(out)
+    second = tmp_path / "second"
+    second.mkdir()
+    shutil.copy(archive / "imagesTr" / "liver_0.nii.gz", second / "liver_0.nii.gz")  # same content, new path
+    shutil.copytree(next((synth_archive / "dicom").iterdir()), second / "dicom_patient")
+    s = index_source(second, model_dir, out, shard_volumes=3)
+    assert s["duplicates_skipped"] == 1 and s["volumes_indexed"] == 1
+    assert len(s["shards_added"]) == 1
+    rows = _row_set(out)
+    assert before < rows and len(rows - before) == 64
+
+
+def test_cli_index_and_search_json(built, archive, model_dir, tmp_path):
+    out = built[0]
+    runner = CliRunner()
+    r = runner.invoke(app, ["search", str(out), "liver_2:20", "-k", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    hits = json.loads(r.stdout)
+    assert len(hits) == 4 and [h["rank"] for h in hits] == [1, 2, 3, 4]
+    for key in ("rank", "score", "volume_id", "patient_id", "study_id", "slice_index", "z_mm", "path"):
+        assert all(key in h for h in hits)
+    assert (hits[0]["volume_id"], hits[0]["slice_index"]) == ("liver_2", 20)
+    p = hits[0]["patient_id"]
+    r = runner.invoke(app, ["search", str(out), "liver_2:20", "-k", "20", "--exclude-patient", p, "--json"])
+    assert r.exit_code == 0 and all(h["patient_id"] != p for h in json.loads(r.stdout))
+    r = runner.invoke(app, ["search", str(out), "nope:3", "--json"])
+    assert r.exit_code == 1 and "nope:3" in r.output
+    r = runner.invoke(app, ["index", str(archive), "--model", str(model_dir), "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["rows_added"] == 0
+
+
+def test_other_model_is_refused(built, archive, tmp_path):
+    other = tmp_path / "other"
+    cfg = ModelConfig(backbone="tiny", image_size=64)
+    torch.manual_seed(1)
+    save_encoder(build_encoder(cfg), cfg, other)
+    r = CliRunner().invoke(app, ["index", str(archive), "--model", str(other), "--out", str(built[0])])
+    assert r.exit_code == 1 and "another model" in r.output
