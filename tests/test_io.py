@@ -355,3 +355,17 @@ def test_synthetic_archive_nifti_and_dicom_copies_identical(synth_archive):
         d = by_folder[os.path.realpath(case["dicom_folder"])]
         assert d.shape == n.shape and d.exam_date == case["exam_date"]
         assert_same_scan(d.read(), n.read())
+
+
+def test_scanning_a_valid_nifti_gz_reads_no_voxel_data(tmp_path, monkeypatch):
+    """The header check trusts a gzip trailer that agrees with the header: no decompression."""
+    import ctsearch.io.nifti as nifti_mod
+
+    write_nifti(make_volume(shape=(6, 32, 32)), tmp_path / "liver_1.nii.gz")
+
+    def no_stream(*a, **k):
+        raise AssertionError("decompressed the whole file to check a valid header")
+
+    monkeypatch.setattr(nifti_mod, "_gzip_problem", no_stream)
+    entries, errors = scan_archive(tmp_path)
+    assert errors == [] and entries[0].shape == (6, 32, 32)

@@ -174,7 +174,7 @@ def _open_checked(path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarr
         header = img.header
         shape = tuple(int(d) for d in header.get_data_shape())
         itemsize = header.get_data_dtype().itemsize
-        offset = int(header.get_data_offset())
+        offset = int(img.dataobj.offset)  # img.header is a copy whose vox_offset is reset to 0
     except CTSearchInputError:
         raise
     except Exception as e:  # nibabel, gzip, zlib and EOF errors alike
