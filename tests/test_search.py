@@ -1,0 +1,212 @@
+"""FAISS shards and search without Ray: exact vs ANN, merging across shards, filters, commits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ctsearch.crossexam import best_by_volume, cross_exam
+from ctsearch.index import (
+    CRASH_ENV,
+    Index,
+    IndexWriter,
+    SimulatedCrash,
+    build_faiss,
+    l2_normalize,
+    merge_topk,
+    search_shard,
+)
+from ctsearch.model import ModelConfig
+
+CFG = ModelConfig(backbone="tiny", image_size=64)  # D = 128
+
+
+def clustered(n: int, d: int, clusters: int, seed: int, spread: float = 0.35) -> np.ndarray:
+    """Unit vectors around random cluster centres: neighbours that mean something, like real embeddings."""
+    rng = np.random.default_rng(seed)
+    centres = l2_normalize(rng.standard_normal((clusters, d)))
+    x = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, d)) / np.sqrt(d)
+    return l2_normalize(x)
+
+
+def exact_topk(db: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(q @ db.T), axis=1, kind="stable")[:, :k]
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
+
+
+def rows_for(n: int, patient_of=lambda i: f"p{i % 7}", volume_of=lambda i: f"v{i // 50}") -> list[dict]:
+    return [dict(volume_id=volume_of(i), patient_id=patient_of(i), study_id=f"s{i // 50}", series_id=volume_of(i),
+                 exam_date=None, slice_index=i % 50, z_mm=float(i % 50) * 2.5, path=f"{volume_of(i)}.nii.gz") for i in range(n)]
+
+
+def volumes_for(rows: list[dict]) -> list[dict]:
+    vids = sorted({r["volume_id"] for r in rows})
+    return [dict(entry=v, path=f"{v}.nii.gz", volume_id=v, series_id=v, content_hash=v, size=1, mtime_ns=0,
+                 n_slices=sum(r["volume_id"] == v for r in rows), status="indexed") for v in vids]
+
+
+def make_index(path, vectors, rows, shard_sizes, **kw) -> Index:
+    w = IndexWriter.open(path, CFG, **kw)
+    start = 0
+    for size in shard_sizes:
+        part = rows[start : start + size]
+        w.commit_shard(part, vectors[start : start + size], volumes_for(part), errors=[])
+        start += size
+    return Index.open(path)
+
+
+@pytest.mark.parametrize("kind", ["ivfpq", "hnsw"])
+def test_ann_agrees_with_exact_search(kind):
+    db = clustered(20_000, 128, clusters=400, seed=0)
+    q = clustered(200, 128, clusters=400, seed=0)[:200] + 0.0
+    q = l2_normalize(q + 0.05 * np.random.default_rng(1).standard_normal(q.shape) / np.sqrt(128))
+    index, params = build_faiss(db, kind)
+    exact = db if kind == "ivfpq" else None
+    scores, ids = search_shard(index, kind, params, exact, q, 5)
+    truth = exact_topk(db, q, 5)
+    assert recall_at(ids, truth) >= 0.95
+    # the scores returned are exact inner products of the hits
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ db.T, ids, axis=1), atol=1e-4)
+
+
+def test_merge_across_shards_equals_one_exact_search(tmp_path):
+    db = clustered(1_000, 128, clusters=30, seed=2)
+    idx = make_index(tmp_path / "i", db, rows_for(1_000), [300, 450, 250])
+    q = clustered(20, 128, clusters=30, seed=3)
+    res = idx.search(q, k=7)
+    offsets = np.cumsum([0, 300, 450])
+    global_ids = offsets[res.shard] + res.row
+    truth = exact_topk(db, q, 7)
+    np.testing.assert_allclose(res.scores, np.take_along_axis(q @ db.T, truth, axis=1), atol=1e-5)
+    assert recall_at(global_ids, truth) == 1.0
+
+
+def test_merge_topk_pads_missing_hits():
+    s, sh, ii = merge_topk([np.array([[0.9, -np.inf]], np.float32), np.array([[0.95]], np.float32)],
+                           [np.array([[4, -1]]), np.array([[2]])], k=4)
+    assert sh.tolist() == [[1, 0, -1, -1]] and ii.tolist() == [[2, 4, -1, -1]]
+    assert np.isneginf(s[0, 2:]).all()
+
+
+def test_self_search_and_row_metadata(tmp_path):
+    db = clustered(600, 128, clusters=20, seed=4)
+    rows = rows_for(600)
+    idx = make_index(tmp_path / "i", db, rows, [200, 400])
+    v, meta = idx.lookup("v7", 13)
+    assert meta == {k: rows[7 * 50 + 13][k] for k in meta}
+    hit = idx.search(v, k=3).hits[0][0]
+    assert (hit["volume_id"], hit["slice_index"], hit["rank"]) == ("v7", 13, 1)
+    assert hit["score"] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(Exception, match="no row v99:1"):
+        idx.lookup("v99", 1)
+
+
+@pytest.mark.parametrize("threshold", [10**9, 1_500])  # all flat / ANN shards
+def test_patient_filters_are_never_violated(tmp_path, threshold):
+    db = clustered(4_000, 128, clusters=50, seed=5)
+    idx = make_index(tmp_path / "i", db, rows_for(4_000), [2_000, 2_000], ann_threshold=threshold)
+    assert {s["kind"] for s in idx.shards} == ({"flat"} if threshold > 4_000 else {"ivfpq"})
+    q = db[:10]  # each query's own patient holds its best match
+    res = idx.search(q, k=30, exclude_patient="p0")
+    assert all(len(h) == 30 and all(x["patient_id"] != "p0" for x in h) for h in res.hits)
+    only = idx.search(q, k=30, patient="p3")
+    assert all(len(h) == 30 and all(x["patient_id"] == "p3" for x in h) for h in only.hits)
+    assert idx.search(q, k=5, patient="nobody").hits == [[]] * 10
+
+
+def test_float16_index_scores_close_to_float32(tmp_path):
+    db = clustered(500, 128, clusters=10, seed=6)
+    a = make_index(tmp_path / "a", db, rows_for(500), [500])
+    b = make_index(tmp_path / "b", db, rows_for(500), [500], dtype="float16")
+    q = db[:5]
+    np.testing.assert_allclose(a.search(q, 5).scores, b.search(q, 5).scores, atol=2e-3)
+    assert (tmp_path / "b" / "embeddings" / "shard-00000.parquet").stat().st_size < \
+        0.6 * (tmp_path / "a" / "embeddings" / "shard-00000.parquet").stat().st_size
+
+
+def test_compaction_merges_flat_shards_into_one_ann_shard(tmp_path):
+    db = clustered(3_000, 128, clusters=60, seed=7)
+    rows = rows_for(3_000)
+    w = IndexWriter.open(tmp_path / "i", CFG, ann_threshold=2_500)
+    for a in range(0, 3_000, 1_000):
+        w.commit_shard(rows[a : a + 1_000], db[a : a + 1_000], volumes_for(rows[a : a + 1_000]), errors=[])
+    before = Index.open(tmp_path / "i").search(db[:50], k=5)
+    name = w.compact()
+    idx = Index.open(tmp_path / "i")
+    assert [s["name"] for s in idx.shards] == [name] and idx.shards[0]["kind"] == "ivfpq"
+    assert len(idx) == 3_000 and idx.shards[0]["volumes"] == 60
+    assert sorted(f.name for f in (tmp_path / "i" / "embeddings").iterdir()) == [f"{name}.parquet"]
+    after = idx.search(db[:50], k=5)
+    key = lambda r: [{(h["volume_id"], h["slice_index"]) for h in q} for q in r.hits]  # noqa: E731
+    assert np.mean([len(a & b) / 5 for a, b in zip(key(after), key(before))]) >= 0.95
+
+
+def test_crash_between_files_and_commit_leaves_the_old_index(tmp_path, monkeypatch):
+    db = clustered(200, 128, clusters=5, seed=8)
+    rows = rows_for(200)
+    w = IndexWriter.open(tmp_path / "i", CFG)
+    w.commit_shard(rows[:100], db[:100], volumes_for(rows[:100]), errors=[])
+    monkeypatch.setenv(CRASH_ENV, "files:1")
+    with pytest.raises(SimulatedCrash):
+        w.commit_shard(rows[100:], db[100:], volumes_for(rows[100:]), errors=[])
+    monkeypatch.delenv(CRASH_ENV)
+    assert (tmp_path / "i" / "embeddings" / "shard-00001.parquet").exists()  # written, never committed
+    assert len(Index.open(tmp_path / "i")) == 100
+    w2 = IndexWriter.open(tmp_path / "i", CFG)  # the next writer removes the leftovers
+    assert not (tmp_path / "i" / "embeddings" / "shard-00001.parquet").exists()
+    assert w2.commit_shard(rows[100:], db[100:], volumes_for(rows[100:]), errors=[]) == "shard-00001"
+    assert len(Index.open(tmp_path / "i")) == 200
+    assert json.loads((tmp_path / "i" / "index.json").read_text())["volumes"] == 4
+
+
+def test_torch_exact_search_matches_faiss(tmp_path):
+    """The device='cuda' code path (torch matmul), run here on CPU tensors."""
+    db = clustered(800, 128, clusters=20, seed=9)
+    idx = make_index(tmp_path / "i", db, rows_for(800), [800])
+    q = db[:8]
+    s_f, i_f = search_shard(idx._index(idx.shards[0]), "flat", {}, None, q, 5, denied=np.arange(0, 800, 7))
+    s_t, i_t = idx._search_torch(idx.shards[0], q, 5, None, np.arange(0, 800, 7))
+    np.testing.assert_allclose(s_t, s_f, atol=1e-5)
+    assert (i_t == i_f).all()
+
+
+def test_best_by_volume_orders_matches_along_z():
+    rng = np.random.default_rng(0)
+    v = l2_normalize(rng.standard_normal((9, 16)))
+    vol = np.array(["a"] * 4 + ["b"] * 5)
+    z = np.array([30.0, 10.0, 20.0, 0.0, 5.0, 50.0, 15.0, 25.0, 35.0])
+    q = v[2]
+    out = best_by_volume(q, v, vol, z, per_volume=3)
+    assert [m["volume"] for m in out] == ["a", "b"]
+    for m in out:
+        assert np.all(np.diff(z[m["rows"]]) >= 0)
+        rows = np.flatnonzero(vol == m["volume"])
+        s = v[rows] @ q
+        assert set(m["rows"]) == set(rows[np.argsort(-s)[:3]])
+        assert m["best"] == rows[np.argmax(s)]
+
+
+def test_cross_exam_finds_the_same_level_in_the_other_exam(tmp_path):
+    """Two exams of one patient: slice i of exam 1 and slice i+3 of exam 2 show the same anatomy."""
+    rng = np.random.default_rng(1)
+    anatomy = l2_normalize(rng.standard_normal((40, 128)))
+    e1 = l2_normalize(anatomy[:30] + 0.1 * rng.standard_normal((30, 128)) / np.sqrt(128))
+    e2 = l2_normalize(anatomy[3:33] + 0.1 * rng.standard_normal((30, 128)) / np.sqrt(128))
+    other = clustered(30, 128, 3, seed=2)
+    rows = ([dict(volume_id="e1", patient_id="p", study_id="s1", series_id="e1", exam_date="2020-01-01", slice_index=i,
+                  z_mm=2.0 * i, path="e1") for i in range(30)]
+            + [dict(volume_id="e2", patient_id="p", study_id="s2", series_id="e2", exam_date="2021-01-01", slice_index=i,
+                    z_mm=2.0 * i + 100, path="e2") for i in range(30)]
+            + [dict(volume_id="o", patient_id="q", study_id="s3", series_id="o", exam_date=None, slice_index=i,
+                    z_mm=0.0, path="o") for i in range(30)])
+    idx = make_index(tmp_path / "i", np.concatenate([e1, e2, other]), rows, [45, 45])
+    exams = cross_exam(idx, e1[10], "p", exclude_volume="e1", per_exam=3)
+    assert [e["volume_id"] for e in exams] == ["e2"]
+    assert exams[0]["best"]["slice_index"] == 7
+    zs = [m["z_mm"] for m in exams[0]["matches"]]
+    assert zs == sorted(zs) and len(zs) == 3
