@@ -290,20 +290,20 @@ def sample_patient(rng: np.random.Generator, index: int = 0) -> Patient:
     rz_up = u(45, 65)
     right = Blob(
         center=(-Ac * u(0.35, 0.48), Bc * u(-0.12, 0.08), -rz_up),
-        rx=Ac * u(0.42, 0.55),
-        ry=Bc * u(0.7, 0.88),
+        rx=Ac * u(0.5, 0.62),
+        ry=Bc * u(0.8, 0.95),
         rz_up=rz_up,
         rz_down=H - rz_up,
-        p_up=u(1.8, 2.6),
-        p_down=u(1.0, 1.7),
+        p_up=u(2.2, 3.0),
+        p_down=u(1.8, 2.6),
         tilt=(u(0.0, 0.25), u(0.05, 0.3)),
         angle=u(-0.25, 0.15),
         wobble=u(0.04, 0.09),
     )
     left = Blob(
         center=(Ac * u(-0.02, 0.22), -Bc * u(0.3, 0.45), -u(28, 50)),
-        rx=Ac * u(0.28, 0.45),
-        ry=Bc * u(0.22, 0.34),
+        rx=Ac * u(0.32, 0.5),
+        ry=Bc * u(0.25, 0.38),
         rz_up=u(18, 32),
         rz_down=u(28, 55),
         p_up=2.0,
@@ -370,7 +370,7 @@ def sample_patient(rng: np.random.Generator, index: int = 0) -> Patient:
         liver_height=H, liver_right=right, liver_left=left, tumours=tumours,
         gallbladder=gall, spleen=spleen, kidneys=(kid_r, kid_l), stomach=stomach,
         stomach_content=str(rng.choice(["water", "food", "gas"])), pancreas=pancreas, heart=heart,
-        dome_left_drop=u(8, 28), diaphragm_drop=u(50, 85), spine_y=spine_y,
+        dome_left_drop=u(8, 28), diaphragm_drop=u(35, 60), spine_y=spine_y,
         vert_rx=u(17, 25), vert_ry=u(15, 21), vert_pitch=u(26, 34),
         rib_pitch=u(21, 27), rib_drop=u(60, 100), rib_top=u(220, 260),
         iliac_crest_z=crest, acetabulum_z=acet, hip_x=u(82, 100), bladder=bladder,
@@ -407,7 +407,7 @@ def sample_exam(rng: np.random.Generator, patient: Patient, index: int = 0, prev
     z_bottom = min(z_top - extent, -H - u(40, 90))
     a_max = patient.body_a * max(patient.body_knots[1])
     # Scanners pick the field of view to fit the patient: spacing follows body size, within 0.6-0.9 mm.
-    spacing = float(np.clip((2 * a_max + u(10, 70)) / NOMINAL_MATRIX, 0.6, 0.9))
+    spacing = float(np.clip(2 * a_max * u(1.08, 1.25) / NOMINAL_MATRIX, 0.6, 0.9))
     if previous is None:
         date = _dt.date(2012, 1, 1) + _dt.timedelta(days=int(rng.integers(0, 365 * 8)))
         liver_hu = u(60, 130)
@@ -562,7 +562,7 @@ def _render_slab(p: Patient, e: Exam, c: _Canvas) -> None:
     cavity = rc <= 1
     # Mesentery: fat with soft-tissue strands.
     coarse = c.field("coarse")
-    c.paint(full, cavity, hu["fat"] + 25 + 35 * np.clip(coarse, -1.5, 1.5) + 8 * fine)
+    c.paint(full, cavity, hu["fat"] + 10 + 15 * np.clip(coarse, -1.5, 1.5) + 6 * fine)
 
     # CT table under the patient.
     table = (np.abs(Y - (B * 0.9 + 4 + 0.0006 * X**2)) < 3) & (np.abs(X) < 230)
@@ -572,14 +572,14 @@ def _render_slab(p: Patient, e: Exam, c: _Canvas) -> None:
     k = p.diaphragm_drop / (0.55 * Ac) ** 2
     dome_r = -k * ((X + 0.45 * Ac) ** 2 + (Y / 1.2) ** 2)
     dome_l = -p.dome_left_drop - k * ((X - 0.4 * Ac) ** 2 + (Y / 1.2) ** 2)
-    zdia = np.maximum(dome_r, dome_l) - 25 * np.clip(Y / Bc, 0, 1)
+    zdia = np.maximum(dome_r, dome_l) - 15 * np.clip(Y / Bc, 0, 1)
     above = Z > zdia
     thorax = cavity & above
     lungs = thorax & (rc <= 0.97)
     vessels = c.field("vessel")
     c.paint(full, lungs, hu["lung"] + 25 * fine + np.where(vessels > 1.9, 700.0, 0.0))
     c.paint(full, cavity & ~above & (Z > zdia - 5), hu["muscle"])  # the diaphragm muscle
-    mediastinum = Blob((p.heart.center[0] * 0.4, -0.1 * p.body_b, 300.0), rx=38, ry=0.9 * p.body_b,
+    mediastinum = Blob((p.heart.center[0] * 0.3, 0.05 * p.body_b, 300.0), rx=26, ry=0.45 * p.body_b,
                        rz_up=200, rz_down=330, p_up=8, p_down=8)
     above_dia = lambda b: above[b]  # noqa: E731  (masks restricted to a blob's box)
     below = lambda b: ~above[b]  # noqa: E731
@@ -598,7 +598,7 @@ def _render_slab(p: Patient, e: Exam, c: _Canvas) -> None:
     gas_f = c.field("shape")
     in_abdomen = cavity & ~above & (Z < -0.45 * p.liver_height) & (Z > p.bladder.z_range[1] - 10)
     c.paint(full, in_abdomen & (bowel_f > 0.35), L * 0.5 + 20 + 8 * fine)
-    c.paint(full, in_abdomen & (bowel_f > 0.6), np.where(gas_f > 1.0, AIR_HU, 15 + 10 * fine))
+    c.paint(full, in_abdomen & (bowel_f > 0.6), np.where(gas_f > 1.4, AIR_HU, 15 + 10 * fine))
 
     # Colon frame: ascending (right), transverse, descending (left), with gas and stool.
     stool = lambda b: np.where(bowel_f[b] > 0.9, AIR_HU, -250 + 200 * np.clip(fine[b], -1.5, 1.5))  # noqa: E731
@@ -636,7 +636,7 @@ def _render_slab(p: Patient, e: Exam, c: _Canvas) -> None:
 
     # Liver (label 1): two lobes under the diaphragm, texture and portal-venous vessels; tumours (label 2).
     def liver_tex(b):
-        return L + 6 * fine[b] + np.where(np.abs(vessels[b]) < 0.12, 35.0, 0.0)
+        return L + 6 * fine[b] + np.where(np.abs(vessels[b]) < 0.18, 45.0, 0.0)
 
     def liver_where(b):
         return (c.grid(b)[2] < zdia[b] - 4) & cavity[b]
