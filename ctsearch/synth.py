@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -922,7 +922,7 @@ def synth_archive(
     size: int = 512,
     fmt: str = "nifti",
     exams: int = 1,
-    on_volume: Callable[[SynthCase], None] | None = None,
+    progress: Callable[[Iterable, int, str], Iterable] | None = None,
 ) -> SynthSummary:
     """Write a synthetic liver CT archive.
 
@@ -930,7 +930,8 @@ def synth_archive(
     ``volumes * exams`` volumes in all, cases numbered patient by patient). NIfTI goes to
     ``out/nifti`` in the Medical Segmentation Decathlon layout (dataset.json, imagesTr/liver_N.nii.gz,
     labelsTr/liver_N.nii.gz); DICOM to ``out/dicom/<patient>/<study>/<series>/`` one file per slice.
-    ``out/synth.json`` holds the summary and per-case ground truth.
+    ``out/synth.json`` holds the summary and per-case ground truth. ``progress(items, total,
+    description)`` may wrap the loop over patients (the CLI's progress bar).
 
     Example:
         >>> import tempfile
@@ -956,7 +957,8 @@ def synth_archive(
     dicom_dir = out / "dicom" if fmt in ("dicom", "both") else None
     root = np.random.SeedSequence(seed)
     cases: list[SynthCase] = []
-    for pi, child in enumerate(root.spawn(volumes)):
+    progress = progress or (lambda items, total, desc: items)
+    for pi, child in progress(enumerate(root.spawn(volumes)), volumes, "synthesising patients"):
         rng = np.random.default_rng(child)
         for p, e, vol, label in _patient_exams(rng, size, pi, exams):
             name = f"liver_{len(cases)}"
@@ -985,8 +987,6 @@ def synth_archive(
                 write_dicom_series(vol, folder, rng_seed=seed * 100003 + len(cases))
                 case.dicom_folder = str(folder)
             cases.append(case)
-            if on_volume is not None:
-                on_volume(case)
     if nifti_dir is not None:
         _write_dataset_json(nifti_dir, cases)
     summary = SynthSummary(
