@@ -1,0 +1,322 @@
+"""``ctsearch explain DATASET_DIR --model RUN_DIR``: RELAX for every slice of a slice dataset.
+
+Ray Data, following the batch-inference guide:
+
+    read_parquet(split.parquet) --map_batches(Explainer)--> maps, RR, PNG bytes   actor pool (1 model / GPU or CPU worker)
+                                --iter_batches (driver)---> PNG files, explanations.parquet, errors.parquet
+
+Each actor loads the encoder once and explains ``slices_per_call`` slices per call, all
+pushed through the encoder together (``ctsearch.relax.relax``). A slice that cannot be
+decoded or explained becomes a row of ``errors.parquet``; the others go on.
+
+``explain_slices`` is shared with ``ctsearch evaluate`` (RR of the test split's liver slices).
+
+Example:
+    >>> summary = explain_dataset("prepared/", "runs/r0", "runs/r0/explanations/test")  # doctest: +SKIP
+    >>> summary["rr_mean"], summary["errors"]                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from ctsearch.errors import CTSearchInputError
+from ctsearch.jobs.runtime import start_ray
+from ctsearch.store import SLICES_SCHEMA, atomic_write_table, errors_table
+
+EXPLANATIONS_FILE = "explanations.parquet"
+SUMMARY_FILE = "explain.json"
+
+EXPLANATIONS_SCHEMA = pa.schema(
+    [
+        ("volume_id", pa.string()),
+        ("patient_id", pa.string()),
+        ("slice_index", pa.int32()),
+        ("label", pa.int8()),
+        ("map_size", pa.int32()),  # maps are [map_size, map_size]: the model's input frame
+        ("importance", pa.binary()),  # float32 little-endian, row-major
+        ("uncertainty", pa.binary()),  # float32 little-endian, row-major
+        ("masks_used", pa.int32()),
+        ("mask_pixels", pa.int64()),  # liver pixels in the centre square of the slice (RR's M)
+        ("rr", pa.float64()),  # relevance-rank accuracy; null where the slice has no liver mask
+        ("png", pa.string()),  # overlay path relative to the output folder; null when not written
+    ]
+)
+
+
+@dataclass
+class ExplainOptions:
+    """RELAX settings of a dataset job (see ``ctsearch.relax.relax``)."""
+
+    num_masks: int = 3000
+    batch_size: int | None = None  # masked images per forward pass; None: 100 on CPU, 512 on GPU
+    grid: int = 7
+    p: float = 0.5
+    seed: int = 0
+    tolerance: float | None = None
+    check_every: int = 300
+    slices_per_call: int = 4
+    keep_maps: bool = True
+    render_png: bool = True
+
+    def check(self) -> None:
+        if self.num_masks < 1 or self.slices_per_call < 1 or (self.batch_size is not None and self.batch_size < 1):
+            raise CTSearchInputError(None, "--masks, --batch-size and --slices-per-call must be at least 1")
+        if not 0.0 < self.p < 1.0 or self.grid < 2:
+            raise CTSearchInputError(None, "mask keep probability must be in (0, 1) and the grid at least 2 cells")
+        if self.tolerance is not None and self.tolerance <= 0:
+            raise CTSearchInputError(None, "--tolerance must be positive")
+
+
+def run_spec(model_dir: str | os.PathLike) -> dict:
+    """Encoder spec of a trained run directory (checked here, loaded in the actors)."""
+    from ctsearch.model import ENCODER_FILE, MODEL_JSON
+
+    p = Path(model_dir)
+    if not (p / MODEL_JSON).is_file() or not (p / ENCODER_FILE).is_file():
+        raise CTSearchInputError(p, f"not a model directory: expected {MODEL_JSON} and {ENCODER_FILE} (written by `ctsearch train`)")
+    return {"kind": "run", "path": str(p)}
+
+
+def baseline_spec(kind: str, config: dict, seed: int = 0, weights: str | None = None) -> dict:
+    """Encoder spec of an untrained baseline: ``random`` (seeded init) or ``imagenet`` (local weights only)."""
+    if kind not in ("random", "imagenet"):
+        raise CTSearchInputError(None, f"--baseline must be random or imagenet, got {kind!r}")
+    if kind == "imagenet":
+        from ctsearch.model import ModelConfig, find_imagenet_weights
+
+        weights = str(find_imagenet_weights(ModelConfig.from_json(config).backbone, weights))  # fails early if absent
+    return {"kind": kind, "config": config, "seed": seed, "weights": weights}
+
+
+def encoder_from_spec(spec: dict, device: str = "cpu"):
+    """(encoder in eval mode on ``device``, ModelConfig) from a run or baseline spec."""
+    import torch
+
+    from ctsearch.model import ModelConfig, build_encoder, initial_encoder_state, load_encoder
+
+    if spec["kind"] == "run":
+        return load_encoder(spec["path"], device)
+    config = ModelConfig.from_json(spec["config"])
+    torch.manual_seed(int(spec.get("seed", 0)))
+    encoder = build_encoder(config)
+    if spec["kind"] == "imagenet":
+        encoder.load_state_dict(initial_encoder_state("imagenet", config, spec.get("weights")))
+    return encoder.to(device).eval(), config
+
+
+def slice_key(volume_id: str, slice_index: int) -> str:
+    return f"{volume_id}:{int(slice_index)}"
+
+
+def png_name(volume_id: str, slice_index: int) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(volume_id))
+    return f"overlays/{safe}_{int(slice_index):04d}.png"
+
+
+class Explainer:
+    """Ray Data actor: decodes slices, runs RELAX on a batch of them, scores RR, renders overlays."""
+
+    def __init__(self, encoder_spec: dict, options: dict, torch_threads: int | None = None):
+        import torch
+
+        
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.encoder, self.config = encoder_from_spec(encoder_spec, self.device)
+        self.opts = ExplainOptions(**options)
+        self.batch = self.opts.batch_size or (512 if self.device == "cuda" else 100)
+
+    def _decode(self, batch: dict, i: int) -> tuple[np.ndarray, np.ndarray]:
+        h, w = int(batch["height"][i]), int(batch["width"][i])
+        hu_b, mask_b = batch["hu"][i], batch["mask"][i]
+        if h < 1 or w < 1 or len(hu_b) != 2 * h * w:
+            raise ValueError(f"hu holds {len(hu_b)} bytes, expected {2 * h * w} for {h}x{w} int16")
+        if mask_b is not None and len(mask_b) not in (0, h * w):
+            raise ValueError(f"mask holds {len(mask_b)} bytes, expected {h * w}")
+        hu = np.frombuffer(hu_b, "<i2").reshape(h, w)
+        mask = np.frombuffer(mask_b, np.uint8).reshape(h, w) if mask_b else np.zeros((h, w), np.uint8)
+        return hu, mask
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ctsearch.metrics import relevance_rank_accuracy
+        from ctsearch.relax import relax
+        from ctsearch.report import centre_square, explanation_panel, png_bytes
+        from ctsearch.views import eval_transform
+
+        n = len(batch["volume_id"])
+        S = self.config.image_size
+        out = {
+            "volume_id": [str(v) for v in batch["volume_id"]],
+            "patient_id": [str(v) for v in batch["patient_id"]],
+            "slice_index": np.asarray(batch["slice_index"], np.int32),
+            "label": np.asarray(batch["label"], np.int8),
+            "map_size": np.full(n, S, np.int32),
+            "importance": [b""] * n, "uncertainty": [b""] * n,
+            "masks_used": np.zeros(n, np.int32), "mask_pixels": np.zeros(n, np.int64),
+            "rr": np.full(n, np.nan), "png_bytes": [b""] * n, "error": [""] * n,
+        }  # fmt: skip
+        decoded = {}
+        for i in range(n):
+            try:
+                decoded[i] = self._decode(batch, i)
+            except Exception as e:  # noqa: BLE001 - recorded per slice, the batch goes on
+                out["error"][i] = f"undecodable slice: {e}"
+        # Slices of one dataset share a size; group anyway so a stray size cannot fail a batch.
+        by_shape: dict[tuple, list[int]] = {}
+        for i, (hu, _) in decoded.items():
+            by_shape.setdefault(hu.shape, []).append(i)
+        for idx in by_shape.values():
+            try:
+                x = eval_transform(np.stack([decoded[i][0] for i in idx]), self.config)
+                res = relax(self.encoder, x, num_masks=self.opts.num_masks, batch_size=self.batch, grid=self.opts.grid,
+                            p=self.opts.p, seed=self.opts.seed, tolerance=self.opts.tolerance,
+                            check_every=self.opts.check_every)  # fmt: skip
+            except Exception as e:  # noqa: BLE001
+                for i in idx:
+                    out["error"][i] = f"RELAX failed: {type(e).__name__}: {e}"
+                continue
+            masks = np.stack([centre_square(decoded[i][1]) for i in idx])
+            scores, _, _ = relevance_rank_accuracy(res.importance, masks)
+            for j, i in enumerate(idx):
+                out["masks_used"][i] = res.masks_used
+                out["mask_pixels"][i] = int(np.count_nonzero(masks[j]))
+                out["rr"][i] = scores[j]
+                if self.opts.keep_maps:
+                    out["importance"][i] = np.ascontiguousarray(res.importance[j], "<f4").tobytes()
+                    out["uncertainty"][i] = np.ascontiguousarray(res.uncertainty[j], "<f4").tobytes()
+                if self.opts.render_png:
+                    title = f"{out['volume_id'][i]} slice {int(out['slice_index'][i])}"
+                    if not np.isnan(scores[j]):
+                        title += f"  RR {scores[j]:.3f}"
+                    panel = explanation_panel(decoded[i][0], res.importance[j], res.uncertainty[j], title=title)
+                    out["png_bytes"][i] = png_bytes(panel)
+        return {k: np.asarray(v, dtype=object) if isinstance(v, list) else v for k, v in out.items()}
+
+
+def split_path(dataset_dir: str | os.PathLike, split: str) -> Path:
+    """DATASET_DIR/<split>.parquet, checked to be a slice dataset (schema only, no pixels read)."""
+    path = Path(dataset_dir) / f"{split}.parquet"
+    if not Path(dataset_dir).is_dir():
+        raise CTSearchInputError(dataset_dir, "no such dataset folder (run `ctsearch prepare --protocol decathlon` first)")
+    if not path.is_file():
+        raise CTSearchInputError(path, f"no {split} split in this dataset")
+    try:
+        names = set(pq.read_schema(path).names)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CTSearchInputError(path, f"not a readable parquet file ({e})") from None
+    missing = set(SLICES_SCHEMA.names) - names
+    if missing:
+        raise CTSearchInputError(path, f"not a slice dataset: missing columns {sorted(missing)}")
+    return path
+
+
+def explain_slices(
+    path: Path,
+    encoder_spec: dict,
+    options: ExplainOptions,
+    gpus: int = 0,
+    workers: int = 1,
+    liver_only: bool = False,
+    address: str | None = None,
+):
+    """Run the Explainer over a slice parquet file; yields numpy batches of its output."""
+    start_ray(address)
+    ds = ray.data.read_parquet(str(path), columns=SLICES_SCHEMA.names)
+    if liver_only:
+        ds = ds.filter(lambda row: int(row["label"]) == 1)
+    pool = max(1, gpus) if gpus else max(1, workers)
+    # Each actor reserves one Ray CPU (so the parquet reader always gets one too) but lets torch
+    # use this machine's share of cores: RELAX is convolution-bound.
+    threads = max(1, min(os.cpu_count() or 1, int(ray.cluster_resources().get("CPU", 1))) // pool)
+    ds = ds.map_batches(
+        Explainer,
+        batch_size=options.slices_per_call,
+        fn_constructor_kwargs={"encoder_spec": encoder_spec, "options": asdict(options), "torch_threads": threads},
+        compute=ray.data.ActorPoolStrategy(size=pool),
+        num_gpus=1 if gpus else 0,
+        num_cpus=1,
+        batch_format="numpy",
+    )
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def explain_dataset(
+    dataset_dir: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    split: str = "test",
+    options: ExplainOptions | None = None,
+    gpus: int = 0,
+    workers: int = 1,
+    address: str | None = None,
+) -> dict:
+    """Explain every slice of DATASET_DIR/<split>.parquet with the encoder in ``model_dir``.
+
+    Writes into ``out_dir``: explanations.parquet (EXPLANATIONS_SCHEMA), overlays/*.png,
+    errors.parquet and explain.json (settings, counts, mean RR). Returns the summary dict.
+    """
+    from ctsearch.report import write_bytes_atomic
+
+    options = options or ExplainOptions()
+    options.check()
+    path = split_path(dataset_dir, split)
+    spec = run_spec(model_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows, errors = [], []
+    for b in explain_slices(path, spec, options, gpus=gpus, workers=workers, address=address):
+        for i in range(len(b["volume_id"])):
+            vid, si = str(b["volume_id"][i]), int(b["slice_index"][i])
+            if b["error"][i]:
+                errors.append({"path": f"{path}#{slice_key(vid, si)}", "stage": "explain", "error": str(b["error"][i])})
+                continue
+            png = None
+            if options.render_png:
+                png = png_name(vid, si)
+                write_bytes_atomic(b["png_bytes"][i], out / png)
+            rr = float(b["rr"][i])
+            rows.append({
+                "volume_id": vid, "patient_id": str(b["patient_id"][i]), "slice_index": si, "label": int(b["label"][i]),
+                "map_size": int(b["map_size"][i]), "importance": b["importance"][i], "uncertainty": b["uncertainty"][i],
+                "masks_used": int(b["masks_used"][i]), "mask_pixels": int(b["mask_pixels"][i]),
+                "rr": None if np.isnan(rr) else rr, "png": png,
+            })  # fmt: skip
+    rows.sort(key=lambda r: (r["volume_id"], r["slice_index"]))
+    atomic_write_table(pa.Table.from_pylist(rows, schema=EXPLANATIONS_SCHEMA), out / EXPLANATIONS_FILE)
+    atomic_write_table(errors_table(errors), out / "errors.parquet")
+    rr = [r["rr"] for r in rows if r["rr"] is not None]
+    liver_without_mask = sum(1 for r in rows if r["label"] == 1 and r["rr"] is None)
+    summary = {
+        "dataset": str(path), "model": str(model_dir), "split": split, "slices": len(rows), "errors": len(errors),
+        "rr_mean": float(np.mean(rr)) if rr else None, "rr_slices": len(rr),
+        "liver_slices_without_mask": liver_without_mask,
+        "masks_used_mean": float(np.mean([r["masks_used"] for r in rows])) if rows else None,
+        "options": asdict(options), "outputs": {"explanations": EXPLANATIONS_FILE, "errors": "errors.parquet",
+                                               "overlays": "overlays/" if options.render_png else None},
+    }  # fmt: skip
+    tmp = out / f".{SUMMARY_FILE}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / SUMMARY_FILE)
+    return summary
+
+
+def read_explanations(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """explanations.parquet -> columns as numpy, with importance/uncertainty as float32 [n, S, S]."""
+    t = pq.read_table(path)
+    d = {name: t.column(name).to_numpy(zero_copy_only=False) for name in t.column_names}
+    s = d["map_size"]
+    for key in ("importance", "uncertainty"):
+        d[key] = np.stack([np.frombuffer(b, "<f4").reshape(int(m), int(m)) if b else np.full((int(m), int(m)), np.nan, np.float32)
+                           for b, m in zip(d[key], s)]) if len(s) else np.zeros((0, 0, 0), np.float32)  # fmt: skip
+    return d
