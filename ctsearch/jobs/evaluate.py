@@ -1,0 +1,188 @@
+"""``ctsearch evaluate``: the paper's Table 1 (MAP@K, kNN accuracy, RR) for runs and baselines.
+
+Test slices are the queries, train slices the database (docs/evaluation.md). Embeddings are
+computed here (1310 slices in the paper: seconds on a GPU); the RELAX part, 3000 forward passes
+per liver slice, runs as the Ray Data job of ``ctsearch.jobs.explain`` over actors.
+
+Runs of one configuration (same name: ``--name`` or their config) give mean ± std.
+
+Example:
+    >>> res = evaluate("prepared/", ["runs/a1", "runs/a2"], baselines=["imagenet"])  # doctest: +SKIP
+    >>> print(res["table"])                                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ctsearch.errors import CTSearchInputError
+from ctsearch.jobs.explain import ExplainOptions, baseline_spec, encoder_from_spec, explain_slices, run_spec, split_path
+
+METRIC_LABELS = {"map": "MAP", "acc": "ACC", "rr": "RR"}
+
+
+def run_name(model_dir: str | os.PathLike) -> str:
+    """A Table-1 style name for a run: its init and views from config.json (model.json as fallback)."""
+    p = Path(model_dir)
+    opts, model = {}, {}
+    if (p / "config.json").is_file():
+        try:
+            cfg = json.loads((p / "config.json").read_text())
+            opts, model = cfg.get("options", {}), cfg.get("model", {})
+        except ValueError:
+            pass
+    if not model and (p / "model.json").is_file():
+        model = json.loads((p / "model.json").read_text())
+    views = opts.get("views", model.get("views", "?"))
+    init = opts.get("init", "?")
+    init = {"imagenet": "ImageNet", "random": "random init"}.get(init, "init from run" if init != "?" else "")
+    what = "SimSiam (HU clipping)" if views == "clinical" else "SimSiam (standard)" if views == "standard" else f"SimSiam ({views})"
+    backbone = model.get("backbone", opts.get("backbone", "?"))
+    return f"{init + ' + ' if init else ''}{what}, {backbone}"
+
+
+def _model_config(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "model.json").read_text())
+
+
+def embed_split(spec: dict, hu: np.ndarray, device: str) -> np.ndarray:
+    import torch
+
+    from ctsearch.model import embed
+
+    encoder, config = encoder_from_spec(spec, device)
+    with torch.inference_mode():
+        return embed(encoder, hu, config, device=device)
+
+
+def rr_of(spec: dict, test_path: Path, options: ExplainOptions, gpus: int, workers: int, address: str | None) -> dict:
+    """Mean relevance-rank accuracy over the test split's liver slices (Ray job)."""
+    scores, skipped, errors = [], 0, []
+    for b in explain_slices(test_path, spec, options, gpus=gpus, workers=workers, liver_only=True, address=address):
+        for i in range(len(b["volume_id"])):
+            if b["error"][i]:
+                errors.append(f"{b['volume_id'][i]}:{int(b['slice_index'][i])}: {b['error'][i]}")
+            elif np.isnan(b["rr"][i]):
+                skipped += 1
+            else:
+                scores.append(float(b["rr"][i]))
+    return {"rr": float(np.mean(scores)) if scores else float("nan"), "rr_slices": len(scores),
+            "rr_skipped_empty_mask": skipped, "rr_errors": errors}  # fmt: skip
+
+
+def _stats(values: list[float]) -> dict:
+    v = np.asarray([x for x in values if x is not None and not np.isnan(x)], np.float64)
+    if not len(v):
+        return {"mean": None, "std": None, "values": values}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None, "values": values}
+
+
+def _cell(stat: dict, decimals: int) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    s = f"{100 * stat['mean']:.{decimals}f}"
+    return s + (f" ± {100 * stat['std']:.{decimals}f}" if stat["std"] is not None else "")
+
+
+def markdown_table(rows: list[dict], k: int) -> str:
+    """Rows shaped like the paper's Table 1 (values in percent, mean ± sample std over runs)."""
+    lines = [f"| pretraining | runs | MAP@{k} | ACC ({k}-NN) | RR |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['n']} | {_cell(r['map'], 1)} | {_cell(r['acc'], 1)} | {_cell(r['rr'], 2)} |")
+    return "\n".join(lines)
+
+
+def evaluate(
+    dataset_dir: str | os.PathLike,
+    model_dirs: list[str | os.PathLike],
+    baselines: list[str] | None = None,
+    names: list[str] | None = None,
+    k: int = 5,
+    relax_masks: int = 3000,
+    relax_options: ExplainOptions | None = None,
+    baseline_config: dict | None = None,
+    seed: int = 0,
+    imagenet_weights: str | None = None,
+    gpus: int = 0,
+    workers: int = 1,
+    address: str | None = None,
+    log=lambda msg: None,
+) -> dict:
+    """Evaluate runs and baselines on DATASET_DIR (test queries against the train database).
+
+    Args:
+        model_dirs: run directories; runs sharing a name are aggregated (mean ± std).
+        baselines: any of "random" (untrained backbone, seeded) and "imagenet" (local weights).
+        names: one name per run (default ``run_name``).
+        relax_masks: RELAX masks per liver slice for RR; 0 skips RR.
+        baseline_config: ModelConfig JSON for baselines (default: the first run's model.json).
+    """
+    from ctsearch.store import read_slices
+
+    import torch
+
+    baselines = list(baselines or [])
+    if not model_dirs and not baselines:
+        raise CTSearchInputError(None, "nothing to evaluate: give --model RUN_DIR and/or --baseline")
+    if names and len(names) != len(model_dirs):
+        raise CTSearchInputError(None, f"--name given {len(names)} times for {len(model_dirs)} --model runs")
+    if k < 1:
+        raise CTSearchInputError(None, "-k must be at least 1")
+    train_path, test_path = split_path(dataset_dir, "train"), split_path(dataset_dir, "test")
+    train, test = read_slices(train_path), read_slices(test_path)
+    if len(train) < k:
+        raise CTSearchInputError(train_path, f"has {len(train)} slices, fewer than k={k}")
+    if not len(test):
+        raise CTSearchInputError(test_path, "has no slices")
+
+    entries: list[tuple[str, str, dict]] = []  # (group name, source, spec)
+    for i, d in enumerate(model_dirs):
+        entries.append((names[i] if names else run_name(d), str(d), run_spec(d)))
+    if baselines:
+        cfg = baseline_config or (_model_config(Path(model_dirs[0])) if model_dirs else None)
+        if cfg is None:
+            raise CTSearchInputError(None, "baselines without --model need --backbone and --image-size")
+        for b in baselines:
+            label = {"imagenet": "ImageNet only", "random": f"random init (seed {seed})"}.get(b, b)
+            entries.append((f"{label}, {cfg['backbone']}", f"baseline:{b}", baseline_spec(b, cfg, seed, imagenet_weights)))
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = replace(relax_options or ExplainOptions(), num_masks=max(1, relax_masks), keep_maps=False, render_png=False)
+    options.check()
+    per_run = []
+    for name, source, spec in entries:
+        log(f"{name}: {source}")
+        db = embed_split(spec, train.hu, device)
+        q = embed_split(spec, test.hu, device)
+        from ctsearch.metrics import knn_accuracy, map_at_k
+
+        row = {
+            "name": name, "source": source,
+            "map": map_at_k(q, test.label, db, train.label, k=k),
+            "map_reference": map_at_k(q, test.label, db, train.label, k=k, variant="reference") if k >= 2 else None,
+            "acc": knn_accuracy(q, test.label, db, train.label, k=k),
+        }  # fmt: skip
+        if relax_masks > 0:
+            row.update(rr_of(spec, test_path, options, gpus, workers, address))
+        per_run.append(row)
+
+    groups: dict[str, list[dict]] = {}
+    for r in per_run:
+        groups.setdefault(r["name"], []).append(r)
+    rows = []
+    for name, rs in groups.items():
+        rows.append({
+            "name": name, "n": len(rs), "sources": [r["source"] for r in rs],
+            "map": _stats([r["map"] for r in rs]), "map_reference": _stats([r["map_reference"] for r in rs]),
+            "acc": _stats([r["acc"] for r in rs]),
+            "rr": _stats([r.get("rr") for r in rs]) if relax_masks > 0 else {"mean": None, "std": None, "values": []},
+        })  # fmt: skip
+    return {
+        "dataset": str(dataset_dir), "k": k, "relax_masks": relax_masks, "queries": len(test), "database": len(train),
+        "liver_queries": int(np.sum(test.label == 1)), "runs": per_run, "rows": rows, "table": markdown_table(rows, k),
+    }  # fmt: skip
