@@ -68,6 +68,12 @@ def _resize(a: np.ndarray, size: int, resample=Image.BILINEAR) -> np.ndarray:
     return np.asarray(img.resize((size, size), resample))
 
 
+def slice_rgb(hu: np.ndarray, size: int) -> np.ndarray:
+    """The slice's centre square in the wide window as uint8 RGB [size, size, 3]."""
+    grey = _resize(centre_square(window_grey(hu)), size)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
 def overlay(hu: np.ndarray, importance: np.ndarray, size: int | None = None, alpha: float = 0.5) -> np.ndarray:
     """The slice (wide window, centre square) with the min-max scaled importance map blended on top.
 
@@ -89,8 +95,7 @@ def explanation_panel(
     title: str | None = None,
 ) -> Image.Image:
     """Side by side: the slice in the wide window | importance overlay | (uncertainty heat map)."""
-    grey = _resize(centre_square(window_grey(hu)), size)
-    tiles = [np.repeat(grey[..., None], 3, axis=-1), overlay(hu, importance, size)]
+    tiles = [slice_rgb(hu, size), overlay(hu, importance, size)]
     labels = ["slice (wide window)", "RELAX importance"]
     if uncertainty is not None:
         tiles.append(heat_colors(normalise(_resize(np.asarray(uncertainty, np.float32), size))))

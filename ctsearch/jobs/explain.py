@@ -233,7 +233,7 @@ def explain_slices(
     start_ray(address)
     ds = ray.data.read_parquet(str(path), columns=SLICES_SCHEMA.names)
     if liver_only:
-        ds = ds.filter(lambda row: int(row["label"]) == 1)
+        ds = ds.filter(expr="label == 1")
     pool = max(1, gpus) if gpus else max(1, workers)
     # Each actor reserves one Ray CPU (so the parquet reader always gets one too) but lets torch
     # use this machine's share of cores: RELAX is convolution-bound.
