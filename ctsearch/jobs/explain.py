@@ -231,9 +231,11 @@ def explain_slices(
 ):
     """Run the Explainer over a slice parquet file; yields numpy batches of its output."""
     start_ray(address)
-    ds = ray.data.read_parquet(str(path), columns=SLICES_SCHEMA.names)
+    ds = ray.data.read_parquet(str(path)).select_columns(SLICES_SCHEMA.names)
     if liver_only:
-        ds = ds.filter(expr="label == 1")
+        from ray.data.expressions import col
+
+        ds = ds.filter(expr=col("label") == 1)
     pool = max(1, gpus) if gpus else max(1, workers)
     # Each actor reserves one Ray CPU (so the parquet reader always gets one too) but lets torch
     # use this machine's share of cores: RELAX is convolution-bound.
