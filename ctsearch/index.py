@@ -129,11 +129,18 @@ def build_faiss(vectors: np.ndarray, kind: str, seed: int = 0, train_size: int =
         # L2 on unit vectors ranks like inner product, and IVF/PQ train better with it;
         # final scores are exact inner products from the re-ranking step.
         index = faiss.index_factory(d, f"IVF{p['nlist']},PQ{p['m']}x{p['nbits']}", faiss.METRIC_L2)
+        # Training cost, not recall, is what a big sample buys: 64 points per IVF list and per PQ
+        # centroid are plenty for the coarse structure (re-ranking restores exact scores).
         rng = np.random.default_rng(seed)
-        sample = x if n <= train_size else x[np.sort(rng.choice(n, train_size, replace=False))]
-        faiss.extract_index_ivf(index).cp.seed = seed
+        size = min(n, train_size, max(64 * p["nlist"], 64 * 256))
+        sample = x if n <= size else x[np.sort(rng.choice(n, size, replace=False))]
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        ivf.cp.seed, ivf.cp.max_points_per_centroid = seed, 64
+        ivf.pq.cp.seed, ivf.pq.cp.max_points_per_centroid, ivf.pq.cp.niter = seed, 64, 15
+        ivf.do_polysemous_training = False  # the factory's default; minutes of annealing we never use
         index.train(sample)
-        index.add(x)
+        for a in range(0, n, 65536):  # bounded temporary memory while encoding
+            index.add(x[a : a + 65536])
         return index, {"nprobe": p["nprobe"], "refine": p["refine"]}
     raise CTSearchInputError(None, f"unknown index kind {kind!r}")
 

@@ -23,6 +23,17 @@ from ctsearch.model import ModelConfig
 CFG = ModelConfig(backbone="tiny", image_size=64)  # D = 128
 
 
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """FAISS's OpenMP threads spin against each other on a busy 2-core box (10x slower builds)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 def clustered(n: int, d: int, clusters: int, seed: int, spread: float = 0.35) -> np.ndarray:
     """Unit vectors around random cluster centres: neighbours that mean something, like real embeddings."""
     rng = np.random.default_rng(seed)
