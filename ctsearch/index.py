@@ -97,30 +97,35 @@ def choose_kind(n_vectors: int, ann_threshold: int, ann: str = "ivfpq") -> str:
 
 
 def ivfpq_params(n: int, d: int) -> dict:
-    """IVF lists ~ 2 sqrt(n) (>= 39 training points per list), PQ with ~32 dims per sub-quantiser.
+    """IVF lists ~ sqrt(n) (>= 39 points each), PQ codes of ~32 dims per byte, probes and re-ranking.
 
     >>> ivfpq_params(1_000_000, 2048)
-    {'nlist': 2000, 'm': 64, 'nbits': 8, 'nprobe': 100, 'refine': 20}
+    {'nlist': 1000, 'm': 64, 'nbits': 8, 'nprobe': 31, 'refine': 20}
     """
-    nlist = int(max(1, min(2 * round(np.sqrt(n)), n // 39)))
+    nlist = int(max(1, min(round(np.sqrt(n)), n // 39)))
     m = max(1, d // 32) if d >= 256 else max(1, d // 8)
     while d % m:
         m -= 1
-    return {"nlist": nlist, "m": m, "nbits": 8, "nprobe": min(nlist, max(16, nlist // 20)), "refine": 20}
+    return {"nlist": nlist, "m": m, "nbits": 8, "nprobe": min(nlist, max(16, nlist // 32)), "refine": 20}
 
 
 def build_faiss(vectors: np.ndarray, kind: str, seed: int = 0, train_size: int = 200_000) -> tuple[faiss.Index, dict]:
-    """float32 [n, d] L2-normalised vectors -> (FAISS index with ids 0..n-1, search params)."""
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    n, d = x.shape
+    """[n, d] L2-normalised vectors (float32/float16, may be a memmap) -> (FAISS index, ids 0..n-1; search params).
+
+    IVF-PQ reads ``vectors`` in chunks, so a memory-mapped float16 file of any size will do.
+    """
+    n, d = vectors.shape
+    chunks = ((a, np.ascontiguousarray(vectors[a : a + 65536], dtype=np.float32)) for a in range(0, n, 65536))
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
-        index.add(x)
+        for _, x in chunks:
+            index.add(x)
         return index, {}
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80
-        index.add(x)
+        for _, x in chunks:
+            index.add(x)
         return index, {"ef_search": 128}
     if kind == "ivfpq":
         p = ivfpq_params(n, d)
@@ -133,14 +138,14 @@ def build_faiss(vectors: np.ndarray, kind: str, seed: int = 0, train_size: int =
         # centroid are plenty for the coarse structure (re-ranking restores exact scores).
         rng = np.random.default_rng(seed)
         size = min(n, train_size, max(64 * p["nlist"], 64 * 256))
-        sample = x if n <= size else x[np.sort(rng.choice(n, size, replace=False))]
+        pick = np.arange(n) if n <= size else np.sort(rng.choice(n, size, replace=False))
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         ivf.cp.seed, ivf.cp.max_points_per_centroid = seed, 64
         ivf.pq.cp.seed, ivf.pq.cp.max_points_per_centroid, ivf.pq.cp.niter = seed, 64, 15
         ivf.do_polysemous_training = False  # the factory's default; minutes of annealing we never use
-        index.train(sample)
-        for a in range(0, n, 65536):  # bounded temporary memory while encoding
-            index.add(x[a : a + 65536])
+        index.train(np.ascontiguousarray(vectors[pick], dtype=np.float32))
+        for _, x in chunks:
+            index.add(x)
         return index, {"nprobe": p["nprobe"], "refine": p["refine"]}
     raise CTSearchInputError(None, f"unknown index kind {kind!r}")
 
