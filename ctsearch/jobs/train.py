@@ -271,7 +271,8 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     eval_data = None
     if rank == 0:
-        _rewrite_metrics(out, start_epoch)
+        # A run that restarts from scratch also re-evaluates epoch 0, so drop that row too.
+        _rewrite_metrics(out, start_epoch if start_epoch else -1)
         if opts.eval_every:
             from ctsearch.store import read_slices
 
@@ -312,6 +313,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         row = {
             "epoch": number, "loss": float(loss[0] / loss[1]), "lr": lr, "steps": len(losses),
             "images": int(loss[1]) * local_batch, "seconds": round(time.perf_counter() - t0, 3),
+            "finished_at": time.time(),
         }  # fmt: skip
         if rank == 0:
             if opts.eval_every and (number % opts.eval_every == 0 or number == opts.epochs):
@@ -395,7 +397,7 @@ def train(
     resources = {"CPU": opts.cpus_per_worker}
     if opts.gpus_per_worker:
         resources["GPU"] = opts.gpus_per_worker
-    dataset = ray.data.read_parquet(str(train_path), columns=["hu", "height", "width"])
+    dataset = ray.data.read_parquet(str(train_path)).select_columns(["hu", "height", "width"])
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
