@@ -68,8 +68,11 @@ def bare_loop(dataset: str, args, device: str) -> float:
     return per_epoch * (args.epochs - 1) / (stamps[-1] - stamps[0])
 
 
-def ray_loop(dataset: str, args, gpus: float) -> float:
-    """images/s of the same work through ctsearch.jobs.train (Ray Train V2), epochs after the first."""
+def ray_loop(dataset: str, args, gpus: float) -> tuple[float, float]:
+    """images/s of the same work through ctsearch.jobs.train (Ray Train V2), epochs after the first.
+
+    Returns (wall rate between epoch ends, rate inside the epochs' step loops).
+    """
     import ray
 
     from ctsearch.jobs.train import TrainOptions, read_metrics, train
@@ -83,7 +86,8 @@ def ray_loop(dataset: str, args, gpus: float) -> float:
     train(dataset, out, opts)
     rows = read_metrics(out)
     images = sum(r["images"] for r in rows[1:])
-    return images / (rows[-1]["finished_at"] - rows[0]["finished_at"])
+    in_loop = images / sum(r["seconds"] for r in rows[1:])
+    return images / (rows[-1]["finished_at"] - rows[0]["finished_at"]), in_loop
 
 
 def gpu_step(args, batch: int) -> float:
@@ -132,8 +136,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         make_dataset(d, args.slices, args.slice_size)
         bare = bare_loop(d, args, "cuda" if cuda else "cpu")
-        ray_rate = ray_loop(d, args, 1.0 if cuda else 0.0)
-    result.update(bare_images_per_s=round(bare, 2), ray_images_per_s=round(ray_rate, 2), ratio=round(ray_rate / bare, 3))
+        ray_rate, ray_in_loop = ray_loop(d, args, 1.0 if cuda else 0.0)
+        # The bare loop again, after Ray, so that drift in a shared machine's load shows up.
+        bare_after = bare_loop(d, args, "cuda" if cuda else "cpu")
+    bare = (bare + bare_after) / 2
+    result.update(
+        bare_images_per_s=round(bare, 2), ray_images_per_s=round(ray_rate, 2), ratio=round(ray_rate / bare, 3),
+        ray_step_loop_images_per_s=round(ray_in_loop, 2), step_loop_ratio=round(ray_in_loop / bare, 3),
+        slices_per_epoch=args.slices,
+    )
     print(json.dumps(result))
 
 
