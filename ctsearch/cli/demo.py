@@ -48,7 +48,7 @@ def demo_steps(out: Path, volumes: int, size: int, epochs: int, backbone: str, s
         ["search", s(index), s(query), "--cross-exam"],
         ["explain", s(index), s(query), "-k", "3", "--out", s(out / "explain")],
         ["evaluate", s(prepared), "--model", s(runs / "hu-clipping"), "--model", s(runs / "standard"),
-         "--baseline", "random", "--relax-masks", "500", "--out", s(out / "evaluation")],
+         "--baseline", "random", "--relax-masks", "500"],
     ]
 
 
@@ -73,5 +73,5 @@ def register(app: typer.Typer) -> None:
         err_console.print(
             f"{time.perf_counter() - t0:.0f} s. Everything is under {out}/: archive/ (NIfTI + DICOM), prepared/ "
             "(manifest, slice splits), runs/ (two SimSiam runs), index/ (parquet + FAISS), explain/ (RELAX overlays), "
-            "evaluation/ (Table-1 style results)."
+            "and the Table-1 style comparison printed above."
         )
