@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+if "--threads" in sys.argv:  # BLAS reads its thread count at import: set it before numpy loads
+    _t = sys.argv[sys.argv.index("--threads") + 1]
+    os.environ.update(OMP_NUM_THREADS=_t, OPENBLAS_NUM_THREADS=_t, MKL_NUM_THREADS=_t)
 
 import faiss
 import numpy as np
@@ -45,7 +50,7 @@ def queries_like(db: np.ndarray, q: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed + 1)
     base = np.asarray(db[np.sort(rng.choice(len(db), q, replace=False))], np.float32)
     x = base + 0.3 * rng.standard_normal(base.shape, dtype=np.float32) / np.sqrt(base.shape[1])
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def numpy_topk(db: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

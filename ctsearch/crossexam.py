@@ -36,7 +36,7 @@ def best_by_volume(query: np.ndarray, vectors: np.ndarray, volume: np.ndarray, z
         rows = np.flatnonzero(volume == key)
         top = rows[np.argsort(-scores[rows], kind="stable")[:per_volume]]
         by_z = top[np.argsort(z_mm[top], kind="stable")]
-        out.append({"volume": key, "rows": by_z.astype(np.int64), "scores": scores[by_z], "best": int(top[0])})
+        out.append({"volume": key.item() if isinstance(key, np.generic) else key, "rows": by_z.astype(np.int64), "scores": scores[by_z], "best": int(top[0])})
     return out
 
 

@@ -100,13 +100,16 @@ def ivfpq_params(n: int, d: int) -> dict:
     """IVF lists ~ sqrt(n) (>= 39 points each), PQ codes of ~32 dims per byte, probes and re-ranking.
 
     >>> ivfpq_params(1_000_000, 2048)
-    {'nlist': 1000, 'm': 64, 'nbits': 8, 'nprobe': 31, 'refine': 20}
+    {'nlist': 1000, 'm': 64, 'nbits': 8, 'nprobe': 31, 'refine': 200}
     """
     nlist = int(max(1, min(round(np.sqrt(n)), n // 39)))
     m = max(1, d // 32) if d >= 256 else max(1, d // 8)
     while d % m:
         m -= 1
-    return {"nlist": nlist, "m": m, "nbits": 8, "nprobe": min(nlist, max(16, nlist // 32)), "refine": 20}
+    # Re-rank about one average list's worth of candidates for k = 5: PQ codes of near-duplicate
+    # slices (one cluster) are too coarse to order them, exact vectors are not.
+    refine = max(20, -(-n // nlist) // 5)
+    return {"nlist": nlist, "m": m, "nbits": 8, "nprobe": min(nlist, max(16, nlist // 32)), "refine": refine}
 
 
 def build_faiss(vectors: np.ndarray, kind: str, seed: int = 0, train_size: int = 200_000) -> tuple[faiss.Index, dict]:
