@@ -22,9 +22,9 @@ step() {  # step NAME SECONDS CMD...
 
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-step train 100 python3 bench/train.py --device cuda
+step train 150 python3 bench/train.py --device cuda
 step relax 60 python3 bench/relax.py --device cuda
-step search 120 python3 bench/search.py --device cuda --sizes 1000000 --queries 100
+step search 200 python3 bench/search.py --device cuda --sizes 1000000 --queries 100 --baseline-queries 1
 step index 100 python3 bench/index.py --device cuda --backbone resnet50 --volumes 8 --size 256
 step e2e 150 bash -c "set -ex
   python3 -m ctsearch synth $work/a --volumes 6 --size 128 --format nifti --quiet
