@@ -256,7 +256,7 @@ def test_read_dicom_series_splits_and_skips_with_reasons(tmp_path):
     assert reasons[0].startswith("localizer")
     assert reasons[1].startswith("modality MR")
     assert reasons[2].startswith("non-axial (sagittal")
-    with pytest.raises(CTSearchInputError, match="holds 4 DICOM series.*read_dicom_series"):
+    with pytest.raises(CTSearchInputError, match="holds 4 DICOM series; pass the folder of one series"):
         read_volume(tmp_path / "exam")
     assert_same_scan(read_volume(tmp_path / "exam", series_id=vols[0].series_id), ct)
 
@@ -369,3 +369,28 @@ def test_scanning_a_valid_nifti_gz_reads_no_voxel_data(tmp_path, monkeypatch):
     monkeypatch.setattr(nifti_mod, "_gzip_problem", no_stream)
     entries, errors = scan_archive(tmp_path)
     assert errors == [] and entries[0].shape == (6, 32, 32)
+
+
+def test_decathlon_dataset_json_ids_and_sidecar_override(tmp_path):
+    """Patient ids and exam dates written into dataset.json (as ctsearch synth does) reach every reader."""
+    import json
+
+    from ctsearch.io import Volume, read_volume, scan_archive, write_nifti
+
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    hu = np.zeros((4, 8, 8), np.int16)
+    for case in (0, 1):
+        vol = Volume(hu=hu, spacing_mm=(1.0, 1.0, 1.0), affine=Volume.affine_from((1, 1, 1), (0, 0, 0)))
+        write_nifti(vol, tmp_path / "imagesTr" / f"liver_{case}.nii.gz", label=np.zeros(hu.shape, np.uint8),
+                    label_path=tmp_path / "labelsTr" / f"liver_{case}.nii.gz")
+    training = [{"image": f"./imagesTr/liver_{c}.nii.gz", "label": f"./labelsTr/liver_{c}.nii.gz",
+                 "patient_id": "P7", "exam_date": f"201{c}-01-02"} for c in (0, 1)]
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": training, "test": []}))
+    (tmp_path / "imagesTr" / "liver_1.json").write_text(json.dumps({"patient_id": "P8"}))
+    entries, errors = scan_archive(tmp_path)
+    assert not errors
+    ids = {e.volume_id: (e.patient_id, e.exam_date) for e in entries}
+    assert ids == {"liver_0": ("P7", "2010-01-02"), "liver_1": ("P8", "2011-01-02")}
+    vol = read_volume(tmp_path / "imagesTr" / "liver_0.nii.gz")
+    assert (vol.patient_id, vol.exam_date, vol.series_id) == ("P7", "2010-01-02", "liver_0")

@@ -511,8 +511,8 @@ def read_dicom_folder(folder: str | os.PathLike) -> Volume:
     if len(groups) > 1:
         raise CTSearchInputError(
             folder,
-            f"holds {len(groups)} DICOM series; read_volume takes one series: use "
-            "ctsearch.io.read_dicom_series or ctsearch.io.scan_archive (ctsearch prepare)",
+            f"holds {len(groups)} DICOM series; pass the folder of one series "
+            "(or, from Python, ctsearch.io.read_dicom_series / scan_archive)",
         )
     return plan_series(next(iter(groups.values()))).read()
 

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -283,16 +284,49 @@ def sidecar_path(path: str | os.PathLike) -> str:
     return os.path.join(os.path.dirname(os.fspath(path)), nifti_stem(path) + ".json")
 
 
+_ID_KEYS = ("patient_id", "study_id", "series_id", "exam_date")
+
+
 def nifti_ids(path: str | os.PathLike) -> dict:
     """patient_id, study_id, series_id (default: the file stem) and exam_date (default None).
 
-    A sidecar ``<stem>.json`` next to the file may override any of them, e.g.
-    ``{"patient_id": "P17", "study_id": "S2", "exam_date": "2019-05-02"}``.
+    The image's entry in a Decathlon ``dataset.json`` (two folders up, as ``ctsearch synth`` writes
+    it) may carry any of these keys beside ``image``; a sidecar ``<stem>.json`` next to the file
+    overrides both, e.g. ``{"patient_id": "P17", "study_id": "S2", "exam_date": "2019-05-02"}``.
     """
     stem = nifti_stem(path)
     ids = {"patient_id": stem, "study_id": stem, "series_id": stem, "exam_date": None}
+    ids.update(_dataset_json_entry(path))
     ids.update(_sidecar(path))
     return ids
+
+
+def _dataset_json_entry(path) -> dict:
+    top = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    meta_path = os.path.join(top, "dataset.json")
+    try:
+        mtime = os.stat(meta_path).st_mtime_ns
+    except OSError:
+        return {}
+    return _dataset_json_ids(meta_path, mtime).get(os.path.normpath(os.path.abspath(path)), {})
+
+
+@functools.lru_cache(maxsize=16)
+def _dataset_json_ids(meta_path: str, mtime_ns: int) -> dict[str, dict]:
+    """image path -> ids, from a dataset.json; a malformed file only loses these optional ids."""
+    top = os.path.dirname(meta_path)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        items = list(meta.get("training", [])) + list(meta.get("test", []))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+    out = {}
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get("image"), str):
+            image = os.path.normpath(os.path.join(top, item["image"]))
+            out[image] = {k: str(item[k]) for k in _ID_KEYS if item.get(k) not in (None, "")}
+    return out
 
 
 def _sidecar(path) -> dict:
@@ -306,8 +340,7 @@ def _sidecar(path) -> dict:
         raise CTSearchInputError(side, f"unreadable sidecar JSON ({_describe(e)})") from None
     if not isinstance(meta, dict):
         raise CTSearchInputError(side, "sidecar JSON must be an object")
-    keys = ("patient_id", "study_id", "series_id", "exam_date")
-    return {k: str(meta[k]) for k in keys if meta.get(k) not in (None, "")}
+    return {k: str(meta[k]) for k in _ID_KEYS if meta.get(k) not in (None, "")}
 
 
 def _describe(e: BaseException) -> str:

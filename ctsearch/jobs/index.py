@@ -274,8 +274,6 @@ def model_memory_bytes(config: ModelConfig, batch_size: int) -> int:
 def _run_pipeline(pending, writer, model_dir, config, gpus, batch_size, shard_volumes, address, threads,
                   on_volume, quiet, summary) -> None:
     start_ray(address)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = not quiet
     for j, t in enumerate(pending):
         t["order"], t["shard"] = j, j // shard_volumes
     n_shards = (len(pending) + shard_volumes - 1) // shard_volumes

@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import platform
@@ -38,7 +37,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from ctsearch.errors import CTSearchInputError
-from ctsearch.model import SimSiam, ModelConfig, initial_encoder_state, save_encoder
+from ctsearch.model import SimSiam, ModelConfig, initial_encoder_state, save_encoder, set_residual_bn
 from ctsearch.ssl import OptimConfig, build_optimizer, set_lr, train_step
 
 CONFIG_FILE = "config.json"
@@ -48,6 +47,9 @@ CKPT_MODEL, CKPT_OPTIM, CKPT_STATE = "model.safetensors", "optimizer.pt", "state
 # Test hook: a worker raises once when it reaches this epoch (exercises max_failures).
 FAIL_ENV = "CTSEARCH_FAIL_AT_EPOCH"
 FAIL_MARKER = ".injected_failure"
+# --train-slices -> the file of DATASET_DIR that SimSiam trains on (evaluation always uses
+# train.parquet as the database and test.parquet as the queries, the paper's protocol).
+TRAIN_FILES = {"protocol": "train.parquet", "all": "train_all.parquet"}
 SHUFFLE_BUFFER = 256  # rows held per worker for the local shuffle (~128 MiB of 512x512 slices)
 
 
@@ -60,7 +62,10 @@ class TrainOptions:
     views: str = "clinical"
     rescale: str = "reference"
     jitter: str = "paper"
+    crop_scale: float = 0.2
+    train_slices: str = "protocol"
     init: str = "imagenet"
+    zero_init_residual: bool = True
     weights: str | None = None
     epochs: int = 250
     batch_size: int = 32
@@ -77,7 +82,8 @@ class TrainOptions:
 
     # Options that define what is trained; a rerun on the same OUT must keep them.
     IDENTITY = (
-        "backbone", "image_size", "views", "rescale", "jitter", "init", "weights",
+        "backbone", "image_size", "views", "rescale", "jitter", "crop_scale", "train_slices", "init",
+        "zero_init_residual", "weights",
         "batch_size", "base_lr", "schedule", "fix_pred_lr", "seed",
     )  # fmt: skip
 
@@ -97,7 +103,7 @@ def check_options(o: TrainOptions) -> None:
 
     choices = {
         "backbone": sorted(BACKBONES), "views": ["clinical", "standard"], "rescale": ["reference", "own"],
-        "jitter": ["paper", "reference"], "schedule": ["constant", "cosine"],
+        "jitter": ["paper", "reference"], "schedule": ["constant", "cosine"], "train_slices": list(TRAIN_FILES),
     }  # fmt: skip
     for name, allowed in choices.items():
         if getattr(o, name) not in allowed:
@@ -106,6 +112,8 @@ def check_options(o: TrainOptions) -> None:
     for name in positive:
         if getattr(o, name) < 1:
             raise CTSearchInputError(None, f"--{name.replace('_', '-')} must be at least 1")
+    if not 0.0 < o.crop_scale <= 1.0:
+        raise CTSearchInputError(None, f"--crop-scale must be in (0, 1], got {o.crop_scale}")
     if o.image_size < 32:
         raise CTSearchInputError(None, "--image-size must be at least 32 pixels")
     if o.batch_size % o.workers or o.batch_size // o.workers < 2:
@@ -150,9 +158,12 @@ def _prepare_run_dir(out: Path, opts: TrainOptions, dataset_dir: Path) -> dict:
             old = json.loads(cfg_path.read_text())
         except ValueError as e:
             raise CTSearchInputError(cfg_path, f"unreadable run config ({e}); use a new OUT") from None
-        changed = [k for k in TrainOptions.IDENTITY if old.get("options", {}).get(k) != getattr(opts, k)]
+        defaults = TrainOptions()
+        # Options added after a run was started are absent from its config.json: they had their default.
+        previous = {k: old.get("options", {}).get(k, getattr(defaults, k)) for k in TrainOptions.IDENTITY}
+        changed = [k for k in TrainOptions.IDENTITY if previous[k] != getattr(opts, k)]
         if changed:
-            diffs = ", ".join(f"--{k.replace('_', '-')} {old['options'].get(k)!r} -> {getattr(opts, k)!r}" for k in changed)
+            diffs = ", ".join(f"--{k.replace('_', '-')} {previous[k]!r} -> {getattr(opts, k)!r}" for k in changed)
             raise CTSearchInputError(out, f"holds a run with other options ({diffs}); resume with the same options or use a new OUT")
         starts = old.get("starts", [])
     config = {
@@ -252,6 +263,8 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     torch.manual_seed(opts.seed)
     model = SimSiam(mcfg)
+    if not opts.zero_init_residual:
+        set_residual_bn(model.encoder, 1.0)
     start_epoch, optim_state = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -281,7 +294,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             if start_epoch == 0:
                 _append_metrics(out, {"epoch": 0, **_evaluate(core, mcfg, eval_data, device)})
 
-    views = TwoViews(mcfg, opts.jitter)
+    views = TwoViews(mcfg, opts.jitter, opts.crop_scale)
     shard = ray.train.get_dataset_shard("train")
     local_batch = opts.batch_size // world
     autocast = torch.bfloat16 if on_gpu else None
@@ -354,7 +367,7 @@ def train(
     address: str | None = None,
     on_epoch: Callable[[Iterator[dict], int, int], None] | None = None,
 ) -> dict:
-    """Train (or resume) a SimSiam run from ``DATASET_DIR/train.parquet`` into ``out``.
+    """Train (or resume) a SimSiam run from ``DATASET_DIR/train.parquet`` (or ``train_all.parquet``) into ``out``.
 
     ``on_epoch(rows, done, total)``, if given, runs in a thread and consumes the per-epoch rows
     as they arrive (the CLI draws its progress bar with it). Returns a summary dict.
@@ -364,17 +377,20 @@ def train(
     check_options(opts)
     dataset_dir, out = Path(dataset_dir).resolve(), Path(out).resolve()
     train_path, test_path = dataset_dir / "train.parquet", dataset_dir / "test.parquet"
+    ssl_path = dataset_dir / TRAIN_FILES[opts.train_slices]
     import pyarrow.parquet as pq
 
     for path in [train_path] + ([test_path] if opts.eval_every else []):
         if not path.is_file():
             raise CTSearchInputError(path, "no such slice dataset (run `ctsearch prepare --protocol decathlon` first)")
+    if not ssl_path.is_file():
+        raise CTSearchInputError(ssl_path, "no such slice dataset (--train-slices all needs `ctsearch prepare --protocol decathlon --train-all-slices`)")
     try:
-        n_train = pq.ParquetFile(train_path).metadata.num_rows
+        n_train = pq.ParquetFile(ssl_path).metadata.num_rows
     except Exception as e:  # noqa: BLE001 - an unreadable file is the user's input problem
-        raise CTSearchInputError(train_path, f"not a readable parquet file ({e})") from None
+        raise CTSearchInputError(ssl_path, f"not a readable parquet file ({e})") from None
     if n_train < opts.batch_size:
-        raise CTSearchInputError(train_path, f"{n_train} slices, fewer than one batch (--batch-size {opts.batch_size})")
+        raise CTSearchInputError(ssl_path, f"{n_train} slices, fewer than one batch (--batch-size {opts.batch_size})")
 
     mcfg = opts.model_config()
     init_state = None
@@ -400,9 +416,7 @@ def train(
         resources["GPU"] = opts.gpus_per_worker
     # Read once into the object store (spilled to disk if larger than memory): re-reading the parquet
     # file every epoch made the data pipeline, not the model, the bottleneck (bench/train.py).
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the CLI draws its own per epoch
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    dataset = ray.data.read_parquet(str(train_path)).select_columns(["hu", "height", "width"]).materialize()
+    dataset = ray.data.read_parquet(str(ssl_path)).select_columns(["hu", "height", "width"]).materialize()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
