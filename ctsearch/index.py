@@ -48,13 +48,36 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ctsearch.errors import CTSearchInputError
+
+
+def check_faiss_wheels(distribution_names: list[str] | None = None) -> None:
+    """Refuse to run with faiss-cpu and a faiss-gpu wheel installed together.
+
+    Both ship the same ``faiss`` module, so the second install silently overwrites files of the
+    first and the result breaks in odd places. ctsearch depends on faiss-cpu only (docs/scaling.md).
+    """
+    if distribution_names is None:
+        from importlib import metadata
+
+        distribution_names = [d.metadata["Name"] or "" for d in metadata.distributions()]
+    names = {n.lower().replace("_", "-") for n in distribution_names}
+    gpu = sorted(n for n in names if n.startswith("faiss-gpu"))
+    if gpu and "faiss-cpu" in names:
+        raise ImportError(
+            f"faiss-cpu and {', '.join(gpu)} are both installed; they ship the same `faiss` module and break "
+            f"each other. ctsearch needs faiss-cpu only: pip uninstall -y {' '.join(gpu)} faiss-cpu && pip install faiss-cpu"
+        )
+
+
+check_faiss_wheels()
+import faiss  # noqa: E402  (after the check: a broken double install can crash on import)
+
 from ctsearch.model import ENCODER_FILE, MODEL_JSON, ModelConfig
 from ctsearch.store import (
     EMBEDDING_META_SCHEMA,
