@@ -95,6 +95,29 @@ def build_encoder(config: ModelConfig) -> nn.Module:
     return net
 
 
+def set_residual_bn(encoder: nn.Module, gamma: float) -> nn.Module:
+    """Set the weight of each residual block's last BatchNorm to ``gamma``, in place; returns ``encoder``.
+
+    ``build_encoder`` zero-initialises it (``zero_init_residual``, as SimSiam's code does), which makes
+    every residual block an identity at initialisation: a randomly initialised encoder is then only
+    its stem and the 1x1 downsampling convolutions, and its embeddings are nearly collinear.
+    ``gamma=1`` is torchvision's default initialisation, a full-depth random network
+    (docs/synthetic.md, "The untrained baseline"). Loaded weights override either.
+
+    Example:
+        >>> enc = set_residual_bn(build_encoder(ModelConfig(backbone="tiny", image_size=64)), 1.0)
+        >>> float(enc.layer1[0].bn2.weight.min())
+        1.0
+    """
+    with torch.no_grad():
+        for m in encoder.modules():
+            if isinstance(m, resnet.Bottleneck):
+                m.bn3.weight.fill_(gamma)
+            elif isinstance(m, resnet.BasicBlock):
+                m.bn2.weight.fill_(gamma)
+    return encoder
+
+
 def save_encoder(encoder: nn.Module, config: ModelConfig, out_dir: str | os.PathLike) -> Path:
     """Write ``encoder.safetensors`` and ``model.json`` atomically into ``out_dir``."""
     from safetensors.torch import save_file

@@ -58,25 +58,31 @@ def _protocol_order(entries: list[ScanEntry]) -> list[ScanEntry]:
     return sorted(labelled, key=lambda e: (e.case_number is None, e.case_number or 0, e.volume_id))
 
 
-def _cut(entry: ScanEntry, per_volume: int, seed: int) -> tuple[SliceSet, dict]:
-    vol = entry.read()
-    label = entry.read_label(vol)
-    rng = np.random.default_rng([seed, entry.case_number if entry.case_number is not None else 0])
-    liver, other = select_slices(label, per_volume, rng)
-    idx = np.concatenate([liver, other])
+def _slice_set(vol, entry: ScanEntry, label: np.ndarray, idx: np.ndarray) -> SliceSet:
+    """The slices ``idx`` of a volume, labelled 1 where they contain liver."""
+    mask = (label[idx] > 0).astype(np.uint8)
     n = idx.size
-    slices = SliceSet(
+    return SliceSet(
         hu=vol.hu[idx],
-        mask=(label[idx] > 0).astype(np.uint8),
-        label=np.concatenate([np.ones(liver.size, np.int8), np.zeros(other.size, np.int8)]),
+        mask=mask,
+        label=(mask.reshape(n, -1).max(axis=1, initial=0) > 0).astype(np.int8),
         volume_id=np.array([entry.volume_id] * n, dtype=object),
         patient_id=np.array([vol.patient_id or entry.patient_id] * n, dtype=object),
         slice_index=idx.astype(np.int32),
         z_mm=vol.z_mm()[idx],
     )
+
+
+def _cut(entry: ScanEntry, per_volume: int, seed: int, every_slice: bool = False) -> tuple[SliceSet, dict, SliceSet | None]:
+    vol = entry.read()
+    label = entry.read_label(vol)
+    rng = np.random.default_rng([seed, entry.case_number if entry.case_number is not None else 0])
+    liver, other = select_slices(label, per_volume, rng)
+    slices = _slice_set(vol, entry, label, np.concatenate([liver, other]))
     record = {"volume_id": entry.volume_id, "case_number": entry.case_number,
               "liver": liver.tolist(), "non_liver": other.tolist()}
-    return slices, record
+    everything = _slice_set(vol, entry, label, np.arange(vol.hu.shape[0])) if every_slice else None
+    return slices, record, everything
 
 
 def _concat(parts: list[SliceSet]) -> SliceSet:
@@ -95,9 +101,14 @@ def prepare(
     per_volume: int = 5,
     train_volumes: int = 100,
     seed: int = 0,
+    all_train_slices: bool = False,
     progress: Callable[[Iterable, int, str], Iterable] | None = None,
 ) -> dict:
     """Scan ``archive`` and write ``out/manifest.parquet``, ``out/errors.parquet`` (and the protocol files).
+
+    With ``all_train_slices`` the protocol also writes ``out/train_all.parquet``: every slice of the
+    training volumes, labelled by its mask, for self-supervised training on more unlabelled slices
+    (``ctsearch train --train-slices all``); evaluation still uses ``train.parquet``/``test.parquet``.
 
     Returns a summary dict: volumes, errors, and for a protocol train/test volumes and slices.
     """
@@ -118,18 +129,22 @@ def prepare(
         ordered = _protocol_order(entries)
         if not ordered:
             raise CTSearchInputError(archive, "no labelled volumes found: the decathlon protocol needs imagesTr/ with labelsTr/")
-        parts: dict[str, list[SliceSet]] = {"train": [], "test": []}
+        parts: dict[str, list[SliceSet]] = {"train": [], "test": [], "train_all": []}
         records: list[dict] = []
         for i, entry in enumerate(progress(ordered, len(ordered), "cutting slices")):
             split = "train" if i < train_volumes else "test"
             try:
-                slices, record = _cut(entry, per_volume, seed)
+                slices, record, everything = _cut(entry, per_volume, seed, all_train_slices and split == "train")
             except CTSearchInputError as e:
                 errors.append({"path": entry.path, "stage": "protocol", "error": e.problem})
                 continue
             parts[split].append(slices)
+            if everything is not None:
+                parts["train_all"].append(everything)
             records.append({**record, "split": split, "short": len(slices) < 2 * per_volume})
         for split, split_parts in parts.items():
+            if split == "train_all" and not all_train_slices:
+                continue
             if split_parts:
                 write_slices(_concat(split_parts), out / f"{split}.parquet")
             summary[f"{split}_volumes"] = len(split_parts)
@@ -137,6 +152,7 @@ def prepare(
         short = [r["volume_id"] for r in records if r["short"]]
         summary["short_volumes"] = short
         meta = {"protocol": protocol, "per_volume": per_volume, "train_volumes": train_volumes, "seed": seed,
+                "all_train_slices": all_train_slices,
                 "rule": "uniform without replacement within liver / non-liver slices, rng seeded by (seed, case_number)",
                 "volumes": records}
         tmp = out / ".protocol.json.tmp"

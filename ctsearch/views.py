@@ -60,19 +60,25 @@ def view_windows(config: ModelConfig) -> tuple[Window, Window]:
     raise ValueError(f"views must be 'clinical' or 'standard', got {config.views!r}")
 
 
-def augmentation(image_size: int, jitter: str = "paper"):
-    """RandomResizedCrop(S, 0.2-1) -> jitter (p 0.8) -> grayscale (p 0.2) -> flip (p 0.5), per image [3, y, x].
+CROP_SCALE = 0.2  # SimSiam's (and the paper's) smallest crop, as a fraction of the slice area
+
+
+def augmentation(image_size: int, jitter: str = "paper", crop_scale: float = CROP_SCALE):
+    """RandomResizedCrop(S, crop_scale-1) -> jitter (p 0.8) -> grayscale (p 0.2) -> flip (p 0.5), per image [3, y, x].
 
     ``jitter`` picks the saturation strength: ``paper`` 0.4 (paper text), ``reference`` 0.2
     (reference code). On pseudo-RGB, saturation, hue and grayscale leave the image unchanged.
+    ``crop_scale`` is the smallest crop area as a fraction of the slice (paper: 0.2).
     """
     from torchvision.transforms import v2 as T
 
     if jitter not in JITTER_SATURATION:
         raise ValueError(f"jitter must be one of {sorted(JITTER_SATURATION)}, got {jitter!r}")
+    if not 0.0 < crop_scale <= 1.0:
+        raise ValueError(f"crop_scale must be in (0, 1], got {crop_scale!r}")
     return T.Compose(
         [
-            T.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
+            T.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), antialias=True),
             T.RandomApply([T.ColorJitter(0.4, 0.4, JITTER_SATURATION[jitter], 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
             T.RandomHorizontalFlip(p=0.5),
@@ -94,10 +100,10 @@ class TwoViews:
         ((2, 3, 32, 32), (2, 3, 32, 32))
     """
 
-    def __init__(self, config: ModelConfig, jitter: str = "paper"):
+    def __init__(self, config: ModelConfig, jitter: str = "paper", crop_scale: float = CROP_SCALE):
         self.windows = view_windows(config)
         self.rescale = config.rescale
-        self.augment = augmentation(config.image_size, jitter)
+        self.augment = augmentation(config.image_size, jitter, crop_scale)
 
     def view(self, images: list[torch.Tensor], window: Window) -> torch.Tensor:
         return torch.stack(

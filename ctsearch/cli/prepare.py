@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
         per_volume: int = typer.Option(5, "--per-volume", help="Slices per volume of each kind (with and without liver)."),
         train_volumes: int = typer.Option(100, "--train-volumes", help="The first N labelled volumes by case number form the train split; the rest is test."),
         seed: int = typer.Option(0, "--seed", help="Seed of the slice choice."),
+        train_all_slices: bool = typer.Option(False, "--train-all-slices", help="Also write train_all.parquet: every slice of the train volumes (unlabelled training for `ctsearch train --train-slices all`)."),
         json_out: bool = JSON_OPT,
         quiet: bool = QUIET_OPT,
     ) -> None:
@@ -28,7 +29,7 @@ def register(app: typer.Typer) -> None:
 
         summary = prepare(
             archive, out, protocol=protocol, per_volume=per_volume, train_volumes=train_volumes, seed=seed,
-            progress=lambda items, total, desc: progress(items, total, desc, quiet or json_out),
+            all_train_slices=train_all_slices, progress=lambda items, total, desc: progress(items, total, desc, quiet or json_out),
         )
         if summary["volumes"] == 0:
             raise CTSearchInputError(archive, f"no readable volumes ({summary['errors']} errors, listed in {out}/errors.parquet)")
@@ -38,6 +39,7 @@ def register(app: typer.Typer) -> None:
         say(f"{summary['volumes']} volumes, {summary['errors']} errors -> {out}/manifest.parquet, errors.parquet", quiet)
         if protocol:
             say(f"{protocol}: train {summary['train_volumes']} volumes / {summary['train_slices']} slices, "
-                f"test {summary['test_volumes']} volumes / {summary['test_slices']} slices", quiet)
+                f"test {summary['test_volumes']} volumes / {summary['test_slices']} slices"
+                + (f", all train slices {summary['train_all_slices']} -> train_all.parquet" if train_all_slices else ""), quiet)
             if summary["short_volumes"]:
                 say(f"[yellow]{len(summary['short_volumes'])} volumes had too few slices of one kind (see protocol.json)[/yellow]", quiet)

@@ -23,7 +23,10 @@ def train_cmd(
     views: str = typer.Option("clinical", help="clinical: view 1 wide [-200,300] HU, view 2 narrow [50,150] HU; standard: both wide."),
     rescale: str = typer.Option("reference", help="reference: narrow view on the wide scale (reference code); own: stretch each window to [0,1]."),
     jitter: str = typer.Option("paper", help="Colour-jitter saturation: paper (0.4) or reference (0.2)."),
+    crop_scale: float = typer.Option(0.2, help="Smallest RandomResizedCrop area, fraction of the slice (paper 0.2; larger keeps more anatomy per view at small image sizes)."),
+    train_slices: str = typer.Option("protocol", help="Slices SimSiam trains on: protocol (train.parquet) or all (train_all.parquet: every slice of the train volumes, from `prepare --train-all-slices`). Evaluation always uses the protocol."),
     init: str = typer.Option("imagenet", help="Start weights: imagenet (local file or torch cache, never downloaded), random, or a run dir / weight file."),
+    zero_init_residual: bool = typer.Option(True, "--zero-init-residual/--no-zero-init-residual", help="With --init random: zero each residual block's last BN (SimSiam code; the untrained encoder is then nearly linear) or 1 (torchvision default, a full-depth random network)."),
     weights: Optional[Path] = typer.Option(None, help="ImageNet weight file for --init imagenet (default: the torch cache)."),
     epochs: int = typer.Option(250, help="Total epochs of the run (a rerun with more epochs continues)."),
     batch_size: int = typer.Option(32, help="Global batch size, slices (split over workers)."),
@@ -44,7 +47,8 @@ def train_cmd(
     from ctsearch.jobs.train import TrainOptions, train
 
     opts = TrainOptions(
-        backbone=backbone, image_size=image_size, views=views, rescale=rescale, jitter=jitter, init=init,
+        backbone=backbone, image_size=image_size, views=views, rescale=rescale, jitter=jitter, crop_scale=crop_scale,
+        train_slices=train_slices, init=init, zero_init_residual=zero_init_residual,
         weights=str(weights) if weights else None, epochs=epochs, batch_size=batch_size, base_lr=base_lr,
         schedule=schedule, fix_pred_lr=fix_pred_lr, seed=seed, eval_every=eval_every, workers=workers,
         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
