@@ -27,7 +27,7 @@ def _run(app: typer.Typer, argv: list[str]) -> None:
     err_console.print(f"[dim]({time.perf_counter() - t0:.1f} s)[/dim]")
 
 
-def demo_steps(out: Path, volumes: int, size: int, epochs: int, backbone: str, seed: int) -> list[list[str]]:
+def demo_steps(out: Path, volumes: int, size: int, epochs: int, backbone: str, seed: int, masks: int) -> list[list[str]]:
     """The demo's command lines, in order (tests check the plan without running it)."""
     train_patients = max(2, round(volumes * 0.75))
     exams = 2
@@ -46,9 +46,9 @@ def demo_steps(out: Path, volumes: int, size: int, epochs: int, backbone: str, s
         ["index", s(archive / "dicom"), "--model", s(runs / "hu-clipping"), "--out", s(index)],
         ["search", s(index), s(query), "-k", "5", "--exclude-patient", f"synth-{train_patients:04d}"],
         ["search", s(index), s(query), "--cross-exam"],
-        ["explain", s(index), s(query), "-k", "3", "--out", s(out / "explain")],
+        ["explain", s(index), s(query), "-k", "3", "--masks", s(masks), "--out", s(out / "explain")],
         ["evaluate", s(prepared), "--model", s(runs / "hu-clipping"), "--model", s(runs / "standard"),
-         "--baseline", "random", "--relax-masks", "500"],
+         "--baseline", "random", "--relax-masks", s(masks)],
     ]
 
 
@@ -62,12 +62,13 @@ def register(app: typer.Typer) -> None:
         epochs: int = typer.Option(20, "--epochs", help="SimSiam epochs per run."),
         backbone: str = typer.Option("resnet18", "--backbone", help="resnet50 | resnet18 | tiny."),
         seed: int = typer.Option(0, "--seed", help="Seed of the archive, the slice choice and training."),
+        masks: int = typer.Option(1000, "--masks", help="RELAX masks per explained slice (the paper uses 3000)."),
     ) -> None:
         """Synthesise an archive, prepare it, train HU-clipping and standard SimSiam, index, search, explain, evaluate."""
         if volumes < 4:
             raise CTSearchInputError(None, "--volumes must be at least 4 (train and test patients are needed)")
         t0 = time.perf_counter()
-        for argv in demo_steps(out, volumes, size, epochs, backbone, seed):
+        for argv in demo_steps(out, volumes, size, epochs, backbone, seed, masks):
             _run(app, argv)
         err_console.rule("[bold green]demo finished", align="left")
         err_console.print(
