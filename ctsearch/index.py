@@ -762,19 +762,34 @@ class Index:
             half = self.manifest["dtype"] == "float16"
             x = torch.from_numpy(np.ascontiguousarray(self.shard_vectors(s), dtype=np.float16 if half else np.float32))
             self._torch[s["name"]] = x.to(self.device)
-        x = self._torch[s["name"]]
-        scores = (torch.from_numpy(q).to(self.device, x.dtype) @ x.T).float()
-        if allowed is not None:
-            mask = torch.full((x.shape[0],), float("-inf"), device=self.device)
-            mask[torch.from_numpy(allowed).to(self.device)] = 0.0
-            scores = scores + mask
-        elif denied is not None and len(denied):
-            scores[:, torch.from_numpy(denied).to(self.device)] = float("-inf")
-        kk = min(k, x.shape[0])
-        top = torch.topk(scores, kk, dim=1)
-        sc, ii = top.values.cpu().numpy(), top.indices.cpu().numpy().astype(np.int64)
-        ii[~np.isfinite(sc)] = -1
-        return sc, ii
+        return torch_topk(q, self._torch[s["name"]], k, allowed, denied)
+
+
+def torch_topk(q: np.ndarray, x, k: int, allowed=None, denied=None, rescore: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner products of queries ``q`` [nq, D] against ``x`` [n, D] (a torch tensor on any device).
+
+    Candidates come from one matmul in ``x``'s dtype; the best ``k + rescore`` are then re-scored in
+    float32, because a float16 matmul alone reorders near-ties (measured: recall@5 0.96 at 1M).
+    ``allowed`` / ``denied``: row ids to keep / drop. Returns (scores [nq, k], ids [nq, k]; -1 = none).
+    """
+    import torch
+
+    qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)).to(x.device)
+    scores = (qt.to(x.dtype) @ x.T).float()
+    if allowed is not None:
+        mask = torch.full((x.shape[0],), float("-inf"), device=x.device)
+        mask[torch.from_numpy(np.asarray(allowed)).to(x.device)] = 0.0
+        scores = scores + mask
+    elif denied is not None and len(denied):
+        scores[:, torch.from_numpy(np.asarray(denied)).to(x.device)] = float("-inf")
+    cand = torch.topk(scores, min(k + rescore, x.shape[0]), dim=1)
+    exact = torch.einsum("qd,qcd->qc", qt, x[cand.indices].float())
+    exact = torch.where(torch.isfinite(cand.values), exact, torch.full_like(exact, float("-inf")))
+    top = torch.topk(exact, min(k, x.shape[0]), dim=1)
+    sc = top.values.cpu().numpy()
+    ii = torch.gather(cand.indices, 1, top.indices).cpu().numpy().astype(np.int64)
+    ii[~np.isfinite(sc)] = -1
+    return sc, ii
 
 
 @lru_cache(maxsize=64)

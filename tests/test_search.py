@@ -221,3 +221,24 @@ def test_cross_exam_finds_the_same_level_in_the_other_exam(tmp_path):
     assert exams[0]["best"]["slice_index"] == 7
     zs = [m["z_mm"] for m in exams[0]["matches"]]
     assert zs == sorted(zs) and len(zs) == 3
+
+
+def test_torch_topk_rescores_float16_candidates_in_float32():
+    """A float16 matmul alone reorders near-ties; re-scoring its candidates in float32 restores them."""
+    import torch
+
+    from ctsearch.index import torch_topk
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(50, 256)).astype(np.float32)
+    db = centres[rng.integers(0, 50, 20000)] + 0.05 * rng.normal(size=(20000, 256)).astype(np.float32)
+    db16 = (db / np.linalg.norm(db, axis=1, keepdims=True)).astype(np.float16)
+    q = db16[:200].astype(np.float32) + 0.01 * rng.normal(size=(200, 256)).astype(np.float32)
+    truth = np.argsort(-(q @ db16.astype(np.float32).T), axis=1)[:, :5]
+
+    def recall(ids):
+        return np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids, truth)])
+
+    x = torch.from_numpy(db16)
+    plain, rescored = recall(torch_topk(q, x, 5, rescore=0)[1]), recall(torch_topk(q, x, 5)[1])
+    assert rescored >= 0.98 and rescored > plain + 0.2
