@@ -101,13 +101,17 @@ def encoder_from_spec(spec: dict, device: str = "cpu"):
     """(encoder in eval mode on ``device``, ModelConfig) from a run or baseline spec."""
     import torch
 
-    from ctsearch.model import ModelConfig, build_encoder, initial_encoder_state, load_encoder
+    from ctsearch.model import ModelConfig, build_encoder, initial_encoder_state, load_encoder, set_residual_bn
 
     if spec["kind"] == "run":
         return load_encoder(spec["path"], device)
     config = ModelConfig.from_json(spec["config"])
     torch.manual_seed(int(spec.get("seed", 0)))
     encoder = build_encoder(config)
+    if spec["kind"] == "random":
+        # A full-depth random network (torchvision's init), not SimSiam's zero-initialised residuals,
+        # which leave only the stem and collapse the embeddings (docs/synthetic.md).
+        set_residual_bn(encoder, 1.0)
     if spec["kind"] == "imagenet":
         encoder.load_state_dict(initial_encoder_state("imagenet", config, spec.get("weights")))
     return encoder.to(device).eval(), config
