@@ -17,7 +17,8 @@ from ctsearch.errors import CTSearchInputError
 
 
 def _run(app: typer.Typer, argv: list[str]) -> None:
-    err_console.rule(f"[bold]$ ctsearch {shlex.join(argv)}", align="left")
+    # Printed whole (no rule, no ellipsis) so any step can be copied and rerun by hand.
+    err_console.print(f"\n$ ctsearch {shlex.join(argv)}", style="bold", soft_wrap=True, highlight=False, markup=False)
     t0 = time.perf_counter()
     try:
         app(argv, prog_name="ctsearch", standalone_mode=False)
@@ -39,7 +40,7 @@ def demo_steps(out: Path, volumes: int, size: int, epochs: int, backbone: str, s
     # crops no smaller than half the slice at 64 px, and each HU window stretched to [0, 1].
     common_train = ["--backbone", backbone, "--image-size", str(size), "--init", "random", "--no-zero-init-residual",
                     "--train-slices", "all", "--crop-scale", "0.5", "--rescale", "own", "--base-lr", "0.5",
-                    "--epochs", str(epochs), "--batch-size", "32", "--eval-every", "10", "--seed", str(seed), "--quiet"]
+                    "--epochs", str(epochs), "--batch-size", "32", "--eval-every", "10", "--seed", str(seed)]
     s = str
     return [
         ["synth", s(archive), "--volumes", s(volumes), "--exams", s(exams), "--size", s(size), "--format", "both", "--seed", s(seed)],
@@ -74,7 +75,7 @@ def register(app: typer.Typer) -> None:
         t0 = time.perf_counter()
         for argv in demo_steps(out, volumes, size, epochs, backbone, seed, masks):
             _run(app, argv)
-        err_console.rule("[bold green]demo finished", align="left")
+        err_console.print("\ndemo finished", style="bold green")
         err_console.print(
             f"{time.perf_counter() - t0:.0f} s. Everything is under {out}/: archive/ (NIfTI + DICOM), prepared/ "
             "(manifest, slice splits), runs/ (two SimSiam runs), index/ (parquet + FAISS), explain/ (RELAX overlays), "
