@@ -30,8 +30,8 @@ def version() -> None:
     typer.echo(__version__)
 
 
-COMMAND_MODULES = ["synth", "prepare", "train", "index", "search", "explain", "evaluate", "report", "demo"]
+# In the order `ctsearch --help` lists them; each module imports its heavy dependencies lazily.
+COMMAND_MODULES = ["synth", "prepare", "train", "index", "search", "explain", "evaluate", "demo"]
 
 for _name in COMMAND_MODULES:
-    if importlib.util.find_spec(f"ctsearch.cli.{_name}") is not None:
-        importlib.import_module(f"ctsearch.cli.{_name}").register(app)
+    importlib.import_module(f"ctsearch.cli.{_name}").register(app)
