@@ -50,7 +50,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ctsearch.errors import CTSearchInputError
@@ -82,6 +81,7 @@ from ctsearch.model import ENCODER_FILE, MODEL_JSON, ModelConfig
 from ctsearch.store import (
     EMBEDDING_META_SCHEMA,
     ERRORS_SCHEMA,
+    atomic_write_json,
     atomic_write_table,
     embeddings_schema,
     errors_table,
@@ -268,10 +268,6 @@ def _save_npy(path: str, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    _atomic_write_bytes(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2, default=str)))
-
-
 def embeddings_to_table(rows: list[dict] | pa.Table, vectors: np.ndarray, dtype: str = "float32") -> pa.Table:
     """Slice metadata (dicts or a table with META_COLUMNS) + [n, D] vectors -> embeddings table."""
     n, d = vectors.shape
@@ -392,7 +388,7 @@ class IndexWriter:
             if model_dir is not None:
                 for f in (MODEL_JSON, ENCODER_FILE):
                     _atomic_write_bytes(root / "model" / f, lambda p, f=f: shutil.copyfile(Path(model_dir) / f, p))
-            _atomic_write_json(mpath, manifest)
+            atomic_write_json(manifest, mpath)
         w = cls(root, manifest)
         w._remove_uncommitted()
         w._load_volumes()
@@ -476,7 +472,7 @@ class IndexWriter:
         m["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self._write_errors()
         m["errors"] = pq.read_metadata(self.root / "errors.parquet").num_rows
-        _atomic_write_json(self.root / INDEX_JSON, m)
+        atomic_write_json(m, self.root / INDEX_JSON)
         for name in remove:
             for f in self._shard_files(name):
                 f.unlink(missing_ok=True)
@@ -490,7 +486,7 @@ class IndexWriter:
         atomic_write_table(errors_table(rows), path)
         self._write_errors()
         self.manifest["errors"] = pq.read_metadata(self.root / "errors.parquet").num_rows
-        _atomic_write_json(self.root / INDEX_JSON, self.manifest)
+        atomic_write_json(self.manifest, self.root / INDEX_JSON)
 
     def _write_errors(self) -> None:
         names = [s["name"] for s in self.manifest["shards"]]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet
 from ctsearch.errors import CTSearchInputError
+from ctsearch.store import atomic_write_json
 
 MODEL_JSON = "model.json"
 ENCODER_FILE = "encoder.safetensors"
@@ -128,9 +129,7 @@ def save_encoder(encoder: nn.Module, config: ModelConfig, out_dir: str | os.Path
     tmp = out / (ENCODER_FILE + ".tmp")
     save_file(state, str(tmp))
     os.replace(tmp, out / ENCODER_FILE)
-    tmp = out / (MODEL_JSON + ".tmp")
-    tmp.write_text(json.dumps(config.to_json(), indent=2))
-    os.replace(tmp, out / MODEL_JSON)
+    atomic_write_json(config.to_json(), out / MODEL_JSON)
     return out
 
 

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable, Iterable
@@ -28,7 +27,7 @@ import pyarrow as pa
 
 from ctsearch.errors import CTSearchInputError
 from ctsearch.io import ScanEntry, scan_archive
-from ctsearch.store import MANIFEST_SCHEMA, SliceSet, atomic_write_table, errors_table, write_slices
+from ctsearch.store import MANIFEST_SCHEMA, SliceSet, atomic_write_json, atomic_write_table, errors_table, write_slices
 
 PROTOCOLS = ("decathlon",)
 
@@ -155,9 +154,7 @@ def prepare(
                 "all_train_slices": all_train_slices,
                 "rule": "uniform without replacement within liver / non-liver slices, rng seeded by (seed, case_number)",
                 "volumes": records}
-        tmp = out / ".protocol.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, out / "protocol.json")
+        atomic_write_json(meta, out / "protocol.json")
 
     atomic_write_table(errors_table(errors), out / "errors.parquet")
     summary["errors"] = len(errors)

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,15 @@ def atomic_write_table(table: pa.Table, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path: str | os.PathLike) -> None:
+    """Write ``obj`` as indented JSON via temp + rename (values JSON cannot hold are written as str)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
 
 

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import ray
 
 from ctsearch.errors import CTSearchInputError
 from ctsearch.jobs.runtime import start_ray
-from ctsearch.store import SLICES_SCHEMA, atomic_write_table, errors_table
+from ctsearch.store import SLICES_SCHEMA, atomic_write_json, atomic_write_table, errors_table
 
 EXPLANATIONS_FILE = "explanations.parquet"
 SUMMARY_FILE = "explain.json"
@@ -311,9 +310,7 @@ def explain_dataset(
         "options": asdict(options), "outputs": {"explanations": EXPLANATIONS_FILE, "errors": "errors.parquet",
                                                "overlays": "overlays/" if options.render_png else None},
     }  # fmt: skip
-    tmp = out / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / SUMMARY_FILE)
+    atomic_write_json(summary, out / SUMMARY_FILE)
     return summary
 
 

@@ -38,6 +38,7 @@ from ray.train.torch import TorchTrainer
 
 from ctsearch.errors import CTSearchInputError
 from ctsearch.model import SimSiam, ModelConfig, initial_encoder_state, save_encoder, set_residual_bn
+from ctsearch.store import atomic_write_json
 from ctsearch.ssl import OptimConfig, build_optimizer, set_lr, train_step
 
 CONFIG_FILE = "config.json"
@@ -133,12 +134,6 @@ def versions() -> dict[str, str]:
     }  # fmt: skip
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def read_metrics(out: str | os.PathLike) -> list[dict]:
     """The rows of ``OUT/metrics.jsonl`` (one per epoch; epoch 0 holds the untrained evaluation)."""
     path = Path(out) / METRICS_FILE
@@ -174,7 +169,7 @@ def _prepare_run_dir(out: Path, opts: TrainOptions, dataset_dir: Path) -> dict:
         "versions": versions(),
         "starts": starts + [now],
     }
-    _write_json(cfg_path, config)
+    atomic_write_json(config, cfg_path)
     return config
 
 
