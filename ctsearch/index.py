@@ -228,7 +228,6 @@ def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple
 
     Missing hits (id -1) sort last; ties keep shard order. Padding: score -inf, shard -1, id -1.
     """
-    q = scores[0].shape[0] if scores else 0
     if not scores:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32), np.zeros((0, k), np.int64)
     s = np.concatenate([np.where(i >= 0, sc, -np.inf) for sc, i in zip(scores, ids)], axis=1)
