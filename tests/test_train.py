@@ -177,7 +177,7 @@ def test_cli_train_json_and_one_line_errors(ray_session, dataset, tmp_path):
             "--epochs", "1", "--batch-size", "16", "--eval-every", "0", "--views", "standard", "--json", "--quiet"]  # fmt: skip
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    summary = json.loads(r.stdout)
     assert summary["epochs"] == 1 and Path(summary["encoder"]).is_file()
     r = runner.invoke(app, ["train", str(tmp_path / "nowhere"), str(tmp_path / "x"), "--init", "random"])
     assert r.exit_code == 1 and "train.parquet" in r.output and "Traceback" not in r.output

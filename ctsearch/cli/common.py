@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -16,6 +17,10 @@ from ctsearch.errors import CTSearchInputError
 
 err_console = Console(stderr=True)
 T = TypeVar("T")
+# Where a command's result goes. While a command runs, ``sys.stdout`` points at stderr, because
+# Ray prints raylet warnings (e.g. "N worker processes have been started") from its own threads
+# to whatever ``sys.stdout`` is, and those lines would corrupt ``--json`` output.
+_result_stream: Any = None
 
 JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable JSON result on stdout.")
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No progress bars or chatter.")
@@ -33,8 +38,11 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        global _result_stream
+        outer, _result_stream = _result_stream, sys.stdout
         try:
-            return fn(*args, **kwargs)
+            with contextlib.redirect_stdout(sys.stderr):
+                return fn(*args, **kwargs)
         except CTSearchInputError as e:
             if debug_enabled():
                 raise
@@ -43,6 +51,8 @@ def handle_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
+        finally:
+            _result_stream = outer
 
     return wrapper
 
@@ -66,6 +76,16 @@ def say(message: str, quiet: bool = False) -> None:
         err_console.print(message, highlight=False, soft_wrap=True)
 
 
+def result_stream() -> Any:
+    """The stream a command's result is written to: stdout, never shared with Ray's log lines."""
+    return _result_stream or sys.stdout
+
+
+def emit_result(text: str) -> None:
+    out = result_stream()
+    out.write(text if text.endswith("\n") else text + "\n")
+    out.flush()
+
+
 def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    emit_result(json.dumps(obj, indent=2, default=str))

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, emit_json, handle_errors, say
+from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, emit_json, emit_result, handle_errors, say
 
 
 def register(app: typer.Typer) -> None:
@@ -53,7 +53,7 @@ def evaluate_cmd(
     if json_out:
         emit_json(res)
         return
-    typer.echo(res["table"])
+    emit_result(res["table"])
     say(f"{res['queries']} test queries ({res['liver_queries']} with liver) against {res['database']} train slices; "
         f"MAP@{k} as in the paper's eq. 5, values in percent, ± = sample std over runs"
         + (f"; RR over liver slices with {relax_masks} RELAX masks each" if relax_masks else "; RR skipped"), quiet)  # fmt: skip

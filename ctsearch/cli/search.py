@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ctsearch.cli.common import JSON_OPT, emit_json, handle_errors
+from ctsearch.cli.common import JSON_OPT, emit_json, handle_errors, result_stream
 
 JSON_KEYS = ("rank", "score", "volume_id", "patient_id", "study_id", "series_id", "exam_date", "slice_index", "z_mm", "path")
 
@@ -66,7 +66,7 @@ def _print_hits(qmeta: dict, hits: list[dict]) -> None:
     for h in hits:
         t.add_row(str(h["rank"]), f"{h['score']:.4f}", str(h["patient_id"]), str(h["volume_id"]), str(h["slice_index"]),
                   f"{h['z_mm']:.1f}", str(h["path"]))
-    Console().print(t)
+    Console(file=result_stream()).print(t)
 
 
 def _print_exams(qmeta: dict, exams: list[dict]) -> None:
@@ -82,4 +82,4 @@ def _print_exams(qmeta: dict, exams: list[dict]) -> None:
         ms = "  ".join(f"{m['slice_index']}@{m['z_mm']:.0f}:{m['score']:.3f}" for m in e["matches"])
         t.add_row(str(e["exam_date"] or ""), str(e["study_id"]), str(e["volume_id"]), str(b["slice_index"]),
                   f"{b['z_mm']:.1f}", f"{b['score']:.4f}", ms)
-    Console().print(t)
+    Console(file=result_stream()).print(t)
