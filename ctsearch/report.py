@@ -1,7 +1,9 @@
-"""Figures: CT slices in the wide window with RELAX heat maps on top (as in the paper's figs 8-11).
+"""Figures and the HTML report: CT slices with RELAX heat maps on top (as in the paper's figs 8-11),
+line charts as inline SVG, and the one self-contained page of ``ctsearch report``.
 
 Pillow only. Heat maps use a jet-like colour map (blue = unimportant, red = important) that is
-defined here, so no plotting library is needed.
+defined here, and charts are SVG written by hand, so no plotting library is needed; the page
+holds its PNGs as data URIs and its CSS inline, so it opens offline and can be mailed as one file.
 
 Example:
     >>> import numpy as np
@@ -12,13 +14,22 @@ Example:
 
 from __future__ import annotations
 
+import base64
 import io
+import json
+import math
 import os
+import time
+from dataclasses import dataclass, field
+from html import escape
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from ctsearch import __version__
+from ctsearch.errors import CTSearchInputError
 from ctsearch.hu import WIDE, Window, apply_window
 
 # (position, r, g, b): dark blue -> blue -> cyan -> yellow -> red -> dark red.
@@ -136,3 +147,449 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTML report: one self-contained page (inline CSS, inline SVG charts, PNGs as data URIs).
+
+
+@dataclass
+class ReportInputs:
+    """What a report is made of; every part is optional (a missing one becomes a note on the page)."""
+
+    runs: list[Path] = field(default_factory=list)
+    index: Path | None = None
+    explain: list[Path] = field(default_factory=list)
+    evaluation: Path | None = None
+    prepared: Path | None = None
+
+
+_PARTS_HELP = (
+    "is not a demo folder, run directory (config.json / metrics.jsonl), index directory (index.json), "
+    "explain folder (maps.npz / explain.json), prepared dataset (manifest.parquet) or evaluation JSON (evaluate --out)"
+)
+
+
+def _kind(path: Path) -> str | None:
+    """Which report part a path is, from the files it holds (None: not one)."""
+    if path.is_file():
+        return "evaluation" if path.suffix == ".json" else None
+    if (path / "index.json").is_file():
+        return "index"
+    if (path / "config.json").is_file() or (path / "metrics.jsonl").is_file():
+        return "run"
+    if (path / "maps.npz").is_file() or (path / "explain.json").is_file():
+        return "explain"
+    if (path / "manifest.parquet").is_file():
+        return "prepared"
+    if any((path / p).exists() for p in ("runs", "index", "explain", "prepared", "evaluation.json")):
+        return "demo"
+    return None
+
+
+def collect_inputs(paths: list[str | os.PathLike]) -> ReportInputs:
+    """Sort PATHS into report parts by what each holds; a demo folder gives all of its parts.
+
+    Example:
+        >>> collect_inputs([])
+        ReportInputs(runs=[], index=None, explain=[], evaluation=None, prepared=None)
+    """
+    parts = ReportInputs()
+
+    def add(kind: str, p: Path) -> None:
+        if kind == "run":
+            parts.runs.append(p)
+        elif kind == "explain":
+            parts.explain.append(p)
+        else:
+            if getattr(parts, kind) is not None:
+                raise CTSearchInputError(p, f"a second {kind} ({getattr(parts, kind)} is one already); give one")
+            setattr(parts, kind, p)
+
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise CTSearchInputError(p, "does not exist")
+        kind = _kind(p)
+        if kind is None:
+            raise CTSearchInputError(p, _PARTS_HELP)
+        if kind != "demo":
+            add(kind, p)
+            continue
+        runs = p / "runs"
+        for r in sorted(runs.iterdir()) if runs.is_dir() else []:
+            if _kind(r) == "run":
+                add("run", r)
+        for name, kind in (("index", "index"), ("explain", "explain"), ("prepared", "prepared"), ("evaluation.json", "evaluation")):
+            if (p / name).exists() and _kind(p / name) == kind:
+                add(kind, p / name)
+    return parts
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CTSearchInputError(path, f"is not a readable {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise CTSearchInputError(path, f"is not a {what} (expected a JSON object)")
+    return obj
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise CTSearchInputError(path, f"line {n} is not JSON") from None
+    return rows
+
+
+# --- inline SVG charts ------------------------------------------------------------------------
+
+_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About n round tick values covering [lo, hi]."""
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * (1 - 1e-9))
+    start, end = math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step
+    return [start + i * step for i in range(int(round((end - start) / step)) + 1)]
+
+
+def _num(v: float) -> str:
+    return f"{round(v, 9):g}"
+
+
+def line_chart_svg(
+    series: dict[str, list[tuple[float, float]]],
+    title: str,
+    x_label: str,
+    y_label: str,
+    width: int = 460,
+    height: int = 260,
+) -> str:
+    """Lines with markers as an inline <svg> (hover a marker for its value); series = name -> [(x, y)].
+
+    Example:
+        >>> svg = line_chart_svg({"loss": [(1, -0.5), (2, -0.8)]}, "loss", "epoch", "loss")
+        >>> svg.startswith("<svg") and "polyline" in svg
+        True
+    """
+    pts = [(float(x), float(y)) for s in series.values() for x, y in s if y is not None and math.isfinite(float(y))]
+    left, right, top, bottom = 58, 12, 30, 42
+    w, h = width - left - right, height - top - bottom
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+           f'role="img" aria-label="{escape(title)}" class="chart">',
+           f'<text x="{width / 2}" y="18" text-anchor="middle" class="title">{escape(title)}</text>']  # fmt: skip
+    if not pts:
+        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no values recorded</text></svg>')
+        return "\n".join(out)
+    xt = _ticks(min(p[0] for p in pts), max(p[0] for p in pts), 6)
+    yt = _ticks(min(p[1] for p in pts), max(p[1] for p in pts), 5)
+    sx = lambda x: left + (x - xt[0]) / (xt[-1] - xt[0]) * w  # noqa: E731
+    sy = lambda y: top + h - (y - yt[0]) / (yt[-1] - yt[0]) * h  # noqa: E731
+    for y in yt:
+        out.append(f'<line x1="{left}" x2="{left + w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid"/>'
+                   f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{_num(y)}</text>')  # fmt: skip
+    for x in xt:
+        out.append(f'<text x="{sx(x):.1f}" y="{top + h + 16}" text-anchor="middle">{_num(x)}</text>')
+    out.append(f'<rect x="{left}" y="{top}" width="{w}" height="{h}" class="frame"/>')
+    out.append(f'<text x="{left + w / 2}" y="{height - 6}" text-anchor="middle">{escape(x_label)}</text>')
+    out.append(f'<text transform="translate(14 {top + h / 2}) rotate(-90)" text-anchor="middle">{escape(y_label)}</text>')
+    for i, (name, s) in enumerate(series.items()):
+        colour = _COLOURS[i % len(_COLOURS)]
+        xy = [(float(x), float(y)) for x, y in s if y is not None and math.isfinite(float(y))]
+        if len(xy) > 1:
+            line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in xy)
+            out.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for x, y in xy:
+            out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}">'
+                       f"<title>{escape(name)}: {x_label} {_num(x)}, {_num(round(y, 4))}</title></circle>")  # fmt: skip
+        ly = top + 14 + 16 * i
+        out.append(f'<rect x="{left + w - 150}" y="{ly - 9}" width="10" height="10" fill="{colour}"/>'
+                   f'<text x="{left + w - 136}" y="{ly}">{escape(name)}</text>')  # fmt: skip
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+
+def png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _img(data: bytes, alt: str, css: str = "") -> str:
+    return f'<img src="{png_data_uri(data)}" alt="{escape(alt)}"{f" class={chr(34)}{css}{chr(34)}" if css else ""}>'
+
+
+def _table(header: list[str], rows: list[list[object]], css: str = "") -> str:
+    head = "".join(f"<th>{escape(str(c))}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{escape('' if c is None else str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _facts(pairs: list[tuple[str, object]]) -> str:
+    """A two-column key/value table of the pairs whose value is known."""
+    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in pairs if v not in (None, ""))
+    return f'<table class="facts">{rows}</table>'
+
+
+def _pct(stat: dict | None, decimals: int) -> str:
+    """{"mean", "std"} as fractions -> "89.1 ± 1.3" in percent ("n/a" when not measured)."""
+    mean = (stat or {}).get("mean")
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    std = stat.get("std")
+    return f"{100 * mean:.{decimals}f}" + (f" ± {100 * std:.{decimals}f}" if std is not None and math.isfinite(std) else "")
+
+
+def evaluation_section(path: Path) -> str:
+    """The Table-1-shaped comparison from ``ctsearch evaluate --out FILE.json``, with what it means."""
+    res = _read_json(path, "evaluation result")
+    if not isinstance(res.get("rows"), list) or "k" not in res:
+        raise CTSearchInputError(path, "is not an evaluation result (no 'rows' and 'k'; write one with ctsearch evaluate --out)")
+    k = int(res["k"])
+    rows = [[r.get("name"), r.get("n"), _pct(r.get("map"), 1), _pct(r.get("acc"), 1), _pct(r.get("rr"), 2)] for r in res["rows"]]
+    table = _table(["pretraining", "runs", f"MAP@{k} (%)", f"ACC {k}-NN (%)", "RR (%)"], rows, "results")
+    masks = res.get("relax_masks")
+    return f"""
+<p>{escape(str(res.get('queries', '?')))} test slices were each used as a query against the
+{escape(str(res.get('database', '?')))} slices of the training patients ({escape(str(res.get('liver_queries', '?')))}
+of the queries show liver). A retrieved slice counts as relevant when it agrees with the query on
+whether liver is visible. Test patients never appear among the training patients.</p>
+{table}
+<dl class="legend">
+<dt>MAP@{k}</dt><dd>Mean average precision of the top {k}: for each query, the share of relevant slices among
+the first 1, 2, ..., {k} results, averaged; then averaged over all queries. 100 means every one of the
+{k} most similar slices shows the same finding as the query.</dd>
+<dt>ACC ({k}-NN)</dt><dd>How often a majority vote of the {k} most similar training slices gives the query's
+own label (liver / no liver): a measure of how well the representation separates the two.</dd>
+<dt>RR</dt><dd>Relevance-rank accuracy of the RELAX importance maps ({escape(str(masks))} masks per slice) on the
+liver slices: of the M most important pixels, where M is the liver's area, the share that lies inside the
+liver. Higher means the model looks at the liver; "n/a" when it was not measured.</dd>
+<dt>±</dt><dd>Sample standard deviation over the runs of one row (none when a row has one run).</dd>
+</dl>"""
+
+
+def _run_config(run: Path) -> dict:
+    return _read_json(run / "config.json", "run config") if (run / "config.json").is_file() else {}
+
+
+def run_section(run: Path) -> str:
+    """One training run: its key settings and its curves (loss; MAP@5 and 5-NN accuracy over epochs)."""
+    cfg = _run_config(run)
+    opts, model = cfg.get("options", {}), cfg.get("model", {})
+    if not model and (run / "model.json").is_file():
+        model = _read_json(run / "model.json", "model config")
+    metrics = _read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+    window = lambda w: f"{w[0]} .. {w[1]} HU" if isinstance(w, list) and len(w) == 2 else None  # noqa: E731
+    views = model.get("views", opts.get("views"))
+    facts = _facts([
+        ("views", {"clinical": "clinical (HU clipping: wide and narrow window)", "standard": "standard SimSiam"}.get(views, views)),
+        ("backbone", model.get("backbone", opts.get("backbone"))), ("image size", model.get("image_size")),
+        ("wide window", window(model.get("wide"))), ("narrow window", window(model.get("narrow"))),
+        ("intensity rescale", model.get("rescale")), ("initialisation", opts.get("init")),
+        ("epochs", f"{max((r['epoch'] for r in metrics), default=0)} done of {opts['epochs']}" if "epochs" in opts else None),
+        ("batch size", opts.get("batch_size")), ("base lr", opts.get("base_lr")), ("lr (scaled)", cfg.get("lr")),
+        ("schedule", opts.get("schedule")), ("training slices", opts.get("train_slices")), ("crop scale", opts.get("crop_scale")),
+        ("seed", opts.get("seed")), ("dataset", cfg.get("dataset")),
+    ])  # fmt: skip
+    loss = [(r["epoch"], r["loss"]) for r in metrics if r.get("loss") is not None]
+    evals = [r for r in metrics if r.get("map_at_5") is not None]
+    charts = []
+    if loss:
+        charts.append(line_chart_svg({"SimSiam loss": loss}, "training loss per epoch (-1 is the minimum)", "epoch", "loss"))
+    if evals:
+        charts.append(line_chart_svg(
+            {"MAP@5": [(r["epoch"], 100 * r["map_at_5"]) for r in evals],
+             "5-NN accuracy": [(r["epoch"], 100 * r["knn_accuracy"]) for r in evals if r.get("knn_accuracy") is not None]},
+            "retrieval on the test split (epoch 0 = untrained)", "epoch", "percent"))  # fmt: skip
+    note = "" if metrics else '<p class="note">No metrics.jsonl in this run directory: no curves.</p>'
+    if metrics and not evals:
+        note = '<p class="note">No evaluation rows in metrics.jsonl (trained with --eval-every 0?): no retrieval curve.</p>'
+    last = evals[-1] if evals else None
+    summary = (f"<p>Last evaluation (epoch {last['epoch']}): MAP@5 {100 * last['map_at_5']:.1f} %, 5-NN accuracy "
+               f"{100 * last.get('knn_accuracy', float('nan')):.1f} %, embedding spread {last.get('embedding_std', float('nan')):.3f} "
+               "(SimSiam's collapse monitor: near 0 means every slice gets the same representation).</p>") if last else ""  # fmt: skip
+    return (f'<h3>{escape(run.name)}</h3><p class="path">{escape(str(run))}</p><div class="run">{facts}'
+            f'<div class="charts">{"".join(charts)}</div></div>{summary}{note}')
+
+
+def _fmt(v, spec: str = "") -> str:
+    return "" if v is None else format(v, spec) if spec else str(v)
+
+
+def query_section(folder: Path) -> str:
+    """``explain`` of a query (maps.npz + explanation.png): the figure and a table of the retrieved slices."""
+    try:
+        with np.load(folder / "maps.npz", allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            has_pairs = "pair_query_importance" in z.files
+    except (OSError, ValueError, KeyError) as e:
+        raise CTSearchInputError(folder / "maps.npz", f"is not an explain result ({e})") from None
+    q, hits = meta[0], meta[1:]
+    figure = folder / "explanation.png"
+    fig = (_img(figure.read_bytes(), "query, retrieved slices and RELAX maps", "figure") if figure.is_file()
+           else '<p class="note">explanation.png is missing (explain ran with --no-png?).</p>')  # fmt: skip
+    rows = [[h.get("rank"), _fmt(h.get("score"), ".3f"), h.get("patient_id"), h.get("exam_date"), h.get("volume_id"),
+             h.get("slice_index"), _fmt(h.get("z_mm"), ".1f"), "yes" if h.get("patient_id") == q.get("patient_id") else "no"]
+            for h in hits]  # fmt: skip
+    rows_text = ("Rows of the figure: the slices in the wide window (query first, then the hits by rank with their "
+                 "similarity); each slice's own RELAX importance map (red = the regions its representation depends on "
+                 "most, blue = least)")
+    if has_pairs:
+        rows_text += ("; the query's map toward each hit (what in the query makes it similar to that hit); and each "
+                      "hit's map toward the query")
+    return f"""
+<p>Query: patient {escape(str(q.get('patient_id')))}, volume {escape(str(q.get('volume_id')))}, slice
+{escape(str(q.get('slice_index')))}{f", z = {q['z_mm']:.1f} mm" if q.get('z_mm') is not None else ""}
+<span class="path">({escape(str(q.get('path')))})</span>.</p>
+{fig}
+<p>{escape(rows_text)}.</p>
+{_table(["rank", "similarity (cosine)", "patient", "exam date", "volume", "slice", "z (mm)", "same patient as query"], rows)}
+<p class="path">{escape(str(folder))}</p>"""
+
+
+def dataset_explain_section(folder: Path, max_figures: int = 6) -> str:
+    """``explain --model`` of a split (explain.json + explanations.parquet): counts, mean RR, a few overlays."""
+    s = _read_json(folder / "explain.json", "explain summary")
+    facts = _facts([("split", s.get("split")), ("model", s.get("model")), ("slices explained", s.get("slices")),
+                    ("errors", s.get("errors")), ("mean RR (liver slices)", _fmt(s.get("rr_mean"), ".4f")),
+                    ("liver slices with RR", s.get("rr_slices")), ("masks per slice (mean)", _fmt(s.get("masks_used_mean"), ".0f"))])  # fmt: skip
+    figs = []
+    table = folder / "explanations.parquet"
+    if table.is_file():
+        t = pq.read_table(table, columns=["volume_id", "slice_index", "label", "rr", "png"]).to_pylist()
+        t.sort(key=lambda r: -int(r["label"] or 0))  # liver slices first: they have an RR to show
+        for r in [r for r in t if r["png"] and (folder / r["png"]).is_file()][:max_figures]:
+            cap = f"{r['volume_id']} slice {r['slice_index']}" + (f", RR {r['rr']:.3f}" if r["rr"] is not None else "")
+            figs.append(f"<figure>{_img((folder / r['png']).read_bytes(), cap, 'overlay')}<figcaption>{escape(cap)}</figcaption></figure>")
+    return f'<p class="path">{escape(str(folder))}</p>{facts}<div class="gallery">{"".join(figs)}</div>'
+
+
+def _errors_table(path: Path, limit: int = 20) -> str:
+    if not path.is_file():
+        return ""
+    rows = pq.read_table(path).to_pylist()
+    if not rows:
+        return f"<p>No errors recorded in {escape(str(path))}.</p>"
+    more = f"<p>... and {len(rows) - limit} more in {escape(str(path))}.</p>" if len(rows) > limit else ""
+    return (f"<p>{len(rows)} error(s) recorded in {escape(str(path))} (files that could not be read are listed, not skipped):</p>"
+            + _table(["path", "stage", "error"], [[r.get("path"), r.get("stage"), r.get("error")] for r in rows[:limit]]) + more)  # fmt: skip
+
+
+def index_section(folder: Path) -> str:
+    """The searchable archive: counts and model from index.json, and its errors table."""
+    m = _read_json(folder / "index.json", "index record")
+    cfg = (m.get("model") or {}).get("config") or {}
+    facts = _facts([("volumes (series)", m.get("volumes")), ("slices", m.get("rows")), ("errors", m.get("errors")),
+                    ("shards", len(m.get("shards", []))), ("model", f"{cfg.get('backbone')}, views {cfg.get('views')}" if cfg else None),
+                    ("embedding size", m.get("embedding_dim")), ("stored as", m.get("dtype")), ("similarity", m.get("metric")),
+                    ("created", m.get("created")), ("updated", m.get("updated"))])  # fmt: skip
+    return f'<p class="path">{escape(str(folder))}</p>{facts}{_errors_table(folder / "errors.parquet")}'
+
+
+def prepared_section(folder: Path) -> str:
+    """The slice dataset of ``prepare``: volumes, errors and the train/test slices (with liver)."""
+    facts = [("volumes", pq.read_metadata(folder / "manifest.parquet").num_rows)]
+    for split in ("train", "test", "train_all"):
+        f = folder / f"{split}.parquet"
+        if f.is_file():
+            labels = pq.read_table(f, columns=["label", "patient_id"])
+            liver = int(np.sum(labels.column("label").to_numpy() == 1))
+            patients = len(set(labels.column("patient_id").to_pylist()))
+            facts.append((f"{split} slices", f"{labels.num_rows} from {patients} patients ({liver} with liver)"))
+    return f'<p class="path">{escape(str(folder))}</p>{_facts(facts)}{_errors_table(folder / "errors.parquet")}'
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1120px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+h1{margin-bottom:.2em} h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em} h3{margin-bottom:.1em}
+nav a{margin-right:1em} .meta,.path{color:#666;font-size:.85em} .note{color:#8a5a00;background:#fff6e0;padding:.3em .6em;border-radius:4px}
+table{border-collapse:collapse;margin:.6em 0} th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+thead th{background:#f2f2f2} table.results td:nth-child(n+2){text-align:right;font-variant-numeric:tabular-nums}
+table.facts th{background:#f7f7f7;font-weight:600;white-space:nowrap} dl.legend dt{font-weight:600;margin-top:.4em} dl.legend dd{margin-left:1.5em}
+.run{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start} .charts{display:flex;flex-wrap:wrap;gap:.5em}
+svg.chart{background:#fff;border:1px solid #e3e3e3} svg.chart text{font-size:11px;fill:#333} svg.chart .title{font-size:12px;font-weight:600}
+svg.chart .grid{stroke:#eee} svg.chart .frame{fill:none;stroke:#999}
+img.figure{max-width:100%;height:auto;border:1px solid #ccc} .gallery{display:flex;flex-wrap:wrap;gap:.6em}
+figure{margin:0} img.overlay{width:256px;height:auto} figcaption{font-size:.8em;color:#555}
+"""
+
+_SECTIONS = (
+    ("evaluation", "Retrieval and explanation quality (Table 1)"),
+    ("training", "Training runs"),
+    ("query", "An example query, its most similar slices, and where the model looks"),
+    ("archive", "Archive and index"),
+)
+
+
+def build_report(parts: ReportInputs, title: str = "ctsearch report") -> tuple[str, dict]:
+    """The HTML page of PARTS and what it holds ({"sections": [...], "notes": [...]}).
+
+    Example:
+        >>> page, info = build_report(ReportInputs())
+        >>> page.startswith("<!DOCTYPE html>"), info["sections"]
+        (True, [])
+    """
+    body: dict[str, str] = {}
+    notes: list[str] = []
+    if parts.evaluation:
+        body["evaluation"] = evaluation_section(parts.evaluation)
+    else:
+        notes.append("No evaluation result: run ctsearch evaluate ... --out evaluation.json and pass the file.")
+    if parts.runs:
+        body["training"] = "\n".join(run_section(r) for r in parts.runs)
+    else:
+        notes.append("No training run directories given: no training curves.")
+    shown = []
+    for folder in parts.explain:
+        if (folder / "maps.npz").is_file():
+            shown.append(query_section(folder))
+        elif (folder / "explain.json").is_file():
+            shown.append(dataset_explain_section(folder))
+    if shown:
+        body["query"] = "\n".join(shown)
+    else:
+        notes.append("No explain folder: no query with its retrieved slices and RELAX maps.")
+    archive = []
+    if parts.index:
+        archive.append("<h3>Index (what search looks in)</h3>" + index_section(parts.index))
+    if parts.prepared:
+        archive.append("<h3>Prepared slice dataset (what training and evaluation use)</h3>" + prepared_section(parts.prepared))
+    if archive:
+        body["archive"] = "\n".join(archive)
+    else:
+        notes.append("No index or prepared dataset: no archive summary.")
+    nav = " ".join(f'<a href="#{key}">{escape(name)}</a>' for key, name in _SECTIONS if key in body)
+    sections = "\n".join(f'<section id="{key}"><h2>{escape(name)}</h2>{body[key]}</section>' for key, name in _SECTIONS if key in body)
+    note_html = "".join(f'<p class="note">{escape(n)}</p>' for n in notes)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
+<style>{_CSS}</style></head>
+<body>
+<h1>{escape(title)}</h1>
+<p class="meta">Made by ctsearch {escape(__version__)} on {escape(time.strftime("%Y-%m-%d %H:%M"))}. Content-based retrieval of CT
+slices: a self-supervised (SimSiam) encoder turns every slice into a vector, and similar vectors are similar slices.</p>
+<nav>{nav}</nav>
+{note_html}
+{sections}
+</body></html>
+"""
+    return page, {"sections": [k for k, _ in _SECTIONS if k in body], "notes": notes}
+
+
+def write_report(parts: ReportInputs, out: str | os.PathLike, title: str = "ctsearch report") -> dict:
+    """Build the page and write it atomically to OUT; returns {"out", "sections", "notes", "bytes"}."""
+    page, info = build_report(parts, title)
+    data = page.encode("utf-8")
+    write_bytes_atomic(data, out)
+    return {"out": str(out), **info, "bytes": len(data)}

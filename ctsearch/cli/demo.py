@@ -53,7 +53,8 @@ def demo_steps(out: Path, volumes: int, size: int, epochs: int, backbone: str, s
         ["search", s(index), s(query), "--cross-exam"],
         ["explain", s(index), s(query), "-k", "3", "--masks", s(masks), "--out", s(out / "explain")],
         ["evaluate", s(prepared), "--model", s(runs / "hu-clipping"), "--model", s(runs / "standard"),
-         "--baseline", "random", "--relax-masks", s(masks)],
+         "--baseline", "random", "--relax-masks", s(masks), "--out", s(out / "evaluation.json")],
+        ["report", s(out), "--out", s(out / "report.html")],
     ]
 
 
@@ -69,7 +70,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the archive, the slice choice and training."),
         masks: int = typer.Option(1000, "--masks", help="RELAX masks per explained slice (the paper uses 3000)."),
     ) -> None:
-        """Synthesise an archive, prepare it, train HU-clipping and standard SimSiam, index, search, explain, evaluate."""
+        """Synthesise an archive, prepare it, train HU-clipping and standard SimSiam, index, search, explain, evaluate, report."""
         if volumes < 4:
             raise CTSearchInputError(None, "--volumes must be at least 4 (train and test patients are needed)")
         t0 = time.perf_counter()
@@ -79,5 +80,6 @@ def register(app: typer.Typer) -> None:
         err_console.print(
             f"{time.perf_counter() - t0:.0f} s. Everything is under {out}/: archive/ (NIfTI + DICOM), prepared/ "
             "(manifest, slice splits), runs/ (two SimSiam runs), index/ (parquet + FAISS), explain/ (RELAX overlays), "
-            "and the Table-1 style comparison printed above."
+            "evaluation.json (the Table-1 style comparison printed above)."
         )
+        err_console.print(f"Open the report: {out / 'report.html'}", style="bold", soft_wrap=True, highlight=False, markup=False)

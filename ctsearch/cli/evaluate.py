@@ -29,6 +29,7 @@ def evaluate_cmd(
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Baselines without --model: input size in px."),
     gpus: int = typer.Option(0, "--gpus", help="GPUs for the RELAX part (one actor each); 0 = CPU actors."),
     workers: int = typer.Option(1, "--workers", help="CPU actors for the RELAX part when --gpus is 0."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the whole result as JSON to this file (what `ctsearch report` reads)."),
     address: Optional[str] = ADDRESS_OPT,
     json_out: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
@@ -50,6 +51,11 @@ def evaluate_cmd(
         imagenet_weights=str(weights) if weights else None, gpus=gpus, workers=workers, address=address,
         log=lambda msg: say(f"evaluating {msg}", quiet or json_out),
     )  # fmt: skip
+    if out is not None:
+        from ctsearch.store import atomic_write_json
+
+        atomic_write_json(res, out)
+        say(f"result written to {out}", quiet or json_out)
     if json_out:
         emit_json(res)
         return

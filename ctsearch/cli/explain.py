@@ -120,8 +120,10 @@ def explain_query(index_dir: Path, query: str, slice_index: int | None, k: int, 
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{qmeta['volume_id']}_{qmeta['slice_index']}")
     out = Path(out or f"explain-{safe}")
     out.mkdir(parents=True, exist_ok=True)
-    meta = [{k2: qmeta.get(k2) for k2 in ("volume_id", "patient_id", "slice_index", "path")}]
-    meta += [{k2: hh.get(k2) for k2 in ("rank", "score", "volume_id", "patient_id", "slice_index", "path")} for hh in hits]
+    # z_mm and exam_date let `ctsearch report` say where a slice lies and which examination it is from.
+    keys = ("volume_id", "patient_id", "exam_date", "slice_index", "z_mm", "path")
+    meta = [{k2: qmeta.get(k2) for k2 in keys}]
+    meta += [{k2: hh.get(k2) for k2 in ("rank", "score", *keys)} for hh in hits]
     arrays = {"importance": own.importance, "uncertainty": own.uncertainty}
     if n:
         arrays.update(pair_query_importance=pair_q.importance, pair_hit_importance=pair_h.importance)
