@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -326,13 +327,18 @@ def _sha256_file(path: Path) -> str:
 class IndexWriter:
     """Adds shards to an index directory; one writer at a time per directory.
 
-    Use :meth:`open` (create or continue) and :meth:`commit_shard` per unit of work.
+    Use :meth:`open` (create or continue) and :meth:`commit_shard` per unit of work, then
+    :meth:`close` (or ``with IndexWriter.open(...) as w:``). The writer holds an exclusive lock
+    on ``ROOT/.lock`` until then: a second writer would delete the first one's uncommitted shard
+    files as crash leftovers. The OS drops the lock when the process dies, so a killed job never
+    leaves a stale lock behind (on a network filesystem flock may not be enforced).
     """
 
     root: Path
     manifest: dict
     _known: dict = field(default_factory=dict)  # (series_id, content_hash) -> volume_id
     _entries: dict = field(default_factory=dict)  # entry -> (size, mtime_ns)
+    _lock: object = None  # open file holding the flock
 
     @classmethod
     def create(cls, root, model_config: ModelConfig, model_dir=None, dtype: str = "float32",
@@ -345,6 +351,20 @@ class IndexWriter:
         """Start a new index at ``root`` or continue the one there (same model and dtype required)."""
         root = Path(root)
         choose_kind(0, ann_threshold, ann)  # validates ``ann``
+        if root.exists() and not root.is_dir():
+            raise CTSearchInputError(root, "is a file, not an index directory")
+        fresh = not root.exists() or all(f.name == LOCK_FILE for f in root.iterdir())
+        lock = _lock_dir(root)
+        try:
+            w = cls._open_locked(root, model_config, model_dir, dtype, ann_threshold, ann, fresh)
+        except BaseException:
+            lock.close()
+            raise
+        w._lock = lock
+        return w
+
+    @classmethod
+    def _open_locked(cls, root, model_config, model_dir, dtype, ann_threshold, ann, fresh) -> "IndexWriter":
         enc_sha = _sha256_file(Path(model_dir) / ENCODER_FILE) if model_dir is not None else ""
         mpath = root / INDEX_JSON
         if mpath.is_file():
@@ -359,7 +379,7 @@ class IndexWriter:
                 raise CTSearchInputError(root, f"the index stores {manifest['dtype']} embeddings; pass --dtype {manifest['dtype']}")
             manifest["ann_threshold"], manifest["ann"] = int(ann_threshold), ann
         else:
-            if root.exists() and any(root.iterdir()):
+            if not fresh:
                 raise CTSearchInputError(root, f"exists, is not empty and has no {INDEX_JSON}; choose a new --out directory")
             cfg = model_config.to_json()
             manifest = {
@@ -392,6 +412,18 @@ class IndexWriter:
         w._remove_uncommitted()
         w._load_volumes()
         return w
+
+    def close(self) -> None:
+        """Release the directory lock (the writer cannot commit after this)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> "IndexWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # --- bookkeeping
     def _shard_files(self, name: str) -> list[Path]:
@@ -463,6 +495,8 @@ class IndexWriter:
         return kind, params
 
     def _commit(self, add: list[dict], remove: list[str]) -> None:
+        if self._lock is None:
+            raise RuntimeError(f"IndexWriter for {self.root} is closed")
         m = self.manifest
         m["shards"] = [s for s in m["shards"] if s["name"] not in remove] + add
         m["next_shard"] += len(add)
@@ -516,6 +550,28 @@ class IndexWriter:
                            "params": params, "merged_from": [s["name"] for s in flats]}],
                      remove=[s["name"] for s in flats])
         return name
+
+
+LOCK_FILE = ".lock"
+
+
+def _lock_dir(root: Path):
+    """Create ``root`` if needed and take its writer lock; an open file (closing it unlocks)."""
+    root.mkdir(parents=True, exist_ok=True)
+    f = open(root / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise CTSearchInputError(root, f"another `ctsearch index` is writing to this index ({holder}); "
+                                       "wait for it to finish or choose another --out directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    f.flush()
+    return f
 
 
 def _dedupe(rows: list[dict]) -> list[dict]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from ctsearch.index import (
     merge_topk,
     search_shard,
 )
+from ctsearch.errors import CTSearchInputError
 from ctsearch.model import ModelConfig
 
 CFG = ModelConfig(backbone="tiny", image_size=64)  # D = 128
@@ -168,6 +172,7 @@ def test_crash_between_files_and_commit_leaves_the_old_index(tmp_path, monkeypat
     monkeypatch.delenv(CRASH_ENV)
     assert (tmp_path / "i" / "embeddings" / "shard-00001.parquet").exists()  # written, never committed
     assert len(Index.open(tmp_path / "i")) == 100
+    w.close()  # what the crashed process's exit does to its lock
     w2 = IndexWriter.open(tmp_path / "i", CFG)  # the next writer removes the leftovers
     assert not (tmp_path / "i" / "embeddings" / "shard-00001.parquet").exists()
     assert w2.commit_shard(rows[100:], db[100:], volumes_for(rows[100:]), errors=[]) == "shard-00001"
@@ -242,3 +247,22 @@ def test_torch_topk_rescores_float16_candidates_in_float32():
     x = torch.from_numpy(db16)
     plain, rescored = recall(torch_topk(q, x, 5, rescore=0)[1]), recall(torch_topk(q, x, 5)[1])
     assert rescored >= 0.98 and rescored > plain + 0.2
+
+
+def test_one_writer_at_a_time_and_the_lock_dies_with_the_writer(tmp_path):
+    db = clustered(100, 128, clusters=5, seed=10)
+    rows = rows_for(100)
+    w = IndexWriter.open(tmp_path / "i", CFG)
+    with pytest.raises(CTSearchInputError, match=f"another `ctsearch index` is writing to this index \\(pid {os.getpid()}"):
+        IndexWriter.open(tmp_path / "i", CFG)
+    w.commit_shard(rows, db, volumes_for(rows), errors=[])  # the refused writer deleted nothing
+    w.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        w.commit_shard(rows, db, volumes_for(rows), errors=[])
+    with IndexWriter.open(tmp_path / "i", CFG) as w2:
+        assert len(Index.open(tmp_path / "i")) == 100 and w2.manifest["shards"][0]["name"] == "shard-00000"
+    # A process killed while writing leaves its lock file but not its lock.
+    code = (f"from ctsearch.index import IndexWriter; from ctsearch.model import ModelConfig; import os; "
+            f"IndexWriter.open({str(tmp_path / 'i')!r}, ModelConfig(backbone='tiny', image_size=64)); os._exit(9)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    IndexWriter.open(tmp_path / "i", CFG).close()
