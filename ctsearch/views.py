@@ -33,13 +33,22 @@ def resize_short_side(x: torch.Tensor, size: int) -> torch.Tensor:
     return x
 
 
-def eval_transform(hu, config: ModelConfig) -> torch.Tensor:
-    """HU slices [n, y, x] (numpy or tensor) -> float32 tensor [n, 3, S, S] in [0, 1]."""
+def eval_transform(hu, config: ModelConfig, channels: int = 3) -> torch.Tensor:
+    """HU slices [n, y, x] (numpy or tensor) -> float32 tensor [n, channels, S, S] in [0, 1].
+
+    The three pseudo-RGB channels are copies of one grey image: ``channels=1`` returns it alone,
+    a third of the bytes, for moving slices between processes (``to_rgb`` restores the input).
+    """
     t = torch.as_tensor(np.asarray(hu) if not isinstance(hu, torch.Tensor) else hu)
     if t.ndim == 2:
         t = t[None]
     x = apply_window(t, Window(*config.wide), config.rescale)[:, None]
     x = resize_short_side(x, config.image_size)
+    return x.contiguous() if channels == 1 else to_rgb(x)
+
+
+def to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Grey [n, 1, S, S] -> pseudo-RGB [n, 3, S, S] (channels stacked, as the reference does)."""
     return x.expand(-1, 3, -1, -1).contiguous()
 
 
