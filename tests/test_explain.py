@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ctsearch.cli.main import app
+from ctsearch.errors import CTSearchInputError
 from ctsearch.model import ModelConfig, build_encoder, save_encoder
 from ctsearch.store import read_slices
 
@@ -86,3 +87,45 @@ def test_explain_query_and_top_k(synth_archive, tiny_run, ray_session, tmp_path)
     assert z["pair_hit_importance"].shape == (2, 64, 64)
     assert not np.allclose(z["pair_query_importance"][0], z["importance"][0])
     assert Image.open(out / "explanation.png").size[0] > 3 * 224
+
+
+def test_explain_dataset_killed_and_rerun_finishes_without_redoing(slice_dataset, tiny_run, ray_session, tmp_path, monkeypatch):
+    from ctsearch.jobs import explain as job
+
+    opts = lambda: job.ExplainOptions(num_masks=8, render_png=False)  # noqa: E731
+    monkeypatch.setattr(job, "PART_ROWS", 4)
+    flush, calls = job._PartWriter.flush, []
+
+    def dying_flush(self):
+        flush(self)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the job is killed right after its second commit
+
+    monkeypatch.setattr(job._PartWriter, "flush", dying_flush)
+    out = tmp_path / "o"
+    with pytest.raises(KeyboardInterrupt):
+        job.explain_dataset(slice_dataset, tiny_run, out, options=opts())
+    committed = pq.read_table(out / "parts").num_rows
+    assert committed >= 8 and not (out / "explanations.parquet").exists()
+
+    monkeypatch.setattr(job._PartWriter, "flush", flush)
+    progress = []
+    s = job.explain_dataset(slice_dataset, tiny_run, out, options=opts(), on_slice=lambda d, t: progress.append((d, t)))
+    n = pq.read_metadata(slice_dataset / "test.parquet").num_rows
+    assert s["resumed_with"] == committed and s["slices"] == n and s["errors"] == 0
+    assert progress[0] == (committed, n) and progress[-1] == (n, n)
+    assert not list((out / "parts").iterdir())
+    resumed = job.read_explanations(out / "explanations.parquet")
+    keys = list(zip(resumed["volume_id"], resumed["slice_index"]))
+    assert len(set(keys)) == n
+
+    job.explain_dataset(slice_dataset, tiny_run, tmp_path / "w", options=opts())  # the same job, never killed
+    whole = job.read_explanations(tmp_path / "w" / "explanations.parquet")
+    assert list(zip(whole["volume_id"], whole["slice_index"])) == keys
+    np.testing.assert_allclose(resumed["importance"], whole["importance"], atol=1e-5)
+
+    again = job.explain_dataset(slice_dataset, tiny_run, out, options=opts())  # complete: nothing left to do
+    assert again["resumed_with"] == n and again["slices"] == n
+    with pytest.raises(CTSearchInputError, match="another relax"):
+        job.explain_dataset(slice_dataset, tiny_run, out, options=job.ExplainOptions(num_masks=16, render_png=False))

@@ -70,6 +70,32 @@ def progress(items: Iterable[T], total: int | None, description: str, quiet: boo
             bar.advance(task)
 
 
+class CallbackBar:
+    """A progress bar on stderr driven by a job's ``on_...(done, total)`` callback (``update``).
+
+    Nothing is drawn when ``off`` or when stderr is not a terminal; call ``close`` at the end.
+    """
+
+    def __init__(self, description: str, off: bool = False):
+        self.bar = self.task = None
+        if off or not sys.stderr.isatty():
+            return
+        cols = [TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+        self.bar = Progress(*cols, console=err_console, transient=True)
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            return
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("", total=total)
+        self.bar.update(self.task, completed=done)
+
+    def close(self) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.stop()
+
+
 def say(message: str, quiet: bool = False) -> None:
     """Human chatter goes to stderr so stdout stays clean for --json."""
     if not quiet:

@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, emit_json, handle_errors, say
+from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, CallbackBar, emit_json, handle_errors, say
 from ctsearch.errors import CTSearchInputError
 
 
@@ -52,7 +52,14 @@ def explain_cmd(
 
         out = out or model / "explanations" / split
         say(f"explaining {target}/{split}.parquet with {model} ({masks} masks per slice) -> {out}", quiet or json_out)
-        summary = explain_dataset(target, model, out, split=split, options=opts, gpus=gpus, workers=workers, address=address)
+        bar = CallbackBar("explaining slices", off=quiet or json_out)
+        try:
+            summary = explain_dataset(target, model, out, split=split, options=opts, gpus=gpus, workers=workers,
+                                      address=address, on_slice=bar.update)
+        finally:
+            bar.close()
+        if summary["resumed_with"]:
+            say(f"resumed: {summary['resumed_with']} slices were already explained in {out}", quiet or json_out)
         if json_out:
             emit_json({**summary, "out": str(out)})
             return

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, emit_json, err_console, handle_errors, say
+from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, CallbackBar, emit_json, handle_errors, say
 
 
 def register(app: typer.Typer) -> None:
@@ -37,7 +37,7 @@ def index_cmd(
     """
     from ctsearch.jobs.index import index_source
 
-    bar = _Bar(quiet or json_out)
+    bar = CallbackBar("indexing volumes", off=quiet or json_out)
     try:
         summary = index_source(source, model, out, gpus=gpus, batch_size=batch_size, dtype=dtype,
                                ann_threshold=ann_threshold, ann=ann, shard_volumes=shard_volumes,
@@ -54,30 +54,3 @@ def index_cmd(
         f"(see {out / 'errors.parquet'}); index now {summary['index_rows']} slices in {summary['shards']} shards",
         quiet,
     )
-
-
-class _Bar:
-    """A volume progress bar on stderr, driven by the job's callback."""
-
-    def __init__(self, off: bool):
-        import sys
-
-        self.bar = self.task = None
-        if off or not sys.stderr.isatty():
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("indexing volumes"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            console=err_console, transient=True)
-
-    def update(self, done: int, total: int) -> None:
-        if self.bar is None:
-            return
-        if self.task is None:
-            self.bar.start()
-            self.task = self.bar.add_task("index", total=total)
-        self.bar.update(self.task, completed=done)
-
-    def close(self) -> None:
-        if self.bar is not None and self.task is not None:
-            self.bar.stop()

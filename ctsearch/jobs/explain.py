@@ -18,9 +18,11 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -131,7 +133,6 @@ class Explainer:
     def __init__(self, encoder_spec: dict, options: dict, torch_threads: int | None = None):
         import torch
 
-        
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -223,6 +224,12 @@ def split_path(dataset_dir: str | os.PathLike, split: str) -> Path:
     return path
 
 
+def _drop_keys(batch: dict[str, np.ndarray], keys) -> dict[str, np.ndarray]:
+    keys = ray.get(keys) if isinstance(keys, ray.ObjectRef) else keys
+    keep = np.array([slice_key(v, i) not in keys for v, i in zip(batch["volume_id"], batch["slice_index"])], bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
 def explain_slices(
     path: Path,
     encoder_spec: dict,
@@ -231,14 +238,20 @@ def explain_slices(
     workers: int = 1,
     liver_only: bool = False,
     address: str | None = None,
+    skip: set[str] | None = None,
 ):
-    """Run the Explainer over a slice parquet file; yields numpy batches of its output."""
+    """Run the Explainer over a slice parquet file; yields numpy batches of its output.
+
+    ``skip``: slice keys (``slice_key``) not to explain, e.g. those a killed run already wrote.
+    """
     start_ray(address)
     ds = ray.data.read_parquet(str(path)).select_columns(SLICES_SCHEMA.names)
     if liver_only:
         from ray.data.expressions import col
 
         ds = ds.filter(expr=col("label") == 1)
+    if skip:
+        ds = ds.map_batches(_drop_keys, fn_kwargs={"keys": ray.put(skip)}, batch_format="numpy")
     pool = max(1, gpus) if gpus else max(1, workers)
     # Each actor reserves one Ray CPU (so the parquet reader always gets one too) but lets torch
     # use this machine's share of cores: RELAX is convolution-bound.
@@ -255,6 +268,11 @@ def explain_slices(
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
+RUN_FILE = "explain-run.json"  # what the folder's explanations were made with (for resuming)
+PARTS_DIR = "parts"
+PART_ROWS = 32  # slices per committed part: what a killed job can lose
+
+
 def explain_dataset(
     dataset_dir: str | os.PathLike,
     model_dir: str | os.PathLike,
@@ -264,46 +282,46 @@ def explain_dataset(
     gpus: int = 0,
     workers: int = 1,
     address: str | None = None,
+    on_slice: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Explain every slice of DATASET_DIR/<split>.parquet with the encoder in ``model_dir``.
 
     Writes into ``out_dir``: explanations.parquet (EXPLANATIONS_SCHEMA), overlays/*.png,
     errors.parquet and explain.json (settings, counts, mean RR). Returns the summary dict.
-    """
-    from ctsearch.report import write_bytes_atomic
+    ``on_slice(done, total)`` is called as slices finish (for progress bars).
 
+    Resumable: results are committed every PART_ROWS slices under ``out_dir/parts/``; running
+    the same job again explains only the slices in neither explanations.parquet, a part nor
+    errors, then folds everything into the final files. Other settings or another model in the
+    same folder are refused (they would mix maps that are not comparable).
+    """
     options = options or ExplainOptions()
     options.check()
     path = split_path(dataset_dir, split)
     spec = run_spec(model_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _claim_folder(out, path, model_dir, options)
 
-    rows, errors = [], []
-    for b in explain_slices(path, spec, options, gpus=gpus, workers=workers, address=address):
-        for i in range(len(b["volume_id"])):
-            vid, si = str(b["volume_id"][i]), int(b["slice_index"][i])
-            if b["error"][i]:
-                errors.append({"path": f"{path}#{slice_key(vid, si)}", "stage": "explain", "error": str(b["error"][i])})
-                continue
-            png = None
-            if options.render_png:
-                png = png_name(vid, si)
-                write_bytes_atomic(b["png_bytes"][i], out / png)
-            rr = float(b["rr"][i])
-            rows.append({
-                "volume_id": vid, "patient_id": str(b["patient_id"][i]), "slice_index": si, "label": int(b["label"][i]),
-                "map_size": int(b["map_size"][i]), "importance": b["importance"][i], "uncertainty": b["uncertainty"][i],
-                "masks_used": int(b["masks_used"][i]), "mask_pixels": int(b["mask_pixels"][i]),
-                "rr": None if np.isnan(rr) else rr, "png": png,
-            })  # fmt: skip
-    rows.sort(key=lambda r: (r["volume_id"], r["slice_index"]))
-    atomic_write_table(pa.Table.from_pylist(rows, schema=EXPLANATIONS_SCHEMA), out / EXPLANATIONS_FILE)
-    atomic_write_table(errors_table(errors), out / "errors.parquet")
+    done = _done_keys(out)
+    total = pq.read_metadata(path).num_rows
+    todo = total - len(done & _dataset_keys(path))
+    part = _PartWriter(out, options.render_png)
+    if on_slice:
+        on_slice(total - todo, total)
+    if todo:
+        for b in explain_slices(path, spec, options, gpus=gpus, workers=workers, address=address, skip=done):
+            part.add(b, path)
+            if on_slice:
+                on_slice(total - todo + part.seen, total)
+        part.flush()
+
+    rows, errors = _fold_parts(out)
     rr = [r["rr"] for r in rows if r["rr"] is not None]
     liver_without_mask = sum(1 for r in rows if r["label"] == 1 and r["rr"] is None)
     summary = {
         "dataset": str(path), "model": str(model_dir), "split": split, "slices": len(rows), "errors": len(errors),
+        "resumed_with": total - todo,
         "rr_mean": float(np.mean(rr)) if rr else None, "rr_slices": len(rr),
         "liver_slices_without_mask": liver_without_mask,
         "masks_used_mean": float(np.mean([r["masks_used"] for r in rows])) if rows else None,
@@ -312,6 +330,110 @@ def explain_dataset(
     }  # fmt: skip
     atomic_write_json(summary, out / SUMMARY_FILE)
     return summary
+
+
+def _claim_folder(out: Path, dataset: Path, model_dir, options: ExplainOptions) -> None:
+    """Record what this folder's explanations are made with; refuse to mix in other settings."""
+    from ctsearch.index import content_hash
+    from ctsearch.model import ENCODER_FILE
+
+    # Only what changes the maps: PNGs, forward batch size and slices per call do not.
+    maps = {k: v for k, v in asdict(options).items() if k in ("num_masks", "grid", "p", "seed", "tolerance", "check_every", "keep_maps")}
+    run = {"dataset": str(dataset.resolve()), "encoder_sha256": content_hash(Path(model_dir) / ENCODER_FILE), "relax": maps}
+    f = out / RUN_FILE
+    if f.is_file():
+        old = json.loads(f.read_text())
+        if old != run:
+            diff = sorted(k for k in run if old.get(k) != run[k])
+            raise CTSearchInputError(out, f"holds explanations made with another {', '.join(diff)}; "
+                                          "use the same settings to resume, or a new --out folder")
+    elif (out / EXPLANATIONS_FILE).exists():
+        raise CTSearchInputError(out, f"holds {EXPLANATIONS_FILE} without {RUN_FILE}; choose a new --out folder")
+    else:
+        atomic_write_json(run, f)
+
+
+def _dataset_keys(path: Path) -> set[str]:
+    t = pq.read_table(path, columns=["volume_id", "slice_index"])
+    return {slice_key(v, i) for v, i in zip(t.column("volume_id").to_pylist(), t.column("slice_index").to_pylist())}
+
+
+def _error_key(err_path: str) -> str:
+    return err_path.rsplit("#", 1)[-1]
+
+
+def _done_keys(out: Path) -> set[str]:
+    """Slices already explained or failed, in the final files or in committed parts."""
+    keys = set()
+    for f in [out / EXPLANATIONS_FILE, *sorted((out / PARTS_DIR).glob("expl-*.parquet"))]:
+        if f.is_file():
+            t = pq.read_table(f, columns=["volume_id", "slice_index"])
+            keys |= {slice_key(v, i) for v, i in zip(t.column("volume_id").to_pylist(), t.column("slice_index").to_pylist())}
+    for f in [out / "errors.parquet", *sorted((out / PARTS_DIR).glob("errors-*.parquet"))]:
+        if f.is_file():
+            keys |= {_error_key(p) for p in pq.read_table(f, columns=["path"]).column("path").to_pylist()}
+    return keys
+
+
+class _PartWriter:
+    """Collects the Explainer's output and commits it every PART_ROWS slices (PNG files first)."""
+
+    def __init__(self, out: Path, render_png: bool):
+        self.out, self.render_png = out, render_png
+        self.rows: list[dict] = []
+        self.errors: list[dict] = []
+        self.seen = 0
+        existing = [int(f.stem.split("-")[1]) for f in (out / PARTS_DIR).glob("*-*.parquet")]
+        self.next = max(existing, default=-1) + 1
+
+    def add(self, b: dict, path: Path) -> None:
+        from ctsearch.report import write_bytes_atomic
+
+        for i in range(len(b["volume_id"])):
+            self.seen += 1
+            vid, si = str(b["volume_id"][i]), int(b["slice_index"][i])
+            if b["error"][i]:
+                self.errors.append({"path": f"{path}#{slice_key(vid, si)}", "stage": "explain", "error": str(b["error"][i])})
+                continue
+            png = None
+            if self.render_png:
+                png = png_name(vid, si)
+                write_bytes_atomic(b["png_bytes"][i], self.out / png)
+            rr = float(b["rr"][i])
+            self.rows.append({
+                "volume_id": vid, "patient_id": str(b["patient_id"][i]), "slice_index": si, "label": int(b["label"][i]),
+                "map_size": int(b["map_size"][i]), "importance": b["importance"][i], "uncertainty": b["uncertainty"][i],
+                "masks_used": int(b["masks_used"][i]), "mask_pixels": int(b["mask_pixels"][i]),
+                "rr": None if np.isnan(rr) else rr, "png": png,
+            })  # fmt: skip
+        if len(self.rows) + len(self.errors) >= PART_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Errors first: a slice counts as done once it is in either file, so neither may be lost."""
+        parts = self.out / PARTS_DIR
+        if self.errors:
+            atomic_write_table(errors_table(self.errors), parts / f"errors-{self.next:05d}.parquet")
+        if self.rows:
+            atomic_write_table(pa.Table.from_pylist(self.rows, schema=EXPLANATIONS_SCHEMA), parts / f"expl-{self.next:05d}.parquet")
+        if self.rows or self.errors:
+            self.next += 1
+        self.rows, self.errors = [], []
+
+
+def _fold_parts(out: Path) -> tuple[list[dict], list[dict]]:
+    """Final explanations.parquet and errors.parquet = previous finals + parts; then drop the parts."""
+    parts = out / PARTS_DIR
+    expl = [out / EXPLANATIONS_FILE, *sorted(parts.glob("expl-*.parquet"))]
+    errs = [out / "errors.parquet", *sorted(parts.glob("errors-*.parquet"))]
+    rows = [r for f in expl if f.is_file() for r in pq.read_table(f).to_pylist()]
+    errors = [r for f in errs if f.is_file() for r in pq.read_table(f).to_pylist()]
+    rows.sort(key=lambda r: (r["volume_id"], r["slice_index"]))
+    atomic_write_table(pa.Table.from_pylist(rows, schema=EXPLANATIONS_SCHEMA), out / EXPLANATIONS_FILE)
+    atomic_write_table(errors_table(errors), out / "errors.parquet")
+    for f in [*expl[1:], *errs[1:]]:
+        f.unlink()
+    return rows, errors
 
 
 def read_explanations(path: str | os.PathLike) -> dict[str, np.ndarray]:
