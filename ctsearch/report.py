@@ -252,11 +252,11 @@ def _read_jsonl(path: Path) -> list[dict]:
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About n round tick values covering [lo, hi]."""
+def _ticks(lo: float, hi: float, n: int = 5, min_step: float = 0.0) -> list[float]:
+    """About n round tick values covering [lo, hi], at least min_step apart."""
     if not hi > lo:
         lo, hi = lo - 0.5, hi + 0.5
-    raw = (hi - lo) / n
+    raw = max((hi - lo) / n, min_step)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * (1 - 1e-9))
     start, end = math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step
@@ -283,7 +283,7 @@ def line_chart_svg(
         True
     """
     pts = [(float(x), float(y)) for s in series.values() for x, y in s if y is not None and math.isfinite(float(y))]
-    left, right, top, bottom = 58, 12, 30, 42
+    left, right, top, bottom = 58, 12, 46, 42
     w, h = width - left - right, height - top - bottom
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
            f'role="img" aria-label="{escape(title)}" class="chart">',
@@ -291,7 +291,8 @@ def line_chart_svg(
     if not pts:
         out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no values recorded</text></svg>')
         return "\n".join(out)
-    xt = _ticks(min(p[0] for p in pts), max(p[0] for p in pts), 6)
+    integer_x = all(x == int(x) for x, _ in pts)  # epochs: no ticks between them
+    xt = _ticks(min(p[0] for p in pts), max(p[0] for p in pts), 6, min_step=1.0 if integer_x else 0.0)
     yt = _ticks(min(p[1] for p in pts), max(p[1] for p in pts), 5)
     sx = lambda x: left + (x - xt[0]) / (xt[-1] - xt[0]) * w  # noqa: E731
     sy = lambda y: top + h - (y - yt[0]) / (yt[-1] - yt[0]) * h  # noqa: E731
@@ -312,9 +313,10 @@ def line_chart_svg(
         for x, y in xy:
             out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}">'
                        f"<title>{escape(name)}: {x_label} {_num(x)}, {_num(round(y, 4))}</title></circle>")  # fmt: skip
-        ly = top + 14 + 16 * i
-        out.append(f'<rect x="{left + w - 150}" y="{ly - 9}" width="10" height="10" fill="{colour}"/>'
-                   f'<text x="{left + w - 136}" y="{ly}">{escape(name)}</text>')  # fmt: skip
+        # The legend sits in the top margin, one entry after the other, so it never hides a line.
+        lx = left + 150 * i
+        out.append(f'<rect x="{lx}" y="{top - 17}" width="10" height="10" fill="{colour}"/>'
+                   f'<text x="{lx + 14}" y="{top - 8}">{escape(name)}</text>')  # fmt: skip
     out.append("</svg>")
     return "\n".join(out)
 
@@ -326,8 +328,8 @@ def png_data_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def _img(data: bytes, alt: str, css: str = "") -> str:
-    return f'<img src="{png_data_uri(data)}" alt="{escape(alt)}"{f" class={chr(34)}{css}{chr(34)}" if css else ""}>'
+def _img(data: bytes, alt: str, css: str) -> str:
+    return f'<img src="{png_data_uri(data)}" alt="{escape(alt)}" class="{css}">'
 
 
 def _table(header: list[str], rows: list[list[object]], css: str = "") -> str:
@@ -337,9 +339,9 @@ def _table(header: list[str], rows: list[list[object]], css: str = "") -> str:
 
 
 def _facts(pairs: list[tuple[str, object]]) -> str:
-    """A two-column key/value table of the pairs whose value is known."""
-    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in pairs if v not in (None, ""))
-    return f'<table class="facts">{rows}</table>'
+    """The pairs whose value is known as a key/value list (laid out in columns by the CSS)."""
+    items = "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in pairs if v not in (None, ""))
+    return f'<dl class="facts">{items}</dl>'
 
 
 def _pct(stat: dict | None, decimals: int) -> str:
@@ -419,8 +421,8 @@ def run_section(run: Path) -> str:
     summary = (f"<p>Last evaluation (epoch {last['epoch']}): MAP@5 {100 * last['map_at_5']:.1f} %, 5-NN accuracy "
                f"{100 * last.get('knn_accuracy', float('nan')):.1f} %, embedding spread {last.get('embedding_std', float('nan')):.3f} "
                "(SimSiam's collapse monitor: near 0 means every slice gets the same representation).</p>") if last else ""  # fmt: skip
-    return (f'<h3>{escape(run.name)}</h3><p class="path">{escape(str(run))}</p><div class="run">{facts}'
-            f'<div class="charts">{"".join(charts)}</div></div>{summary}{note}')
+    return (f'<h3>{escape(run.name)}</h3><p class="path">{escape(str(run))}</p>{facts}'
+            f'<div class="charts">{"".join(charts)}</div>{summary}{note}')
 
 
 def _fmt(v, spec: str = "") -> str:
@@ -506,7 +508,7 @@ def prepared_section(folder: Path) -> str:
             labels = pq.read_table(f, columns=["label", "patient_id"])
             liver = int(np.sum(labels.column("label").to_numpy() == 1))
             patients = len(set(labels.column("patient_id").to_pylist()))
-            facts.append((f"{split} slices", f"{labels.num_rows} from {patients} patients ({liver} with liver)"))
+            facts.append((f"{split} slices", f"{labels.num_rows} from {patients} patient{'s' * (patients != 1)} ({liver} with liver)"))
     return f'<p class="path">{escape(str(folder))}</p>{_facts(facts)}{_errors_table(folder / "errors.parquet")}'
 
 
@@ -516,8 +518,10 @@ h1{margin-bottom:.2em} h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margi
 nav a{margin-right:1em} .meta,.path{color:#666;font-size:.85em} .note{color:#8a5a00;background:#fff6e0;padding:.3em .6em;border-radius:4px}
 table{border-collapse:collapse;margin:.6em 0} th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
 thead th{background:#f2f2f2} table.results td:nth-child(n+2){text-align:right;font-variant-numeric:tabular-nums}
-table.facts th{background:#f7f7f7;font-weight:600;white-space:nowrap} dl.legend dt{font-weight:600;margin-top:.4em} dl.legend dd{margin-left:1.5em}
-.run{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start} .charts{display:flex;flex-wrap:wrap;gap:.5em}
+td{overflow-wrap:anywhere}
+dl.facts{display:grid;grid-template-columns:repeat(2,max-content minmax(8em,max-content));gap:.15em 1em;margin:.6em 0;font-size:.92em}
+dl.facts dt{font-weight:600;color:#444} dl.facts dd{margin:0} dl.legend dt{font-weight:600;margin-top:.4em} dl.legend dd{margin-left:1.5em}
+.charts{display:flex;flex-wrap:wrap;gap:.5em}
 svg.chart{background:#fff;border:1px solid #e3e3e3} svg.chart text{font-size:11px;fill:#333} svg.chart .title{font-size:12px;font-weight:600}
 svg.chart .grid{stroke:#eee} svg.chart .frame{fill:none;stroke:#999}
 img.figure{max-width:100%;height:auto;border:1px solid #ccc} .gallery{display:flex;flex-wrap:wrap;gap:.6em}

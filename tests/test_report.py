@@ -202,4 +202,4 @@ def test_evaluate_out_feeds_the_report(tmp_path, slice_dataset):
     assert json.loads(result.stdout)["sections"] == ["evaluation", "archive"]
     text = " ".join(parse_page(out).text)
     assert "random init (seed 0), tiny" in text and "MAP@5 (%)" in text
-    assert "from 6 patients" in text  # train slices of the prepared dataset
+    assert "from 6 patients (" in text  # train slices of the prepared dataset
