@@ -452,7 +452,8 @@ def query_section(folder: Path) -> str:
                       "hit's map toward the query")
     return f"""
 <p>Query: patient {escape(str(q.get('patient_id')))}, volume {escape(str(q.get('volume_id')))}, slice
-{escape(str(q.get('slice_index')))}{f", z = {q['z_mm']:.1f} mm" if q.get('z_mm') is not None else ""}
+{escape(str(q.get('slice_index')))}{f", z = {q['z_mm']:.1f} mm" if q.get('z_mm') is not None else ""}{
+f", examination of {escape(str(q['exam_date']))}" if q.get('exam_date') else ""}
 <span class="path">({escape(str(q.get('path')))})</span>.</p>
 {fig}
 <p>{escape(rows_text)}.</p>

@@ -8,11 +8,14 @@ from typer.testing import CliRunner
 
 from ctsearch.cli.demo import demo_steps
 from ctsearch.cli.main import app
+from test_report import parse_page
 
 
 def test_demo_plan_keeps_test_patients_out_of_training(tmp_path):
     steps = demo_steps(tmp_path, volumes=8, size=64, epochs=2, backbone="tiny", seed=0, masks=10)
-    assert [s[0] for s in steps] == ["synth", "prepare", "train", "train", "index", "search", "search", "explain", "evaluate"]
+    assert [s[0] for s in steps] == ["synth", "prepare", "train", "train", "index", "search", "search", "explain", "evaluate", "report"]
+    assert steps[-1] == ["report", str(tmp_path), "--out", str(tmp_path / "report.html")]
+    assert steps[-2][-2:] == ["--out", str(tmp_path / "evaluation.json")]  # the report reads what evaluate wrote
     prepare = steps[1]
     train_volumes = int(prepare[prepare.index("--train-volumes") + 1])
     assert train_volumes == 12  # 6 of 8 patients x 2 exams: both exams of a patient stay on one side
@@ -31,3 +34,12 @@ def test_demo_runs_end_to_end(tmp_path, ray_session):
         assert (out / "runs" / run / "encoder.safetensors").is_file()
     assert list((out / "explain").glob("*.png"))
     assert "MAP@5" in result.output and "demo finished" in result.output
+    assert f"Open the report: {out / 'report.html'}" in result.output
+    page = parse_page(out / "report.html")  # balanced, self-contained
+    text = " ".join(page.text)
+    for row in ("SimSiam (HU clipping)", "SimSiam (standard)", "random init (seed 0)"):
+        assert row in text  # the Table-1 rows
+    assert page.tags.count("svg") == 4  # loss and retrieval curves of both runs
+    assert any(t == "img" and k == "src" and v.startswith("data:image/png;base64,") for t, k, v in page.attrs)
+    assert "Archive and index" in text
+    assert not any(n in text for n in ("No evaluation result", "No training run", "No explain folder", "No index or"))
