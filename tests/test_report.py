@@ -203,3 +203,28 @@ def test_evaluate_out_feeds_the_report(tmp_path, slice_dataset):
     text = " ".join(parse_page(out).text)
     assert "random init (seed 0), tiny" in text and "MAP@5 (%)" in text
     assert "from 6 patients (" in text  # train slices of the prepared dataset
+
+
+def test_dataset_mode_explain_folder_shows_counts_and_liver_overlays_first(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "explanations" / "test"
+    (folder / "overlays").mkdir(parents=True)
+    atomic_write_json({"split": "test", "model": "runs/a", "slices": 3, "errors": 0, "rr_mean": 0.4321, "rr_slices": 1}, folder / "explain.json")
+    tile = slice_rgb(np.zeros((16, 16), np.int16), 16)
+    rows = []
+    for i, label in enumerate([0, 0, 1]):
+        png = f"overlays/v_{i}.png"
+        (folder / png).write_bytes(png_bytes(grid([[tile]])))
+        rows.append({"volume_id": "v", "slice_index": i, "label": label, "rr": 0.4321 if label else None, "png": png})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "explanations.parquet")
+    out = tmp_path / "r.html"
+    result = CliRunner().invoke(app, ["report", str(folder), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["sections"] == ["query"]
+    page = parse_page(out)
+    text = " ".join(page.text)
+    assert "0.4321" in text
+    captions = [v for t, k, v in page.attrs if t == "img" and k == "alt"]
+    assert captions == ["v slice 2, RR 0.432", "v slice 0", "v slice 1"]  # the liver slice, which has an RR, first
