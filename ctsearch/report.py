@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 from ctsearch import __version__
 from ctsearch.errors import CTSearchInputError
 from ctsearch.hu import WIDE, Window, apply_window
+from ctsearch.store import read_jsonl
 
 # (position, r, g, b): dark blue -> blue -> cyan -> yellow -> red -> dark red.
 _HEAT_ANCHORS = np.array(
@@ -236,17 +237,6 @@ def _read_json(path: Path, what: str) -> dict:
     return obj
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise CTSearchInputError(path, f"line {n} is not JSON") from None
-    return rows
-
-
 # --- inline SVG charts ------------------------------------------------------------------------
 
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
@@ -344,7 +334,7 @@ def _facts(pairs: list[tuple[str, object]]) -> str:
     return f'<dl class="facts">{items}</dl>'
 
 
-def _pct(stat: dict | None, decimals: int) -> str:
+def percent_cell(stat: dict | None, decimals: int) -> str:
     """{"mean", "std"} as fractions -> "89.1 ± 1.3" in percent ("n/a" when not measured)."""
     mean = (stat or {}).get("mean")
     if mean is None or not math.isfinite(mean):
@@ -359,7 +349,7 @@ def evaluation_section(path: Path) -> str:
     if not isinstance(res.get("rows"), list) or "k" not in res:
         raise CTSearchInputError(path, "is not an evaluation result (no 'rows' and 'k'; write one with ctsearch evaluate --out)")
     k = int(res["k"])
-    rows = [[r.get("name"), r.get("n"), _pct(r.get("map"), 1), _pct(r.get("acc"), 1), _pct(r.get("rr"), 2)] for r in res["rows"]]
+    rows = [[r.get("name"), r.get("n"), percent_cell(r.get("map"), 1), percent_cell(r.get("acc"), 1), percent_cell(r.get("rr"), 2)] for r in res["rows"]]
     table = _table(["pretraining", "runs", f"MAP@{k} (%)", f"ACC {k}-NN (%)", "RR (%)"], rows, "results")
     masks = res.get("relax_masks")
     return f"""
@@ -391,7 +381,7 @@ def run_section(run: Path) -> str:
     opts, model = cfg.get("options", {}), cfg.get("model", {})
     if not model and (run / "model.json").is_file():
         model = _read_json(run / "model.json", "model config")
-    metrics = _read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+    metrics = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
     window = lambda w: f"{w[0]} .. {w[1]} HU" if isinstance(w, list) and len(w) == 2 else None  # noqa: E731
     views = model.get("views", opts.get("views"))
     facts = _facts([

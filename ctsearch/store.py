@@ -109,6 +109,18 @@ def atomic_write_json(obj, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The objects of a JSON-lines file (e.g. a run's metrics.jsonl); a bad line is a one-line error."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise CTSearchInputError(path, f"line {n} is not JSON") from None
+    return rows
+
+
 def errors_table(rows: list[dict]) -> pa.Table:
     """rows of {path, stage, error} -> a table with ERRORS_SCHEMA."""
     return pa.Table.from_pylist([{k: r.get(k) for k in ERRORS_SCHEMA.names} for r in rows], schema=ERRORS_SCHEMA)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ctsearch.errors import CTSearchInputError
 from ctsearch.jobs.explain import ExplainOptions, baseline_spec, encoder_from_spec, explain_slices, run_spec, split_path
+from ctsearch.report import percent_cell
 
 METRIC_LABELS = {"map": "MAP", "acc": "ACC", "rr": "RR"}
 
@@ -82,18 +83,11 @@ def _stats(values: list[float]) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None, "values": values}
 
 
-def _cell(stat: dict, decimals: int) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    s = f"{100 * stat['mean']:.{decimals}f}"
-    return s + (f" ± {100 * stat['std']:.{decimals}f}" if stat["std"] is not None else "")
-
-
 def markdown_table(rows: list[dict], k: int) -> str:
     """Rows shaped like the paper's Table 1 (values in percent, mean ± sample std over runs)."""
     lines = [f"| pretraining | runs | MAP@{k} | ACC ({k}-NN) | RR |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['n']} | {_cell(r['map'], 1)} | {_cell(r['acc'], 1)} | {_cell(r['rr'], 2)} |")
+        lines.append(f"| {r['name']} | {r['n']} | {percent_cell(r['map'], 1)} | {percent_cell(r['acc'], 1)} | {percent_cell(r['rr'], 2)} |")
     return "\n".join(lines)
 
 

@@ -38,7 +38,7 @@ from ray.train.torch import TorchTrainer
 
 from ctsearch.errors import CTSearchInputError
 from ctsearch.model import SimSiam, ModelConfig, initial_encoder_state, save_encoder, set_residual_bn
-from ctsearch.store import atomic_write_json
+from ctsearch.store import atomic_write_json, read_jsonl
 from ctsearch.ssl import OptimConfig, build_optimizer, set_lr, train_step
 
 CONFIG_FILE = "config.json"
@@ -137,9 +137,7 @@ def versions() -> dict[str, str]:
 def read_metrics(out: str | os.PathLike) -> list[dict]:
     """The rows of ``OUT/metrics.jsonl`` (one per epoch; epoch 0 holds the untrained evaluation)."""
     path = Path(out) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path) if path.is_file() else []
 
 
 def _prepare_run_dir(out: Path, opts: TrainOptions, dataset_dir: Path) -> dict:
