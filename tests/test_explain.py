@@ -87,6 +87,14 @@ def test_explain_query_and_top_k(synth_archive, tiny_run, ray_session, tmp_path)
     assert z["pair_hit_importance"].shape == (2, 64, 64)
     assert not np.allclose(z["pair_query_importance"][0], z["importance"][0])
     assert Image.open(out / "explanation.png").size[0] > 3 * 224
+    # The query's own slice in another volume of its patient is the natural top hit; excluding the
+    # patient makes the explanation about other people's anatomy.
+    own = res["query"]["patient_id"]
+    r = CliRunner().invoke(app, ["explain", str(idx), str(vol), "--slice", "20", "-k", "2", "--masks", "8",
+                                 "--exclude-patient", own, "--no-png", "--out", str(tmp_path / "q2"), "--json"])
+    assert r.exit_code == 0, r.output
+    hits = json.loads(r.stdout)["hits"]
+    assert len(hits) == 2 and all(h["patient_id"] != own for h in hits)
 
 
 def test_explain_dataset_killed_and_rerun_finishes_without_redoing(slice_dataset, tiny_run, ray_session, tmp_path, monkeypatch):

@@ -26,6 +26,8 @@ def explain_cmd(
     split: str = typer.Option("test", "--split", help="Dataset mode: which split to explain (train or test)."),
     slice_: Optional[int] = typer.Option(None, "--slice", help="Index mode: slice of a file/folder QUERY (default: the middle slice)."),
     k: int = typer.Option(5, "-k", "--k", help="Index mode: retrieved slices to explain with the query."),
+    patient: Optional[str] = typer.Option(None, "--patient", help="Index mode: only retrieve slices of this patient id."),
+    exclude_patient: Optional[str] = typer.Option(None, "--exclude-patient", help="Index mode: never retrieve slices of this patient id (e.g. the query's own)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN_DIR/explanations/SPLIT, or ./explain-<query>)."),
     masks: int = typer.Option(3000, "--masks", help="RELAX masks per slice (3000 in the paper)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Masked images per forward pass (default 100 on CPU, 512 on GPU)."),
@@ -69,7 +71,7 @@ def explain_cmd(
         return
     if query is None:
         raise CTSearchInputError(target, "give a QUERY (index mode) or --model RUN_DIR (dataset mode)")
-    summary = explain_query(target, query, slice_, k, out, opts)
+    summary = explain_query(target, query, slice_, k, out, opts, patient=patient, exclude_patient=exclude_patient)
     if json_out:
         emit_json(summary)
         return
@@ -88,7 +90,8 @@ def _slice_hu(path: str, slice_index: int, cache: dict) -> np.ndarray:
     return np.asarray(hu[slice_index])
 
 
-def explain_query(index_dir: Path, query: str, slice_index: int | None, k: int, out: Path | None, opts) -> dict:
+def explain_query(index_dir: Path, query: str, slice_index: int | None, k: int, out: Path | None, opts,
+                  patient: str | None = None, exclude_patient: str | None = None) -> dict:
     """Query + top-k hits: own RELAX maps of each, and pair maps (query toward each hit, hit toward query)."""
     import torch
 
@@ -102,7 +105,7 @@ def explain_query(index_dir: Path, query: str, slice_index: int | None, k: int, 
     vector, qmeta = index.embed_query(query, slice_index)
     if not qmeta.get("path"):
         raise CTSearchInputError(query, "the index row has no source path, so its pixels cannot be explained")
-    res = index.search(vector, k=k + 1)
+    res = index.search(vector, k=k + 1, patient=patient, exclude_patient=exclude_patient)
     same = lambda h: h.get("volume_id") == qmeta.get("volume_id") and int(h.get("slice_index", -1)) == int(qmeta["slice_index"])  # noqa: E731
     hits = [h for h in res.hits[0] if not same(h)][:k]
     device = "cuda" if torch.cuda.is_available() else "cpu"
