@@ -90,7 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--volumes", type=int, default=3)
+    ap.add_argument("--volumes", type=int, default=10, help="synthetic volumes (~190 slices each); fewer lets start-up dominate")
     ap.add_argument("--size", type=int, default=256, help="synthetic slice side, pixels")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
