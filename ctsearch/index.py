@@ -54,6 +54,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctsearch.errors import CTSearchInputError
+from ctsearch.ids import NOT_PSEUDONYMISED, check_same_salt, ids_block, pseudonymise_ids, stored_id, withhold_ids
 
 
 def check_faiss_wheels(distribution_names: list[str] | None = None) -> None:
@@ -342,13 +343,17 @@ class IndexWriter:
 
     @classmethod
     def create(cls, root, model_config: ModelConfig, model_dir=None, dtype: str = "float32",
-               ann_threshold: int = DEFAULT_ANN_THRESHOLD, ann: str = "ivfpq") -> "IndexWriter":
-        return cls.open(root, model_config, model_dir, dtype, ann_threshold, ann)
+               ann_threshold: int = DEFAULT_ANN_THRESHOLD, ann: str = "ivfpq", id_salt: bytes | None = None) -> "IndexWriter":
+        return cls.open(root, model_config, model_dir, dtype, ann_threshold, ann, id_salt)
 
     @classmethod
     def open(cls, root, model_config: ModelConfig, model_dir=None, dtype: str = "float32",
-             ann_threshold: int = DEFAULT_ANN_THRESHOLD, ann: str = "ivfpq") -> "IndexWriter":
-        """Start a new index at ``root`` or continue the one there (same model and dtype required)."""
+             ann_threshold: int = DEFAULT_ANN_THRESHOLD, ann: str = "ivfpq", id_salt: bytes | None = None) -> "IndexWriter":
+        """Start a new index at ``root`` or continue the one there (same model, dtype and id salt required).
+
+        ``id_salt``: the rows' ids are hashed with it (ctsearch.ids); index.json records its
+        fingerprint, and an index is only extended with the salt it was made with (or none).
+        """
         root = Path(root)
         choose_kind(0, ann_threshold, ann)  # validates ``ann``
         if root.exists() and not root.is_dir():
@@ -356,7 +361,7 @@ class IndexWriter:
         fresh = not root.exists() or all(f.name == LOCK_FILE for f in root.iterdir())
         lock = _lock_dir(root)
         try:
-            w = cls._open_locked(root, model_config, model_dir, dtype, ann_threshold, ann, fresh)
+            w = cls._open_locked(root, model_config, model_dir, dtype, ann_threshold, ann, fresh, id_salt)
         except BaseException:
             lock.close()
             raise
@@ -364,7 +369,7 @@ class IndexWriter:
         return w
 
     @classmethod
-    def _open_locked(cls, root, model_config, model_dir, dtype, ann_threshold, ann, fresh) -> "IndexWriter":
+    def _open_locked(cls, root, model_config, model_dir, dtype, ann_threshold, ann, fresh, id_salt) -> "IndexWriter":
         enc_sha = _sha256_file(Path(model_dir) / ENCODER_FILE) if model_dir is not None else ""
         mpath = root / INDEX_JSON
         if mpath.is_file():
@@ -377,6 +382,7 @@ class IndexWriter:
                 )
             if manifest["dtype"] != dtype:
                 raise CTSearchInputError(root, f"the index stores {manifest['dtype']} embeddings; pass --dtype {manifest['dtype']}")
+            check_same_salt(manifest.get("ids"), id_salt, root, "or choose a new --out directory")
             manifest["ann_threshold"], manifest["ann"] = int(ann_threshold), ann
         else:
             if not fresh:
@@ -395,6 +401,7 @@ class IndexWriter:
                 "embedding_dim": model_config.embedding_dim,
                 "dtype": dtype,
                 "metric": "inner_product_on_l2_normalised",
+                "ids": ids_block(id_salt),
                 "ann_threshold": int(ann_threshold),
                 "ann": ann,
                 "shards": [],
@@ -669,6 +676,16 @@ class Index:
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_json(self.manifest["model"]["config"])
 
+    @property
+    def ids(self) -> dict:
+        """The ``ids`` block of index.json: whether ids are pseudonymised, and the salt fingerprint."""
+        return self.manifest.get("ids") or dict(NOT_PSEUDONYMISED)
+
+    def patient_key(self, patient: str | None, id_salt: bytes | None = None) -> str | None:
+        """A ``--patient`` value as the rows store it: on a pseudonymised index a pseudonym as it is,
+        an original id hashed with ``id_salt`` (which it then needs); elsewhere unchanged."""
+        return stored_id(patient, self.ids, id_salt, self.root)
+
     # --- per-shard data
     def _index(self, s: dict) -> faiss.Index:
         if s["name"] not in self._faiss:
@@ -718,11 +735,15 @@ class Index:
         j, i = found[0]
         return np.asarray(self.shard_vectors(self.shards[j])[i], np.float32), self.rows(j, [i])[0]
 
-    def embed_query(self, query: str | os.PathLike, slice_index: int | None = None) -> tuple[np.ndarray, dict]:
+    def embed_query(self, query: str | os.PathLike, slice_index: int | None = None,
+                    id_salt: bytes | None = None) -> tuple[np.ndarray, dict]:
         """A query -> (unit vector [d], its metadata), embedded with the index's own model.
 
         ``query``: a NIfTI file or DICOM series folder (``slice_index``, default the middle
         slice), or a row reference ``volume_id:slice_index`` to a slice already in the index.
+        On a pseudonymised index a file's ids are hashed like the rows' (with ``id_salt``, which
+        must be the index's), so its patient can be recognised; without a salt they are left
+        empty rather than shown beside pseudonyms.
         """
         p = Path(query)
         if p.exists():
@@ -739,7 +760,7 @@ class Index:
             meta = {"volume_id": vol.series_id or p.name, "patient_id": vol.patient_id, "study_id": vol.study_id,
                     "series_id": vol.series_id, "exam_date": vol.exam_date, "slice_index": s,
                     "z_mm": float(vol.z_mm()[s]), "path": str(p)}
-            return v, meta
+            return v, self._query_ids(meta, id_salt)
         vid, sep, si = str(query).rpartition(":")
         if sep and vid and si.lstrip("-").isdigit():
             if slice_index is not None:
@@ -747,6 +768,14 @@ class Index:
             v, meta = self.lookup(vid, int(si))
             return l2_normalize(v[None])[0], meta
         raise CTSearchInputError(query, "no such file or folder, and not a row reference volume_id:slice_index")
+
+    def _query_ids(self, meta: dict, id_salt: bytes | None) -> dict:
+        if not self.ids.get("pseudonymised"):
+            return meta
+        if id_salt is None:
+            return withhold_ids(meta)
+        check_same_salt(self.ids, id_salt, self.root, "to hash the query's ids")
+        return pseudonymise_ids(meta, id_salt)
 
     # --- search
     def search(

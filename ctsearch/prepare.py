@@ -18,6 +18,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Callable, Iterable
@@ -26,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from ctsearch.errors import CTSearchInputError
+from ctsearch.ids import ids_block, pseudonymise_ids
 from ctsearch.io import ScanEntry, scan_archive
 from ctsearch.store import MANIFEST_SCHEMA, SliceSet, atomic_write_json, atomic_write_table, errors_table, write_slices
 
@@ -66,7 +69,9 @@ def _slice_set(vol, entry: ScanEntry, label: np.ndarray, idx: np.ndarray) -> Sli
         mask=mask,
         label=(mask.reshape(n, -1).max(axis=1, initial=0) > 0).astype(np.int8),
         volume_id=np.array([entry.volume_id] * n, dtype=object),
-        patient_id=np.array([vol.patient_id or entry.patient_id] * n, dtype=object),
+        # The entry's id, not the volume's: the entry's ids are the final (possibly hashed) ones,
+        # both read from the same source.
+        patient_id=np.array([entry.patient_id] * n, dtype=object),
         slice_index=idx.astype(np.int32),
         z_mm=vol.z_mm()[idx],
     )
@@ -82,6 +87,14 @@ def _cut(entry: ScanEntry, per_volume: int, seed: int, every_slice: bool = False
               "liver": liver.tolist(), "non_liver": other.tolist()}
     everything = _slice_set(vol, entry, label, np.arange(vol.hu.shape[0])) if every_slice else None
     return slices, record, everything
+
+
+def _final_ids(entries: list[ScanEntry], salt: bytes | None) -> list[ScanEntry]:
+    """The one place prepare finalises ids: hashed with ``salt`` (ctsearch.ids), else as given."""
+    if salt is None:
+        return entries
+    keys = ("volume_id", "patient_id", "study_id", "series_id")
+    return [dataclasses.replace(e, **pseudonymise_ids({k: getattr(e, k) for k in keys}, salt)) for e in entries]
 
 
 def _concat(parts: list[SliceSet]) -> SliceSet:
@@ -102,12 +115,18 @@ def prepare(
     seed: int = 0,
     all_train_slices: bool = False,
     progress: Callable[[Iterable, int, str], Iterable] | None = None,
+    id_salt: bytes | None = None,
 ) -> dict:
     """Scan ``archive`` and write ``out/manifest.parquet``, ``out/errors.parquet`` (and the protocol files).
 
     With ``all_train_slices`` the protocol also writes ``out/train_all.parquet``: every slice of the
     training volumes, labelled by its mask, for self-supervised training on more unlabelled slices
     (``ctsearch train --train-slices all``); evaluation still uses ``train.parquet``/``test.parquet``.
+
+    With ``id_salt`` (ctsearch.ids) patient, study and series ids are hashed in every output; the
+    protocol's case order and train/test split are computed from the original ids first, so they
+    do not change. The ``ids`` block (protocol.json, and the manifest's parquet metadata
+    ``ctsearch.ids``) records whether and with which salt fingerprint.
 
     Returns a summary dict: volumes, errors, and for a protocol train/test volumes and slices.
     """
@@ -121,11 +140,15 @@ def prepare(
     progress = progress or (lambda items, total, desc: items)
 
     entries, errors = scan_archive(archive)
-    atomic_write_table(pa.Table.from_pylist([e.row() for e in entries], schema=MANIFEST_SCHEMA), out / "manifest.parquet")
-    summary: dict = {"archive": str(archive), "out": str(out), "volumes": len(entries)}
+    ordered = _protocol_order(entries)  # from the original ids, before any hashing
+    entries, ordered = _final_ids(entries, id_salt), _final_ids(ordered, id_salt)
+    ids = ids_block(id_salt)
+    manifest = pa.Table.from_pylist([e.row() for e in entries], schema=MANIFEST_SCHEMA)
+    manifest = manifest.replace_schema_metadata({b"ctsearch.ids": json.dumps(ids).encode()})
+    atomic_write_table(manifest, out / "manifest.parquet")
+    summary: dict = {"archive": str(archive), "out": str(out), "volumes": len(entries), "ids": ids}
 
     if protocol == "decathlon":
-        ordered = _protocol_order(entries)
         if not ordered:
             raise CTSearchInputError(archive, "no labelled volumes found: the decathlon protocol needs imagesTr/ with labelsTr/")
         parts: dict[str, list[SliceSet]] = {"train": [], "test": [], "train_all": []}
@@ -153,7 +176,7 @@ def prepare(
         meta = {"protocol": protocol, "per_volume": per_volume, "train_volumes": train_volumes, "seed": seed,
                 "all_train_slices": all_train_slices,
                 "rule": "uniform without replacement within liver / non-liver slices, rng seeded by (seed, case_number)",
-                "volumes": records}
+                "ids": ids, "volumes": records}
         atomic_write_json(meta, out / "protocol.json")
 
     atomic_write_table(errors_table(errors), out / "errors.parquet")

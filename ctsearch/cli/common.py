@@ -27,6 +27,11 @@ QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No progress bars or chatt
 ADDRESS_OPT = typer.Option(
     None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else start Ray in this process)."
 )
+# A file, never the salt itself: a command line ends up in shell history (ctsearch.ids).
+SALT_OPT = typer.Option(
+    None, "--id-salt-file", envvar="CTSEARCH_ID_SALT_FILE", show_envvar=False,
+    help="Hash patient, study and series ids with the secret salt in this file (default: $CTSEARCH_ID_SALT_FILE).",
+)
 
 
 def debug_enabled() -> bool:

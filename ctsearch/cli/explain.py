@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, CallbackBar, emit_json, handle_errors, say
+from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, SALT_OPT, CallbackBar, emit_json, handle_errors, say
 from ctsearch.errors import CTSearchInputError
 
 
@@ -38,6 +38,7 @@ def explain_cmd(
     workers: int = typer.Option(1, "--workers", help="Dataset mode without GPUs: CPU actors."),
     no_png: bool = typer.Option(False, "--no-png", help="Do not write PNG overlays."),
     address: Optional[str] = ADDRESS_OPT,
+    id_salt_file: Optional[Path] = SALT_OPT,
     json_out: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
 ) -> None:
@@ -71,7 +72,10 @@ def explain_cmd(
         return
     if query is None:
         raise CTSearchInputError(target, "give a QUERY (index mode) or --model RUN_DIR (dataset mode)")
-    summary = explain_query(target, query, slice_, k, out, opts, patient=patient, exclude_patient=exclude_patient)
+    from ctsearch.ids import load_salt
+
+    summary = explain_query(target, query, slice_, k, out, opts, patient=patient, exclude_patient=exclude_patient,
+                            id_salt=load_salt(id_salt_file) if id_salt_file else None)
     if json_out:
         emit_json(summary)
         return
@@ -91,8 +95,12 @@ def _slice_hu(path: str, slice_index: int, cache: dict) -> np.ndarray:
 
 
 def explain_query(index_dir: Path, query: str, slice_index: int | None, k: int, out: Path | None, opts,
-                  patient: str | None = None, exclude_patient: str | None = None) -> dict:
-    """Query + top-k hits: own RELAX maps of each, and pair maps (query toward each hit, hit toward query)."""
+                  patient: str | None = None, exclude_patient: str | None = None, id_salt: bytes | None = None) -> dict:
+    """Query + top-k hits: own RELAX maps of each, and pair maps (query toward each hit, hit toward query).
+
+    ``id_salt``: on a pseudonymised index, hashes original patient ids given as ``patient`` /
+    ``exclude_patient`` and the ids of a file query (ctsearch.ids).
+    """
     import torch
 
     from ctsearch.index import Index
@@ -102,7 +110,8 @@ def explain_query(index_dir: Path, query: str, slice_index: int | None, k: int, 
     from ctsearch.views import eval_transform
 
     index = Index.open(index_dir)
-    vector, qmeta = index.embed_query(query, slice_index)
+    patient, exclude_patient = index.patient_key(patient, id_salt), index.patient_key(exclude_patient, id_salt)
+    vector, qmeta = index.embed_query(query, slice_index, id_salt)
     if not qmeta.get("path"):
         raise CTSearchInputError(query, "the index row has no source path, so its pixels cannot be explained")
     res = index.search(vector, k=k + 1, patient=patient, exclude_patient=exclude_patient)

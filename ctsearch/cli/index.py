@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, CallbackBar, emit_json, handle_errors, say
+from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, SALT_OPT, CallbackBar, emit_json, handle_errors, say
 
 
 def register(app: typer.Typer) -> None:
@@ -27,6 +27,7 @@ def index_cmd(
     shard_volumes: int = typer.Option(32, help="Volumes per shard, the unit committed at once (what a killed run can lose)."),
     threads: Optional[int] = typer.Option(None, help="Torch threads of the CPU model (default: all cores)."),
     address: Optional[str] = ADDRESS_OPT,
+    id_salt_file: Optional[Path] = SALT_OPT,
     json_out: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
 ) -> None:
@@ -35,13 +36,17 @@ def index_cmd(
     Volumes already in the index (same series id and content) are skipped; a killed run is
     finished by running the same command again. Failures go to OUT/errors.parquet.
     """
+    from ctsearch.ids import load_salt
     from ctsearch.jobs.index import index_source
+
+    id_salt = load_salt(id_salt_file) if id_salt_file else None
 
     bar = CallbackBar("indexing volumes", off=quiet or json_out)
     try:
         summary = index_source(source, model, out, gpus=gpus, batch_size=batch_size, dtype=dtype,
                                ann_threshold=ann_threshold, ann=ann, shard_volumes=shard_volumes,
-                               address=address, threads=threads, on_volume=bar.update, quiet=quiet or json_out)
+                               address=address, threads=threads, on_volume=bar.update, quiet=quiet or json_out,
+                               id_salt=id_salt)
     finally:
         bar.close()
     if json_out:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from ctsearch.errors import CTSearchInputError
-from ctsearch.cli.common import JSON_OPT, QUIET_OPT, emit_json, handle_errors, progress, say
+from ctsearch.cli.common import JSON_OPT, QUIET_OPT, SALT_OPT, emit_json, handle_errors, progress, say
 
 
 def register(app: typer.Typer) -> None:
@@ -21,15 +22,18 @@ def register(app: typer.Typer) -> None:
         train_volumes: int = typer.Option(100, "--train-volumes", help="The first N labelled volumes by case number form the train split; the rest is test."),
         seed: int = typer.Option(0, "--seed", help="Seed of the slice choice."),
         train_all_slices: bool = typer.Option(False, "--train-all-slices", help="Also write train_all.parquet: every slice of the train volumes (unlabelled training for `ctsearch train --train-slices all`)."),
+        id_salt_file: Optional[Path] = SALT_OPT,
         json_out: bool = JSON_OPT,
         quiet: bool = QUIET_OPT,
     ) -> None:
         """Scan ARCHIVE into OUT/manifest.parquet (one row per volume) and OUT/errors.parquet."""
+        from ctsearch.ids import load_salt
         from ctsearch.prepare import prepare
 
         summary = prepare(
             archive, out, protocol=protocol, per_volume=per_volume, train_volumes=train_volumes, seed=seed,
             all_train_slices=train_all_slices, progress=lambda items, total, desc: progress(items, total, desc, quiet or json_out),
+            id_salt=load_salt(id_salt_file) if id_salt_file else None,
         )
         if summary["volumes"] == 0:
             raise CTSearchInputError(archive, f"no readable volumes ({summary['errors']} errors, listed in {out}/errors.parquet)")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ctsearch.cli.common import JSON_OPT, emit_json, handle_errors, result_stream
+from ctsearch.cli.common import JSON_OPT, SALT_OPT, emit_json, handle_errors, result_stream
 
 JSON_KEYS = ("rank", "score", "volume_id", "patient_id", "study_id", "series_id", "exam_date", "slice_index", "z_mm", "path")
 
@@ -22,25 +22,31 @@ def search_cmd(
     query: str = typer.Argument(..., help="A NIfTI file or DICOM series folder, or a row of the index as volume_id:slice_index."),
     slice_: Optional[int] = typer.Option(None, "--slice", help="Slice of a file/folder QUERY (0 = most inferior; default: the middle slice)."),
     k: int = typer.Option(5, "-k", "--k", help="Number of results."),
-    patient: Optional[str] = typer.Option(None, help="Only return slices of this patient id."),
-    exclude_patient: Optional[str] = typer.Option(None, help="Never return slices of this patient id (e.g. the query's own)."),
+    patient: Optional[str] = typer.Option(None, help="Only return slices of this patient id (on a pseudonymised index: the pseudonym, or the original id with --id-salt-file)."),
+    exclude_patient: Optional[str] = typer.Option(None, help="Never return slices of this patient id (e.g. the query's own; pseudonym or original id as for --patient)."),
     cross_exam: bool = typer.Option(False, "--cross-exam", help="Instead: per other series of the query's patient, the best-matching slices ordered by z."),
     per_exam: int = typer.Option(3, help="Slices per series with --cross-exam."),
     device: str = typer.Option("cpu", help="cpu (FAISS) or cuda (exact search with torch on the GPU)."),
     nprobe: Optional[int] = typer.Option(None, help="IVF lists probed in IVF-PQ shards (default: stored per shard)."),
+    id_salt_file: Optional[Path] = SALT_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Find the slices most similar to QUERY (cosine similarity of the index's embeddings)."""
+    from ctsearch.errors import CTSearchInputError
+    from ctsearch.ids import load_salt
     from ctsearch.index import Index
 
+    id_salt = load_salt(id_salt_file) if id_salt_file else None
     index = Index.open(index_dir, device=device)
-    vector, qmeta = index.embed_query(query, slice_)
+    patient, exclude_patient = index.patient_key(patient, id_salt), index.patient_key(exclude_patient, id_salt)
+    vector, qmeta = index.embed_query(query, slice_, id_salt)
     if cross_exam:
         from ctsearch.crossexam import cross_exam as run
 
+        if not qmeta.get("patient_id") and index.ids.get("pseudonymised") and id_salt is None:
+            raise CTSearchInputError(query, "the index's ids are pseudonymised; --cross-exam with a file query needs "
+                                            "--id-salt-file to hash the query's patient id (or query a row volume_id:slice)")
         if not qmeta.get("patient_id"):
-            from ctsearch.errors import CTSearchInputError
-
             raise CTSearchInputError(query, "has no patient id; --cross-exam needs one")
         exams = run(index, vector, qmeta["patient_id"], exclude_volume=qmeta.get("volume_id"), per_exam=per_exam)
         if json_out:

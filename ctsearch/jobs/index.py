@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -32,6 +33,7 @@ import pyarrow.parquet as pq
 import ray
 
 from ctsearch.errors import CTSearchInputError
+from ctsearch.ids import check_same_salt, is_pseudonym, pseudonymise, pseudonymise_ids
 from ctsearch.index import DEFAULT_ANN_THRESHOLD, IndexWriter, content_hash, file_fingerprint, l2_normalize
 from ctsearch.jobs.runtime import start_ray
 from ctsearch.model import ModelConfig, load_encoder
@@ -42,11 +44,12 @@ ID_COLUMNS = ("volume_id", "patient_id", "study_id", "series_id", "exam_date")
 # ----------------------------------------------------------------------------- source -> volume tasks
 
 
-def resolve_source(source: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+def resolve_source(source: str | os.PathLike, id_salt: bytes | None = None) -> tuple[list[dict], list[dict]]:
     """An archive folder, a manifest.parquet or one volume -> (volume tasks, scan errors).
 
     Each task is ``{path, format, volume_id, patient_id, study_id, series_id, exam_date}``;
-    ids are "" where only reading the volume will tell.
+    ids are "" where only reading the volume will tell. A manifest whose ids ``ctsearch prepare``
+    pseudonymised is only read with the same ``id_salt``.
     """
     src = Path(source)
     if not src.exists():
@@ -55,16 +58,19 @@ def resolve_source(source: str | os.PathLike) -> tuple[list[dict], list[dict]]:
         t = pq.read_table(src)
         if "path" not in t.column_names:
             raise CTSearchInputError(src, "not a manifest: no 'path' column (write one with `ctsearch prepare`)")
+        recorded = json.loads((t.schema.metadata or {}).get(b"ctsearch.ids", b"null"))
+        if recorded and recorded.get("pseudonymised"):
+            check_same_salt(recorded, id_salt, src, "to index it")
         rows = t.to_pylist()
         base = src.parent
-        tasks = [_task(r, base) for r in rows]
+        tasks = [_task(r, base, id_salt) for r in rows]
         return tasks, []
     if src.is_file():
-        return [_task({"path": str(src)}, None)], []
+        return [_task({"path": str(src)}, None, id_salt)], []
     from ctsearch.io import scan_archive
 
     entries, errors = scan_archive(src)
-    return [_task(_as_dict(e), None) for e in entries], [dict(e) for e in errors]
+    return [_task(_as_dict(e), None, id_salt) for e in entries], [dict(e) for e in errors]
 
 
 def _as_dict(entry) -> dict:
@@ -75,31 +81,34 @@ def _as_dict(entry) -> dict:
     return {k: getattr(entry, k) for k in ("path", "format", "files", *ID_COLUMNS) if hasattr(entry, k)}
 
 
-def _task(r: dict, base: Path | None) -> dict:
+def _task(r: dict, base: Path | None, id_salt: bytes | None = None) -> dict:
     path = str(r["path"])
     if base is not None and not os.path.isabs(path) and not os.path.exists(path):
         path = str(base / path)
     fmt = r.get("format") or ("dicom" if os.path.isdir(path) else "nifti")
     ids = {c: str(r.get(c) or "") for c in ID_COLUMNS}
     # A DICOM folder can hold several series: the source's series id is part of the unit's name.
-    entry = f"{path}#{ids['series_id']}" if fmt == "dicom" and ids["series_id"] else path
+    # Hashed like the rows' series id: the entry is stored in the volumes table.
+    series = pseudonymise(ids["series_id"], id_salt) if id_salt is not None else ids["series_id"]
+    entry = f"{path}#{series}" if fmt == "dicom" and series else path
     return {"path": path, "format": fmt, "entry": entry, "files": [str(f) for f in (r.get("files") or ())], **ids}
 
 
 # ----------------------------------------------------------------------------- pipeline stages
 
 
-def read_volume_rows(batch: dict[str, np.ndarray], known_ref) -> dict[str, np.ndarray]:
+def read_volume_rows(batch: dict[str, np.ndarray], known_ref, id_salt: bytes | None = None) -> dict[str, np.ndarray]:
     """One volume task -> one row per axial slice (HU as int16 bytes), or one status row.
 
     Status rows (``status`` error | duplicate, ``n_rows`` 1) carry no pixels; every row
     carries the volume's ``n_rows`` so the driver knows when a volume, and its shard, is complete.
+    With ``id_salt`` every row's ids are already hashed (ctsearch.ids).
     """
     out: dict[str, list] = defaultdict(list)
     known = _known(known_ref)
     for i in range(len(batch["path"])):
         task = {k: batch[k][i] for k in batch}
-        for row in _volume_rows(task, known):
+        for row in _volume_rows(task, known, id_salt):
             for k, v in row.items():
                 out[k].append(v)
     return {k: np.asarray(v, dtype=object) if k in _OBJECT_COLS else np.asarray(v) for k, v in out.items()}
@@ -117,26 +126,25 @@ def _known(ref) -> set:
     return _KNOWN_CACHE[key]
 
 
-def _volume_rows(task: dict, known: set) -> list[dict]:
+def _volume_rows(task: dict, known: set, id_salt: bytes | None = None) -> list[dict]:
     path = str(task["path"])
     from ctsearch.io import read_volume
 
     base = {k: task[k] for k in ("path", "entry", "shard", "order", "size", "mtime_ns")}
     base["path"], base["entry"] = path, str(task["entry"])
     status = dict(status="indexed", error="", stage="", content_hash="", hu=b"", height=0, width=0,
-                  slice_index=-1, z_mm=float("nan"), **{c: str(task[c]) for c in ID_COLUMNS})
+                  slice_index=-1, z_mm=float("nan"), **_final_ids(task, None, path, id_salt))
     try:
         chash = content_hash(path, list(task["files"]) or None)
         series = str(task["series_id"]) if task["format"] == "dicom" and task["series_id"] else None
+        if series and is_pseudonym(series):  # a pseudonymised manifest names the series by its hash
+            series = _series_by_pseudonym(path, series, id_salt)
         vol = read_volume(path, series_id=series)
     except CTSearchInputError as e:
         return [{**base, **status, "status": "error", "stage": "read", "error": e.problem, "n_rows": 1}]
     except Exception as e:  # a reader bug must not stop the archive: record it and go on
         return [{**base, **status, "status": "error", "stage": "read", "error": f"{type(e).__name__}: {e}", "n_rows": 1}]
-    ids = {c: str(task[c] or "") for c in ID_COLUMNS}
-    for c in ("patient_id", "study_id", "series_id", "exam_date"):
-        ids[c] = ids[c] or str(getattr(vol, c) or "")
-    ids["volume_id"] = ids["volume_id"] or ids["series_id"] or Path(path).name
+    ids = _final_ids(task, vol, path, id_salt)
     status.update(ids, content_hash=chash)
     if f"{ids['series_id']}|{chash}" in known:
         return [{**base, **status, "status": "duplicate", "n_rows": 1}]
@@ -146,6 +154,30 @@ def _volume_rows(task: dict, known: set) -> list[dict]:
         return [{**base, **status, "status": "error", "stage": "read", "error": "volume has no slices", "n_rows": 1}]
     return [{**base, **status, "hu": hu[k].tobytes(), "height": h, "width": w, "slice_index": k, "z_mm": float(z[k]),
              "n_rows": n} for k in range(n)]
+
+
+def _final_ids(task: dict, vol, path: str, salt: bytes | None) -> dict:
+    """The one place the index job finalises a volume's ids (rows, volume records, duplicate keys):
+    the source's ids, else the volume's own (``vol`` None: not read), hashed with ``salt`` if given."""
+    ids = {c: str(task[c] or "") for c in ID_COLUMNS}
+    if vol is not None:
+        for c in ("patient_id", "study_id", "series_id", "exam_date"):
+            ids[c] = ids[c] or str(getattr(vol, c) or "")
+        ids["volume_id"] = ids["volume_id"] or ids["series_id"] or Path(path).name
+    return pseudonymise_ids(ids, salt)
+
+
+def _series_by_pseudonym(folder: str, pseudonym: str, salt: bytes | None) -> str | None:
+    """The SeriesInstanceUID in ``folder`` whose pseudonym is ``pseudonym``."""
+    from ctsearch.io import dicom
+
+    groups, _ = dicom.group_series(dicom.walk_files(folder))
+    for uid in groups:
+        if salt is not None and pseudonymise(uid, salt) == pseudonym:
+            return uid
+    if len(groups) == 1:
+        return None  # the folder's only series: read it (its ids are hashed again, to the same values)
+    raise CTSearchInputError(folder, f"no DICOM series with pseudonym {pseudonym} here (another salt?)")
 
 
 def preprocess(batch: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
@@ -227,8 +259,12 @@ def index_source(
     threads: int | None = None,
     on_volume: Callable[[int, int], None] | None = None,
     quiet: bool = True,
+    id_salt: bytes | None = None,
 ) -> dict:
     """Index ``source`` (archive folder, manifest.parquet or one volume) into ``out``.
+
+    ``id_salt``: hash patient, study and series ids with it (ctsearch.ids); an index is only
+    extended with the salt it was made with, or without one if it was made without.
 
     Returns a summary: volumes seen / skipped / indexed / failed, rows added, shards written.
     ``on_volume(done, total)`` is called as volumes finish (for progress bars).
@@ -236,14 +272,15 @@ def index_source(
     if shard_volumes < 1 or batch_size < 1:
         raise CTSearchInputError(None, "--shard-volumes and --batch-size must be >= 1")
     _, config = load_encoder(model_dir)  # validates the model dir before any work
-    with IndexWriter.open(out, config, model_dir, dtype=dtype, ann_threshold=ann_threshold, ann=ann) as writer:
+    with IndexWriter.open(out, config, model_dir, dtype=dtype, ann_threshold=ann_threshold, ann=ann,
+                          id_salt=id_salt) as writer:
         return _index_into(writer, source, model_dir, config, gpus, batch_size, shard_volumes, address, threads,
-                           on_volume, quiet)
+                           on_volume, quiet, id_salt)
 
 
 def _index_into(writer, source, model_dir, config, gpus, batch_size, shard_volumes, address, threads, on_volume,
-                quiet) -> dict:
-    tasks, scan_errors = resolve_source(source)
+                quiet, id_salt=None) -> dict:
+    tasks, scan_errors = resolve_source(source, id_salt)
     if scan_errors:
         writer.add_scan_errors(scan_errors)
 
@@ -262,7 +299,7 @@ def _index_into(writer, source, model_dir, config, gpus, batch_size, shard_volum
                "scan_errors": len(scan_errors)}
     if pending:
         _run_pipeline(pending, writer, model_dir, config, gpus, batch_size, shard_volumes, address, threads,
-                      on_volume, quiet, summary)
+                      on_volume, quiet, summary, id_salt)
     merged = writer.compact()
     summary.update(index_rows=writer.manifest["rows"], shards=len(writer.manifest["shards"]),
                    errors=writer.manifest["errors"], compacted_into=merged)
@@ -284,7 +321,7 @@ def model_memory_bytes(config: ModelConfig, batch_size: int) -> int:
 
 
 def _run_pipeline(pending, writer, model_dir, config, gpus, batch_size, shard_volumes, address, threads,
-                  on_volume, quiet, summary) -> None:
+                  on_volume, quiet, summary, id_salt=None) -> None:
     start_ray(address)
     for j, t in enumerate(pending):
         t["order"], t["shard"] = j, j // shard_volumes
@@ -295,7 +332,7 @@ def _run_pipeline(pending, writer, model_dir, config, gpus, batch_size, shard_vo
         threads = os.cpu_count() or 1
     ds = (
         ray.data.from_items(pending, override_num_blocks=len(pending))
-        .map_batches(read_volume_rows, batch_size=1, fn_kwargs={"known_ref": known_ref}, num_cpus=1)
+        .map_batches(read_volume_rows, batch_size=1, fn_kwargs={"known_ref": known_ref, "id_salt": id_salt}, num_cpus=1)
         .map_batches(preprocess, batch_size=batch_size, fn_kwargs={"config": config.to_json()}, num_cpus=1)
         .map_batches(Embedder, batch_size=batch_size,
                      fn_constructor_kwargs={"model_dir": str(writer.root / "model"), "device": device, "threads": threads},
