@@ -256,3 +256,35 @@ def test_a_pseudonymised_manifest_needs_its_own_salt(tmp_path, two_exam_archive)
             resolve_source(manifest, salt)
     tasks, _ = resolve_source(manifest, SALT)
     assert {t["patient_id"] for t in tasks} == {pseudonymise("synth-0000", SALT), pseudonymise("synth-0001", SALT)}
+
+
+def test_explain_on_a_salted_index_hashes_the_query_and_takes_the_original_id(salted_index, two_exam_archive,
+                                                                              salt_files, tmp_path):
+    query = two_exam_archive / "imagesTr" / "liver_0.nii.gz"
+    r = CliRunner().invoke(app, ["explain", str(salted_index), str(query), "--slice", "20", "-k", "2", "--masks", "8",
+                                 "--exclude-patient", "synth-0000", "--id-salt-file", str(salt_files[0]), "--no-png",
+                                 "--out", str(tmp_path / "q"), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    p0 = pseudonymise("synth-0000", SALT)
+    assert res["query"]["patient_id"] == p0
+    assert len(res["hits"]) == 2 and all(h["patient_id"] == pseudonymise("synth-0001", SALT) for h in res["hits"])
+    assert b"synth-0000" not in (tmp_path / "q" / "maps.npz").read_bytes()
+
+
+def test_a_pseudonymised_dicom_manifest_indexes_with_its_salt(synth_archive, model_dir, ray_session, tmp_path):
+    """The manifest names each DICOM series by its pseudonym; the index job finds the series by it."""
+    from ctsearch.io import scan_archive
+    from ctsearch.jobs.index import index_source
+
+    prepare(synth_archive / "dicom", tmp_path / "p", id_salt=SALT)
+    out = tmp_path / "idx"
+    summary = index_source(tmp_path / "p" / "manifest.parquet", model_dir, out, shard_volumes=4, batch_size=64,
+                           id_salt=SALT)
+    assert summary["volumes_indexed"] == 8 and summary["volumes_failed"] == 0, summary
+    entries = scan_archive(synth_archive / "dicom")[0]
+    rows = pq.read_table(out / "embeddings", columns=["volume_id", "series_id", "patient_id"]).to_pylist()
+    assert {r["series_id"] for r in rows} == {pseudonymise(e.series_id, SALT) for e in entries}
+    assert all(r["volume_id"] == r["series_id"] for r in rows)
+    uids = {u for e in entries for u in (e.study_id, e.series_id)}
+    assert _leaks(out, uids) == []
