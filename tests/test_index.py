@@ -217,3 +217,16 @@ def test_other_model_is_refused(built, archive, tmp_path):
     save_encoder(build_encoder(cfg), cfg, other)
     r = CliRunner().invoke(app, ["index", str(archive), "--model", str(other), "--out", str(built[0])])
     assert r.exit_code == 1 and "another model" in r.output
+
+
+def test_cli_index_of_nothing_usable_fails_with_one_line(model_dir, ray_session, tmp_path):
+    bad = tmp_path / "scan.nii.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    out = tmp_path / "index"
+    r = CliRunner().invoke(app, ["index", str(bad), "--model", str(model_dir), "--out", str(out), "--json"])
+    assert r.exit_code == 1 and r.stdout == ""
+    # Only the error line is asserted: Ray's own warnings may share stderr on a loaded machine.
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")] == [
+        f"error: {bad}: no volume could be indexed (1 failed, 0 unreadable files; see {out / 'errors.parquet'})"]
+    assert "Traceback" not in r.stderr
+    assert pq.read_table(out / "errors.parquet").column("path").to_pylist() == [str(bad)]

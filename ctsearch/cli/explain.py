@@ -51,8 +51,9 @@ def explain_cmd(
     if model is not None:
         if query is not None:
             raise CTSearchInputError(query, "dataset mode (--model) takes no QUERY; to explain a query, give an index directory")
-        from ctsearch.jobs.explain import explain_dataset
+        from ctsearch.jobs.explain import explain_dataset, split_path
 
+        split_path(target, split)  # a wrong folder or split is reported before anything is announced
         out = out or model / "explanations" / split
         say(f"explaining {target}/{split}.parquet with {model} ({masks} masks per slice) -> {out}", quiet or json_out)
         bar = CallbackBar("explaining slices", off=quiet or json_out)

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, SALT_OPT, CallbackBar, emit_json, handle_errors, say
+from ctsearch.errors import CTSearchInputError
 
 
 def register(app: typer.Typer) -> None:
@@ -49,6 +50,11 @@ def index_cmd(
                                id_salt=id_salt)
     finally:
         bar.close()
+    failed = summary["volumes_failed"] + summary["scan_errors"]
+    if failed and not (summary["volumes_indexed"] or summary["unchanged_skipped"] or summary["duplicates_skipped"]):
+        # As prepare does: a batch job that could use none of its input failed, whatever it recorded.
+        raise CTSearchInputError(source, f"no volume could be indexed ({summary['volumes_failed']} failed, "
+                                         f"{summary['scan_errors']} unreadable files; see {out / 'errors.parquet'})")
     if json_out:
         emit_json(summary)
         return
