@@ -39,3 +39,16 @@ def slice_dataset(synth_archive, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
     prepare(synth_archive / "nifti", out, protocol="decathlon", per_volume=5, train_volumes=6, seed=0)
     return out
+
+
+def error_line(result) -> str:
+    """The one ``error: ...`` line of a CLI result that failed on bad input (exit 1, no traceback).
+
+    Other stderr lines are allowed: the session's Ray prints warnings (e.g. "N worker processes
+    have been started") from its own threads, and they can land while any command runs.
+    """
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
