@@ -63,3 +63,24 @@ def test_evaluate_errors(slice_dataset, tmp_path):
     assert r.exit_code == 1 and "not a model directory" in r.output
     r = CliRunner().invoke(app, ["evaluate", str(tmp_path), "--baseline", "random", "--backbone", "tiny"])
     assert r.exit_code == 1 and "no train split" in r.output
+
+
+def test_imagenet_baseline_from_a_local_file_is_evaluated_with_those_weights(slice_dataset, ray_session, tmp_path):
+    from torchvision.models import resnet18
+
+    from ctsearch.model import initial_encoder_state
+
+    torch.manual_seed(4)
+    weights = tmp_path / "resnet18-imagenet.pth"
+    torch.save(resnet18().state_dict(), weights)  # stands in for torchvision's file: same keys and shapes
+    r = CliRunner().invoke(app, ["evaluate", str(slice_dataset), "--baseline", "imagenet", "--weights", str(weights),
+                                 "--backbone", "resnet18", "--image-size", "64", "--relax-masks", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout)["runs"][0]
+    cfg = ModelConfig(backbone="resnet18", image_size=64)
+    enc = build_encoder(cfg)
+    enc.load_state_dict(initial_encoder_state("imagenet", cfg, weights=weights))
+    train, test = read_slices(slice_dataset / "train.parquet"), read_slices(slice_dataset / "test.parquet")
+    with torch.inference_mode():
+        db, q = embed(enc.eval(), train.hu, cfg), embed(enc, test.hu, cfg)
+    assert row["map"] == pytest.approx(map_at_k(q, test.label, db, train.label, k=5), abs=1e-6)
