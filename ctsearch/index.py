@@ -689,7 +689,10 @@ class Index:
     # --- per-shard data
     def _index(self, s: dict) -> faiss.Index:
         if s["name"] not in self._faiss:
-            self._faiss[s["name"]] = faiss.read_index(str(self.root / "faiss" / f"{s['name']}.faiss"))
+            path = self.root / "faiss" / f"{s['name']}.faiss"
+            if not path.is_file():  # FAISS would raise a bare RuntimeError
+                raise FileNotFoundError(path)
+            self._faiss[s["name"]] = faiss.read_index(str(path))
         return self._faiss[s["name"]]
 
     def shard_vectors(self, s: dict) -> np.ndarray:
@@ -802,6 +805,26 @@ class Index:
         q = l2_normalize(np.atleast_2d(np.asarray(vectors, np.float32)))
         if q.shape[1] != self.dim:
             raise CTSearchInputError(None, f"query vectors have dimension {q.shape[1]}, the index has {self.dim}")
+        try:
+            return self._search(q, k, patient, exclude_patient, nprobe, refine)
+        except FileNotFoundError:
+            # A writer merged shards since this Index read index.json (shards load lazily, so a
+            # long-lived reader can meet a removed file): go on with the new commit.
+            if not self.refresh():
+                raise
+            return self._search(q, k, patient, exclude_patient, nprobe, refine)
+
+    def refresh(self) -> bool:
+        """Re-read index.json; True (and caches dropped) when a writer committed since it was read."""
+        manifest = _read_manifest(self.root)
+        if manifest == self.manifest:
+            return False
+        self.manifest, self.shards = manifest, list(manifest["shards"])
+        self._faiss.clear()
+        self._torch.clear()
+        return True
+
+    def _search(self, q: np.ndarray, k: int, patient, exclude_patient, nprobe, refine) -> SearchResult:
         all_s, all_i = [], []
         for s in self.shards:
             allowed = denied = None

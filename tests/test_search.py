@@ -161,6 +161,21 @@ def test_compaction_merges_flat_shards_into_one_ann_shard(tmp_path):
     assert np.mean([len(a & b) / 5 for a, b in zip(key(after), key(before))]) >= 0.95
 
 
+def test_a_reader_opened_before_compaction_searches_the_new_commit(tmp_path):
+    db = clustered(3_000, 128, clusters=60, seed=7)
+    rows = rows_for(3_000)
+    with IndexWriter.open(tmp_path / "i", CFG, ann_threshold=2_500) as w:
+        for a in range(0, 3_000, 1_000):
+            w.commit_shard(rows[a : a + 1_000], db[a : a + 1_000], volumes_for(rows[a : a + 1_000]), errors=[])
+        reader = Index.open(tmp_path / "i")  # a long-lived reader: shard files load on first search
+        w.compact()  # removes the three flat shards' files
+    res = reader.search(db[:20], k=5)
+    assert [s["kind"] for s in reader.shards] == ["ivfpq"]
+    fresh = Index.open(tmp_path / "i").search(db[:20], k=5)
+    assert np.array_equal(res.row, fresh.row) and np.allclose(res.scores, fresh.scores)
+    assert reader.refresh() is False  # nothing new since
+
+
 def test_crash_between_files_and_commit_leaves_the_old_index(tmp_path, monkeypatch):
     db = clustered(200, 128, clusters=5, seed=8)
     rows = rows_for(200)
