@@ -137,3 +137,9 @@ def test_explain_dataset_killed_and_rerun_finishes_without_redoing(slice_dataset
     assert again["resumed_with"] == n and again["slices"] == n
     with pytest.raises(CTSearchInputError, match="another relax"):
         job.explain_dataset(slice_dataset, tiny_run, out, options=job.ExplainOptions(num_masks=16, render_png=False))
+    moved = tmp_path / "moved"  # the same dataset file under another folder, with one slice fewer
+    moved.mkdir()
+    t = pq.read_table(slice_dataset / "test.parquet")
+    pq.write_table(t.slice(1), moved / "test.parquet")
+    with pytest.raises(CTSearchInputError, match="another dataset, dataset_sha256"):
+        job.explain_dataset(moved, tiny_run, out, options=opts())

@@ -339,7 +339,9 @@ def _claim_folder(out: Path, dataset: Path, model_dir, options: ExplainOptions) 
 
     # Only what changes the maps: PNGs, forward batch size and slices per call do not.
     maps = {k: v for k, v in asdict(options).items() if k in ("num_masks", "grid", "p", "seed", "tolerance", "check_every", "keep_maps")}
-    run = {"dataset": str(dataset.resolve()), "encoder_sha256": content_hash(Path(model_dir) / ENCODER_FILE), "relax": maps}
+    # The dataset's content, not only its path: a re-run `prepare` may choose other slices.
+    run = {"dataset": str(dataset.resolve()), "dataset_sha256": content_hash(dataset),
+           "encoder_sha256": content_hash(Path(model_dir) / ENCODER_FILE), "relax": maps}
     f = out / RUN_FILE
     if f.is_file():
         old = json.loads(f.read_text())
