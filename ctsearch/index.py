@@ -39,7 +39,6 @@ Example:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -83,10 +82,12 @@ from ctsearch.model import ENCODER_FILE, MODEL_JSON, ModelConfig
 from ctsearch.store import (
     EMBEDDING_META_SCHEMA,
     ERRORS_SCHEMA,
+    LOCK_FILE,
     atomic_write_json,
     atomic_write_table,
     embeddings_schema,
     errors_table,
+    lock_dir,
 )
 
 INDEX_JSON = "index.json"
@@ -359,7 +360,7 @@ class IndexWriter:
         if root.exists() and not root.is_dir():
             raise CTSearchInputError(root, "is a file, not an index directory")
         fresh = not root.exists() or all(f.name == LOCK_FILE for f in root.iterdir())
-        lock = _lock_dir(root)
+        lock = lock_dir(root, "`ctsearch index`")
         try:
             w = cls._open_locked(root, model_config, model_dir, dtype, ann_threshold, ann, fresh, id_salt)
         except BaseException:
@@ -557,28 +558,6 @@ class IndexWriter:
                            "params": params, "merged_from": [s["name"] for s in flats]}],
                      remove=[s["name"] for s in flats])
         return name
-
-
-LOCK_FILE = ".lock"
-
-
-def _lock_dir(root: Path):
-    """Create ``root`` if needed and take its writer lock; an open file (closing it unlocks)."""
-    root.mkdir(parents=True, exist_ok=True)
-    f = open(root / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise CTSearchInputError(root, f"another `ctsearch index` is writing to this index ({holder}); "
-                                       "wait for it to finish or choose another --out directory") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-    f.flush()
-    return f
 
 
 def _dedupe(rows: list[dict]) -> list[dict]:

@@ -18,10 +18,12 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pyarrow as pa
@@ -107,6 +109,41 @@ def atomic_write_json(obj, path: str | os.PathLike) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
+
+
+LOCK_FILE = ".lock"
+
+
+def lock_dir(root: str | os.PathLike, job: str) -> IO[str]:
+    """Create folder ``root`` if needed and take its exclusive writer lock (flock on ROOT/.lock).
+
+    Returns the open lock file: closing it, or the process ending in any way, releases the lock,
+    so a killed job never leaves a stale one. A second writer gets a one-line error naming the
+    holder. ``job`` names the command that writes there, for that message. flock is not
+    enforced on every network filesystem.
+
+    Example:
+        >>> import tempfile
+        >>> with lock_dir(tempfile.mkdtemp(), "`ctsearch index`") as lock:
+        ...     lock.closed
+        False
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    f = open(root / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise CTSearchInputError(root, f"another {job} is writing to this folder ({holder}); "
+                                       "wait for it to finish or choose another output folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    f.flush()
+    return f
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

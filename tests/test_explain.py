@@ -143,3 +143,12 @@ def test_explain_dataset_killed_and_rerun_finishes_without_redoing(slice_dataset
     pq.write_table(t.slice(1), moved / "test.parquet")
     with pytest.raises(CTSearchInputError, match="another dataset, dataset_sha256"):
         job.explain_dataset(moved, tiny_run, out, options=opts())
+
+
+def test_explain_folder_has_one_writer(slice_dataset, tiny_run, tmp_path):
+    from ctsearch.jobs.explain import ExplainOptions, explain_dataset
+    from ctsearch.store import lock_dir
+
+    with lock_dir(tmp_path / "o", "`ctsearch explain`"):
+        with pytest.raises(CTSearchInputError, match="another `ctsearch explain` is writing to this folder"):
+            explain_dataset(slice_dataset, tiny_run, tmp_path / "o", options=ExplainOptions(num_masks=8))

@@ -268,7 +268,7 @@ def test_one_writer_at_a_time_and_the_lock_dies_with_the_writer(tmp_path):
     db = clustered(100, 128, clusters=5, seed=10)
     rows = rows_for(100)
     w = IndexWriter.open(tmp_path / "i", CFG)
-    with pytest.raises(CTSearchInputError, match=f"another `ctsearch index` is writing to this index \\(pid {os.getpid()}"):
+    with pytest.raises(CTSearchInputError, match=f"another `ctsearch index` is writing to this folder \\(pid {os.getpid()}"):
         IndexWriter.open(tmp_path / "i", CFG)
     w.commit_shard(rows, db, volumes_for(rows), errors=[])  # the refused writer deleted nothing
     w.close()

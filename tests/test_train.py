@@ -104,6 +104,16 @@ def test_rerun_with_other_options_is_refused(ray_session, dataset, tmp_path):
         train(dataset, out, _opts(epochs=2, eval_every=0, views="standard"))
 
 
+def test_a_run_directory_has_one_writer(dataset, tmp_path):
+    from ctsearch.store import lock_dir
+
+    out = tmp_path / "run"
+    with lock_dir(out, "`ctsearch train`"):  # as a training process holds it
+        with pytest.raises(CTSearchInputError, match="another `ctsearch train` is writing to this folder"):
+            train(dataset, out, _opts(epochs=1, eval_every=0))
+    assert not (out / "config.json").exists()  # refused before touching the run
+
+
 def test_worker_failure_restarts_from_last_checkpoint(ray_session, dataset, tmp_path, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setenv(FAIL_ENV, "2")

@@ -31,7 +31,7 @@ import ray
 
 from ctsearch.errors import CTSearchInputError
 from ctsearch.jobs.runtime import start_ray
-from ctsearch.store import SLICES_SCHEMA, atomic_write_json, atomic_write_table, errors_table
+from ctsearch.store import SLICES_SCHEMA, atomic_write_json, atomic_write_table, errors_table, lock_dir
 
 EXPLANATIONS_FILE = "explanations.parquet"
 SUMMARY_FILE = "explain.json"
@@ -300,36 +300,37 @@ def explain_dataset(
     path = split_path(dataset_dir, split)
     spec = run_spec(model_dir)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _claim_folder(out, path, model_dir, options)
+    # One writer per folder: two jobs would write the same parts and fold each other's files.
+    with lock_dir(out, "`ctsearch explain`"):
+        _claim_folder(out, path, model_dir, options)
 
-    done = _done_keys(out)
-    total = pq.read_metadata(path).num_rows
-    todo = total - len(done & _dataset_keys(path))
-    part = _PartWriter(out, options.render_png)
-    if on_slice:
-        on_slice(total - todo, total)
-    if todo:
-        for b in explain_slices(path, spec, options, gpus=gpus, workers=workers, address=address, skip=done):
-            part.add(b, path)
-            if on_slice:
-                on_slice(total - todo + part.seen, total)
-        part.flush()
+        done = _done_keys(out)
+        total = pq.read_metadata(path).num_rows
+        todo = total - len(done & _dataset_keys(path))
+        part = _PartWriter(out, options.render_png)
+        if on_slice:
+            on_slice(total - todo, total)
+        if todo:
+            for b in explain_slices(path, spec, options, gpus=gpus, workers=workers, address=address, skip=done):
+                part.add(b, path)
+                if on_slice:
+                    on_slice(total - todo + part.seen, total)
+            part.flush()
 
-    rows, errors = _fold_parts(out)
-    rr = [r["rr"] for r in rows if r["rr"] is not None]
-    liver_without_mask = sum(1 for r in rows if r["label"] == 1 and r["rr"] is None)
-    summary = {
-        "dataset": str(path), "model": str(model_dir), "split": split, "slices": len(rows), "errors": len(errors),
-        "resumed_with": total - todo,
-        "rr_mean": float(np.mean(rr)) if rr else None, "rr_slices": len(rr),
-        "liver_slices_without_mask": liver_without_mask,
-        "masks_used_mean": float(np.mean([r["masks_used"] for r in rows])) if rows else None,
-        "options": asdict(options), "outputs": {"explanations": EXPLANATIONS_FILE, "errors": "errors.parquet",
-                                               "overlays": "overlays/" if options.render_png else None},
-    }  # fmt: skip
-    atomic_write_json(summary, out / SUMMARY_FILE)
-    return summary
+        rows, errors = _fold_parts(out)
+        rr = [r["rr"] for r in rows if r["rr"] is not None]
+        liver_without_mask = sum(1 for r in rows if r["label"] == 1 and r["rr"] is None)
+        summary = {
+            "dataset": str(path), "model": str(model_dir), "split": split, "slices": len(rows), "errors": len(errors),
+            "resumed_with": total - todo,
+            "rr_mean": float(np.mean(rr)) if rr else None, "rr_slices": len(rr),
+            "liver_slices_without_mask": liver_without_mask,
+            "masks_used_mean": float(np.mean([r["masks_used"] for r in rows])) if rows else None,
+            "options": asdict(options), "outputs": {"explanations": EXPLANATIONS_FILE, "errors": "errors.parquet",
+                                                   "overlays": "overlays/" if options.render_png else None},
+        }  # fmt: skip
+        atomic_write_json(summary, out / SUMMARY_FILE)
+        return summary
 
 
 def _claim_folder(out: Path, dataset: Path, model_dir, options: ExplainOptions) -> None:

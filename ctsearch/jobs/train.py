@@ -38,7 +38,7 @@ from ray.train.torch import TorchTrainer
 
 from ctsearch.errors import CTSearchInputError
 from ctsearch.model import SimSiam, ModelConfig, initial_encoder_state, save_encoder, set_residual_bn
-from ctsearch.store import atomic_write_json, read_jsonl
+from ctsearch.store import atomic_write_json, lock_dir, read_jsonl
 from ctsearch.ssl import OptimConfig, build_optimizer, set_lr, train_step
 
 CONFIG_FILE = "config.json"
@@ -386,68 +386,70 @@ def train(
         raise CTSearchInputError(ssl_path, f"{n_train} slices, fewer than one batch (--batch-size {opts.batch_size})")
 
     mcfg = opts.model_config()
-    init_state = None
-    if not (out / CHECKPOINT_DIR).exists():
-        init_state = initial_encoder_state(opts.init, mcfg, opts.weights)
-    _prepare_run_dir(out, opts, dataset_dir)
-    done = max((r["epoch"] for r in read_metrics(out) if "loss" in r), default=0)
+    # One writer per run directory: two runs resuming into one OUT would interleave checkpoints.
+    with lock_dir(out, "`ctsearch train`"):
+        init_state = None
+        if not (out / CHECKPOINT_DIR).exists():
+            init_state = initial_encoder_state(opts.init, mcfg, opts.weights)
+        _prepare_run_dir(out, opts, dataset_dir)
+        done = max((r["epoch"] for r in read_metrics(out) if "loss" in r), default=0)
 
-    need = math.ceil(opts.workers * opts.cpus_per_worker) + 2  # + headroom for Ray Data
-    start_ray(address, num_cpus=max(need, os.cpu_count() or 1))
-    fail_at = os.environ.get(FAIL_ENV)
-    loop_config = {
-        "options": asdict(opts),
-        "model": mcfg.to_json(),
-        "out": str(out),
-        "train_path": str(train_path),
-        "test_path": str(test_path),
-        "init_state": ray.put(init_state) if init_state is not None else None,
-        "fail_at_epoch": int(fail_at) if fail_at else None,
-    }
-    resources = {"CPU": opts.cpus_per_worker}
-    if opts.gpus_per_worker:
-        resources["GPU"] = opts.gpus_per_worker
-    # Read once into the object store (spilled to disk if larger than memory): re-reading the parquet
-    # file every epoch made the data pipeline, not the model, the bottleneck (bench/train.py).
-    dataset = ray.data.read_parquet(str(ssl_path)).select_columns(["hu", "height", "width"]).materialize()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=opts.workers, use_gpu=opts.gpus_per_worker > 0, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=CHECKPOINT_DIR,
-            storage_path=str(out),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=opts.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=opts.max_failures),
-        ),
-        datasets={"train": dataset},
-    )
+        need = math.ceil(opts.workers * opts.cpus_per_worker) + 2  # + headroom for Ray Data
+        start_ray(address, num_cpus=max(need, os.cpu_count() or 1))
+        fail_at = os.environ.get(FAIL_ENV)
+        loop_config = {
+            "options": asdict(opts),
+            "model": mcfg.to_json(),
+            "out": str(out),
+            "train_path": str(train_path),
+            "test_path": str(test_path),
+            "init_state": ray.put(init_state) if init_state is not None else None,
+            "fail_at_epoch": int(fail_at) if fail_at else None,
+        }
+        resources = {"CPU": opts.cpus_per_worker}
+        if opts.gpus_per_worker:
+            resources["GPU"] = opts.gpus_per_worker
+        # Read once into the object store (spilled to disk if larger than memory): re-reading the parquet
+        # file every epoch made the data pipeline, not the model, the bottleneck (bench/train.py).
+        dataset = ray.data.read_parquet(str(ssl_path)).select_columns(["hu", "height", "width"]).materialize()
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=opts.workers, use_gpu=opts.gpus_per_worker > 0, resources_per_worker=resources
+            ),
+            run_config=ray.train.RunConfig(
+                name=CHECKPOINT_DIR,
+                storage_path=str(out),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=opts.keep_checkpoints),
+                failure_config=ray.train.FailureConfig(max_failures=opts.max_failures),
+            ),
+            datasets={"train": dataset},
+        )
 
-    stop = threading.Event()
-    follower = None
-    if on_epoch is not None:
-        rows = _follow_epochs(out, done, stop)
-        follower = threading.Thread(target=on_epoch, args=(rows, done, opts.epochs), daemon=True)
-        follower.start()
-    t0 = time.perf_counter()
-    try:
-        trainer.fit()
-    finally:
-        stop.set()
-        if follower is not None:
-            follower.join(timeout=5)
+        stop = threading.Event()
+        follower = None
+        if on_epoch is not None:
+            rows = _follow_epochs(out, done, stop)
+            follower = threading.Thread(target=on_epoch, args=(rows, done, opts.epochs), daemon=True)
+            follower.start()
+        t0 = time.perf_counter()
+        try:
+            trainer.fit()
+        finally:
+            stop.set()
+            if follower is not None:
+                follower.join(timeout=5)
 
-    rows = read_metrics(out)
-    trained = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "map_at_5" in r]
-    return {
-        "out": str(out),
-        "epochs": max((r["epoch"] for r in trained), default=0),
-        "resumed_after_epoch": done,
-        "final_loss": trained[-1]["loss"] if trained else None,
-        "last_eval": evals[-1] if evals else None,
-        "encoder": str(out / "encoder.safetensors"),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+        rows = read_metrics(out)
+        trained = [r for r in rows if "loss" in r]
+        evals = [r for r in rows if "map_at_5" in r]
+        return {
+            "out": str(out),
+            "epochs": max((r["epoch"] for r in trained), default=0),
+            "resumed_after_epoch": done,
+            "final_loss": trained[-1]["loss"] if trained else None,
+            "last_eval": evals[-1] if evals else None,
+            "encoder": str(out / "encoder.safetensors"),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
