@@ -22,6 +22,19 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """An untrained tiny encoder at 64 px (seed 0), saved as a run directory: enough to tell
+    slices apart, fast on CPU. Read-only: tests that need to change a run make their own."""
+    import torch
+
+    from ctsearch.model import ModelConfig, build_encoder, save_encoder
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="tiny", image_size=64, model_id="tiny-untrained")
+    return save_encoder(build_encoder(cfg).eval(), cfg, tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="session")
 def synth_archive(tmp_path_factory):
     """A small synthetic archive: 8 patients, 64 px slices, NIfTI (Decathlon layout) + DICOM, seed 0."""
     from ctsearch.synth import synth_archive as make

@@ -7,28 +7,19 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from ctsearch.cli.main import app
 from ctsearch.errors import CTSearchInputError
-from ctsearch.model import ModelConfig, build_encoder, save_encoder
 from ctsearch.store import read_slices
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = ModelConfig(backbone="tiny", image_size=64)
-    return save_encoder(build_encoder(cfg).eval(), cfg, tmp_path_factory.mktemp("run"))
-
-
-def test_explain_dataset_writes_maps_overlays_and_rr(slice_dataset, tiny_run, ray_session, tmp_path):
+def test_explain_dataset_writes_maps_overlays_and_rr(slice_dataset, model_dir, ray_session, tmp_path):
     from ctsearch.jobs.explain import read_explanations
 
     out = tmp_path / "expl"
-    r = CliRunner().invoke(app, ["explain", str(slice_dataset), "--model", str(tiny_run), "--masks", "24",
+    r = CliRunner().invoke(app, ["explain", str(slice_dataset), "--model", str(model_dir), "--masks", "24",
                                  "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
@@ -49,7 +40,7 @@ def test_explain_dataset_writes_maps_overlays_and_rr(slice_dataset, tiny_run, ra
     assert pq.read_table(out / "errors.parquet").num_rows == 0
 
 
-def test_explain_dataset_bad_rows_go_to_errors(slice_dataset, tiny_run, ray_session, tmp_path):
+def test_explain_dataset_bad_rows_go_to_errors(slice_dataset, model_dir, ray_session, tmp_path):
     from ctsearch.jobs.explain import ExplainOptions, explain_dataset
 
     t = pq.read_table(slice_dataset / "test.parquet")
@@ -58,7 +49,7 @@ def test_explain_dataset_bad_rows_go_to_errors(slice_dataset, tiny_run, ray_sess
     bad = tmp_path / "bad"
     bad.mkdir()
     pq.write_table(t.set_column(t.schema.get_field_index("hu"), "hu", [hu]).cast(t.schema), bad / "test.parquet")
-    s = explain_dataset(bad, tiny_run, tmp_path / "o", options=ExplainOptions(num_masks=8, render_png=False))
+    s = explain_dataset(bad, model_dir, tmp_path / "o", options=ExplainOptions(num_masks=8, render_png=False))
     errs = pq.read_table(tmp_path / "o" / "errors.parquet").to_pylist()
     assert s["errors"] == 1 and s["slices"] == t.num_rows - 1
     assert "undecodable" in errs[0]["error"] and errs[0]["stage"] == "explain"
@@ -69,12 +60,12 @@ def test_explain_needs_query_or_model(tmp_path):
     assert r.exit_code == 1 and "QUERY" in r.output
 
 
-def test_explain_query_and_top_k(synth_archive, tiny_run, ray_session, tmp_path):
+def test_explain_query_and_top_k(synth_archive, model_dir, ray_session, tmp_path):
     pytest.importorskip("ctsearch.jobs.index")
     from ctsearch.jobs.index import index_source
 
     idx = tmp_path / "idx"
-    index_source(synth_archive / "nifti", tiny_run, idx)
+    index_source(synth_archive / "nifti", model_dir, idx)
     vol = sorted((synth_archive / "nifti" / "imagesTr").glob("*.nii*"))[0]
     out = tmp_path / "q"
     r = CliRunner().invoke(app, ["explain", str(idx), str(vol), "--slice", "20", "-k", "2", "--masks", "16",
@@ -97,7 +88,7 @@ def test_explain_query_and_top_k(synth_archive, tiny_run, ray_session, tmp_path)
     assert len(hits) == 2 and all(h["patient_id"] != own for h in hits)
 
 
-def test_explain_dataset_killed_and_rerun_finishes_without_redoing(slice_dataset, tiny_run, ray_session, tmp_path, monkeypatch):
+def test_explain_dataset_killed_and_rerun_finishes_without_redoing(slice_dataset, model_dir, ray_session, tmp_path, monkeypatch):
     from ctsearch.jobs import explain as job
 
     opts = lambda: job.ExplainOptions(num_masks=8, render_png=False)  # noqa: E731
@@ -113,13 +104,13 @@ def test_explain_dataset_killed_and_rerun_finishes_without_redoing(slice_dataset
     monkeypatch.setattr(job._PartWriter, "flush", dying_flush)
     out = tmp_path / "o"
     with pytest.raises(KeyboardInterrupt):
-        job.explain_dataset(slice_dataset, tiny_run, out, options=opts())
+        job.explain_dataset(slice_dataset, model_dir, out, options=opts())
     committed = pq.read_table(out / "parts").num_rows
     assert committed >= 8 and not (out / "explanations.parquet").exists()
 
     monkeypatch.setattr(job._PartWriter, "flush", flush)
     progress = []
-    s = job.explain_dataset(slice_dataset, tiny_run, out, options=opts(), on_slice=lambda d, t: progress.append((d, t)))
+    s = job.explain_dataset(slice_dataset, model_dir, out, options=opts(), on_slice=lambda d, t: progress.append((d, t)))
     n = pq.read_metadata(slice_dataset / "test.parquet").num_rows
     assert s["resumed_with"] == committed and s["slices"] == n and s["errors"] == 0
     assert progress[0] == (committed, n) and progress[-1] == (n, n)
@@ -128,27 +119,27 @@ def test_explain_dataset_killed_and_rerun_finishes_without_redoing(slice_dataset
     keys = list(zip(resumed["volume_id"], resumed["slice_index"]))
     assert len(set(keys)) == n
 
-    job.explain_dataset(slice_dataset, tiny_run, tmp_path / "w", options=opts())  # the same job, never killed
+    job.explain_dataset(slice_dataset, model_dir, tmp_path / "w", options=opts())  # the same job, never killed
     whole = job.read_explanations(tmp_path / "w" / "explanations.parquet")
     assert list(zip(whole["volume_id"], whole["slice_index"])) == keys
     np.testing.assert_allclose(resumed["importance"], whole["importance"], atol=1e-5)
 
-    again = job.explain_dataset(slice_dataset, tiny_run, out, options=opts())  # complete: nothing left to do
+    again = job.explain_dataset(slice_dataset, model_dir, out, options=opts())  # complete: nothing left to do
     assert again["resumed_with"] == n and again["slices"] == n
     with pytest.raises(CTSearchInputError, match="another relax"):
-        job.explain_dataset(slice_dataset, tiny_run, out, options=job.ExplainOptions(num_masks=16, render_png=False))
+        job.explain_dataset(slice_dataset, model_dir, out, options=job.ExplainOptions(num_masks=16, render_png=False))
     moved = tmp_path / "moved"  # the same dataset file under another folder, with one slice fewer
     moved.mkdir()
     t = pq.read_table(slice_dataset / "test.parquet")
     pq.write_table(t.slice(1), moved / "test.parquet")
     with pytest.raises(CTSearchInputError, match="another dataset, dataset_sha256"):
-        job.explain_dataset(moved, tiny_run, out, options=opts())
+        job.explain_dataset(moved, model_dir, out, options=opts())
 
 
-def test_explain_folder_has_one_writer(slice_dataset, tiny_run, tmp_path):
+def test_explain_folder_has_one_writer(slice_dataset, model_dir, tmp_path):
     from ctsearch.jobs.explain import ExplainOptions, explain_dataset
     from ctsearch.store import lock_dir
 
     with lock_dir(tmp_path / "o", "`ctsearch explain`"):
         with pytest.raises(CTSearchInputError, match="another `ctsearch explain` is writing to this folder"):
-            explain_dataset(slice_dataset, tiny_run, tmp_path / "o", options=ExplainOptions(num_masks=8))
+            explain_dataset(slice_dataset, model_dir, tmp_path / "o", options=ExplainOptions(num_masks=8))

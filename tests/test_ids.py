@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from conftest import error_line
@@ -19,7 +18,7 @@ from ctsearch.cli.main import app
 from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import ids_block, is_pseudonym, load_salt, pseudonymise, pseudonymise_ids, salt_fingerprint
 from ctsearch.index import Index, IndexWriter
-from ctsearch.model import ModelConfig, build_encoder, save_encoder
+from ctsearch.model import ModelConfig
 from ctsearch.prepare import prepare
 from ctsearch.store import read_slices
 
@@ -152,13 +151,6 @@ def two_exam_archive(tmp_path_factory):
     out = tmp_path_factory.mktemp("twoexam")
     synth_archive(out, volumes=2, exams=2, seed=3, size=64, fmt="nifti")
     return out / "nifti"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = ModelConfig(backbone="tiny", image_size=64, model_id="tiny-untrained")
-    return save_encoder(build_encoder(cfg), cfg, tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

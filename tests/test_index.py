@@ -19,14 +19,6 @@ from ctsearch.model import ModelConfig, build_encoder, save_encoder
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """An untrained tiny encoder: enough to tell slices apart, fast on CPU."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(backbone="tiny", image_size=64, model_id="tiny-untrained")
-    return save_encoder(build_encoder(cfg), cfg, tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
 def archive(synth_archive, tmp_path_factory):
     """The synthetic NIfTI archive plus one corrupt volume."""
     out = tmp_path_factory.mktemp("archive") / "nifti"

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from typer.testing import CliRunner
 
 from ctsearch.cli.main import app

@@ -14,7 +14,7 @@ from ctsearch.errors import CTSearchInputError
 from ctsearch.jobs.train import TrainOptions, check_options, read_metrics, train
 from ctsearch.model import ModelConfig, SimSiam, build_encoder, embed, set_residual_bn
 from ctsearch.prepare import prepare
-from ctsearch.store import read_slices, write_slices
+from ctsearch.store import read_slices
 from ctsearch.views import TwoViews, augmentation
 
 
