@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import ray
 
 from ctsearch.errors import CTSearchInputError
-from ctsearch.jobs.runtime import start_ray
+from ctsearch.jobs.runtime import shared_value, start_ray
 from ctsearch.store import SLICES_SCHEMA, atomic_write_json, atomic_write_table, errors_table, lock_dir
 
 EXPLANATIONS_FILE = "explanations.parquet"
@@ -225,7 +225,7 @@ def split_path(dataset_dir: str | os.PathLike, split: str) -> Path:
 
 
 def _drop_keys(batch: dict[str, np.ndarray], keys) -> dict[str, np.ndarray]:
-    keys = ray.get(keys) if isinstance(keys, ray.ObjectRef) else keys
+    keys = shared_value(keys)
     keep = np.array([slice_key(v, i) not in keys for v, i in zip(batch["volume_id"], batch["slice_index"])], bool)
     return {k: v[keep] for k, v in batch.items()}
 
@@ -306,7 +306,7 @@ def explain_dataset(
 
         done = _done_keys(out)
         total = pq.read_metadata(path).num_rows
-        todo = total - len(done & _dataset_keys(path))
+        todo = total - len(done & _slice_keys(path))
         part = _PartWriter(out, options.render_png)
         if on_slice:
             on_slice(total - todo, total)
@@ -356,7 +356,8 @@ def _claim_folder(out: Path, dataset: Path, model_dir, options: ExplainOptions) 
         atomic_write_json(run, f)
 
 
-def _dataset_keys(path: Path) -> set[str]:
+def _slice_keys(path: Path) -> set[str]:
+    """``slice_key`` of every row of a parquet file with volume_id and slice_index columns."""
     t = pq.read_table(path, columns=["volume_id", "slice_index"])
     return {slice_key(v, i) for v, i in zip(t.column("volume_id").to_pylist(), t.column("slice_index").to_pylist())}
 
@@ -370,8 +371,7 @@ def _done_keys(out: Path) -> set[str]:
     keys = set()
     for f in [out / EXPLANATIONS_FILE, *sorted((out / PARTS_DIR).glob("expl-*.parquet"))]:
         if f.is_file():
-            t = pq.read_table(f, columns=["volume_id", "slice_index"])
-            keys |= {slice_key(v, i) for v, i in zip(t.column("volume_id").to_pylist(), t.column("slice_index").to_pylist())}
+            keys |= _slice_keys(f)
     for f in [out / "errors.parquet", *sorted((out / PARTS_DIR).glob("errors-*.parquet"))]:
         if f.is_file():
             keys |= {_error_key(p) for p in pq.read_table(f, columns=["path"]).column("path").to_pylist()}

@@ -35,7 +35,7 @@ import ray
 from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import check_same_salt, is_pseudonym, pseudonymise, pseudonymise_ids
 from ctsearch.index import DEFAULT_ANN_THRESHOLD, IndexWriter, content_hash, file_fingerprint, l2_normalize
-from ctsearch.jobs.runtime import start_ray
+from ctsearch.jobs.runtime import shared_value, start_ray
 from ctsearch.model import ModelConfig, load_encoder
 
 ID_COLUMNS = ("volume_id", "patient_id", "study_id", "series_id", "exam_date")
@@ -105,7 +105,7 @@ def read_volume_rows(batch: dict[str, np.ndarray], known_ref, id_salt: bytes | N
     With ``id_salt`` every row's ids are already hashed (ctsearch.ids).
     """
     out: dict[str, list] = defaultdict(list)
-    known = _known(known_ref)
+    known = shared_value(known_ref)
     for i in range(len(batch["path"])):
         task = {k: batch[k][i] for k in batch}
         for row in _volume_rows(task, known, id_salt):
@@ -115,15 +115,6 @@ def read_volume_rows(batch: dict[str, np.ndarray], known_ref, id_salt: bytes | N
 
 
 _OBJECT_COLS = {"path", "entry", "format", "status", "error", "content_hash", "hu", "stage", *ID_COLUMNS}
-_KNOWN_CACHE: dict = {}
-
-
-def _known(ref) -> set:
-    key = ref.hex() if hasattr(ref, "hex") else id(ref)
-    if key not in _KNOWN_CACHE:
-        _KNOWN_CACHE.clear()
-        _KNOWN_CACHE[key] = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-    return _KNOWN_CACHE[key]
 
 
 def _volume_rows(task: dict, known: set, id_salt: bytes | None = None) -> list[dict]:

@@ -35,3 +35,20 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, quiet: bo
             )
     logging.getLogger("ray.data").setLevel(logging.ERROR if quiet else logging.INFO)
     ray.data.DataContext.get_current().enable_progress_bars = not quiet
+
+
+_SHARED: dict = {}
+
+
+def shared_value(ref):
+    """The value behind ``ref`` (a ``ray.put`` object ref passed in ``fn_kwargs``), fetched once
+    per worker process: Ray Data does not resolve refs inside ``fn_kwargs``, and ``ray.get`` per
+    batch would deserialise the same object again and again. A plain value is returned as is.
+    """
+    if not isinstance(ref, ray.ObjectRef):
+        return ref
+    key = ref.hex()
+    if key not in _SHARED:
+        _SHARED.clear()  # one job's value at a time: workers are reused across jobs
+        _SHARED[key] = ray.get(ref)
+    return _SHARED[key]
