@@ -52,12 +52,14 @@ def is_pseudonym(value: str | None) -> bool:
     return bool(value) and bool(_PSEUDONYM_RE.match(str(value)))
 
 
-def load_salt(path: str | os.PathLike) -> bytes:
-    """The salt file's bytes without one trailing newline; at least 16 bytes.
+def load_salt(path: str | os.PathLike | None) -> bytes | None:
+    """The salt file's bytes without one trailing newline; at least 16 bytes (None: no salt file given).
 
     Raises:
         CTSearchInputError: the file is missing, unreadable, empty or too short.
     """
+    if path is None:
+        return None
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:

@@ -280,3 +280,7 @@ def test_a_pseudonymised_dicom_manifest_indexes_with_its_salt(synth_archive, mod
     assert all(r["volume_id"] == r["series_id"] for r in rows)
     uids = {u for e in entries for u in (e.study_id, e.series_id)}
     assert _leaks(out, uids) == []
+
+
+def test_no_salt_file_means_no_salt():
+    assert load_salt(None) is None

@@ -76,7 +76,7 @@ def explain_cmd(
     from ctsearch.ids import load_salt
 
     summary = explain_query(target, query, slice_, k, out, opts, patient=patient, exclude_patient=exclude_patient,
-                            id_salt=load_salt(id_salt_file) if id_salt_file else None)
+                            id_salt=load_salt(id_salt_file))
     if json_out:
         emit_json(summary)
         return

@@ -40,7 +40,7 @@ def index_cmd(
     from ctsearch.ids import load_salt
     from ctsearch.jobs.index import index_source
 
-    id_salt = load_salt(id_salt_file) if id_salt_file else None
+    id_salt = load_salt(id_salt_file)
 
     bar = CallbackBar("indexing volumes", off=quiet or json_out)
     try:

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         summary = prepare(
             archive, out, protocol=protocol, per_volume=per_volume, train_volumes=train_volumes, seed=seed,
             all_train_slices=train_all_slices, progress=lambda items, total, desc: progress(items, total, desc, quiet or json_out),
-            id_salt=load_salt(id_salt_file) if id_salt_file else None,
+            id_salt=load_salt(id_salt_file),
         )
         if summary["volumes"] == 0:
             raise CTSearchInputError(archive, f"no readable volumes ({summary['errors']} errors, listed in {out}/errors.parquet)")

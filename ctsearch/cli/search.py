@@ -36,7 +36,7 @@ def search_cmd(
     from ctsearch.ids import load_salt
     from ctsearch.index import Index
 
-    id_salt = load_salt(id_salt_file) if id_salt_file else None
+    id_salt = load_salt(id_salt_file)
     index = Index.open(index_dir, device=device)
     patient, exclude_patient = index.patient_key(patient, id_salt), index.patient_key(exclude_patient, id_salt)
     vector, qmeta = index.embed_query(query, slice_, id_salt)
