@@ -64,15 +64,14 @@ def handle_errors(fn: Callable) -> Callable:
 
 def progress(items: Iterable[T], total: int | None, description: str, quiet: bool = False) -> Iterable[T]:
     """Iterate ``items`` with a progress bar on stderr (nothing when quiet or not a terminal)."""
-    if quiet or not sys.stderr.isatty():
-        yield from items
-        return
-    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*cols, console=err_console, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        for item in items:
+    bar = CallbackBar(description, off=quiet)
+    try:
+        bar.update(0, total)
+        for done, item in enumerate(items, 1):
             yield item
-            bar.advance(task)
+            bar.update(done, total)
+    finally:
+        bar.close()
 
 
 class CallbackBar:
