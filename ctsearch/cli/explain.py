@@ -52,14 +52,15 @@ def explain_cmd(
         if query is not None:
             raise CTSearchInputError(query, "dataset mode (--model) takes no QUERY; to explain a query, give an index directory")
         from ctsearch.jobs.explain import explain_dataset, split_path
+        from ctsearch.jobs.runtime import run_job
 
         split_path(target, split)  # a wrong folder or split is reported before anything is announced
         out = out or model / "explanations" / split
         say(f"explaining {target}/{split}.parquet with {model} ({masks} masks per slice) -> {out}", quiet or json_out)
         bar = CallbackBar("explaining slices", off=quiet or json_out)
         try:
-            summary = explain_dataset(target, model, out, split=split, options=opts, gpus=gpus, workers=workers,
-                                      address=address, on_slice=bar.update)
+            summary = run_job(explain_dataset, target, model, out, split=split, options=opts, gpus=gpus,
+                              workers=workers, address=address, on_slice=bar.update, callbacks=("on_slice",))
         finally:
             bar.close()
         if summary["resumed_with"]:

@@ -39,15 +39,16 @@ def index_cmd(
     """
     from ctsearch.ids import load_salt
     from ctsearch.jobs.index import index_source
+    from ctsearch.jobs.runtime import run_job
 
     id_salt = load_salt(id_salt_file)
 
     bar = CallbackBar("indexing volumes", off=quiet or json_out)
     try:
-        summary = index_source(source, model, out, gpus=gpus, batch_size=batch_size, dtype=dtype,
-                               ann_threshold=ann_threshold, ann=ann, shard_volumes=shard_volumes,
-                               address=address, threads=threads, on_volume=bar.update, quiet=quiet or json_out,
-                               id_salt=id_salt)
+        summary = run_job(index_source, source, model, out, gpus=gpus, batch_size=batch_size, dtype=dtype,
+                          ann_threshold=ann_threshold, ann=ann, shard_volumes=shard_volumes,
+                          address=address, threads=threads, on_volume=bar.update, quiet=quiet or json_out,
+                          id_salt=id_salt, callbacks=("on_volume",))
     finally:
         bar.close()
     failed = summary["volumes_failed"] + summary["scan_errors"]

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, emit_json, handle_errors, progress, say
+from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, CallbackBar, emit_json, handle_errors, say
 
 
 def register(app: typer.Typer) -> None:
@@ -39,12 +39,14 @@ def train_cmd(
     gpus_per_worker: float = typer.Option(0.0, help="GPUs per worker (0: train on CPU)."),
     cpus_per_worker: float = typer.Option(1.0, help="CPUs reserved per worker (also its torch threads); leave some for Ray Data."),
     max_failures: int = typer.Option(3, help="Worker failures to recover from (restart from the last checkpoint); -1: unlimited."),
+    placement: str = typer.Option("pack", help="Worker placement on a cluster: pack (fewest nodes, fast all-reduce) or spread (one node each where possible)."),
     address: Optional[str] = ADDRESS_OPT,
     json_out: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
 ) -> None:
     """Train a SimSiam encoder on prepared CT slices; writes checkpoints, metrics and the encoder into OUT."""
-    from ctsearch.jobs.train import TrainOptions, train
+    from ctsearch.jobs.runtime import run_job
+    from ctsearch.jobs.train import TrainOptions, check_options, train
 
     opts = TrainOptions(
         backbone=backbone, image_size=image_size, views=views, rescale=rescale, jitter=jitter, crop_scale=crop_scale,
@@ -52,14 +54,21 @@ def train_cmd(
         weights=str(weights) if weights else None, epochs=epochs, batch_size=batch_size, base_lr=base_lr,
         schedule=schedule, fix_pred_lr=fix_pred_lr, seed=seed, eval_every=eval_every, workers=workers,
         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
+        placement=placement,
     )  # fmt: skip
+    check_options(opts)  # before any connection: a bad option never waits for a cluster
 
-    def show(rows, done: int, total: int) -> None:
-        for row in progress(rows, total - done, f"training {out.name}", quiet):
-            extra = f"  MAP@5 {row['map_at_5']:.3f}  5-NN acc {row['knn_accuracy']:.3f}" if "map_at_5" in row else ""
-            say(f"epoch {row['epoch']}/{total}  loss {row['loss']:.4f}  {row['seconds']:.0f} s{extra}", quiet)
+    bar = CallbackBar(f"training {out.name}", off=quiet)
 
-    summary = train(dataset_dir, out, opts, address=address, on_epoch=show)
+    def show(row: dict, total: int) -> None:
+        bar.update(row["epoch"], total)
+        extra = f"  MAP@5 {row['map_at_5']:.3f}  5-NN acc {row['knn_accuracy']:.3f}" if "map_at_5" in row else ""
+        say(f"epoch {row['epoch']}/{total}  loss {row['loss']:.4f}  {row['seconds']:.0f} s{extra}", quiet)
+
+    try:
+        summary = run_job(train, dataset_dir, out, opts, address=address, on_epoch=show, callbacks=("on_epoch",))
+    finally:
+        bar.close()
     if json_out:
         emit_json(summary)
     else:

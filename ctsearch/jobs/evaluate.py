@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from ctsearch.errors import CTSearchInputError
-from ctsearch.jobs.explain import ExplainOptions, baseline_spec, encoder_from_spec, explain_slices, run_spec, split_path
+from ctsearch.jobs.explain import (
+    ExplainOptions, baseline_spec, count_nodes, encoder_from_spec, explain_slices, run_spec, split_path,
+)
 from ctsearch.report import percent_cell
 
 METRIC_LABELS = {"map": "MAP", "acc": "ACC", "rr": "RR"}
@@ -63,8 +65,9 @@ def embed_split(spec: dict, hu: np.ndarray, device: str) -> np.ndarray:
 
 def rr_of(spec: dict, test_path: Path, options: ExplainOptions, gpus: int, workers: int, address: str | None) -> dict:
     """Mean relevance-rank accuracy over the test split's liver slices (Ray job)."""
-    scores, skipped, errors = [], 0, []
+    scores, skipped, errors, nodes = [], 0, [], {}
     for b in explain_slices(test_path, spec, options, gpus=gpus, workers=workers, liver_only=True, address=address):
+        count_nodes(nodes, b)
         for i in range(len(b["volume_id"])):
             if b["error"][i]:
                 errors.append(f"{b['volume_id'][i]}:{int(b['slice_index'][i])}: {b['error'][i]}")
@@ -73,7 +76,7 @@ def rr_of(spec: dict, test_path: Path, options: ExplainOptions, gpus: int, worke
             else:
                 scores.append(float(b["rr"][i]))
     return {"rr": float(np.mean(scores)) if scores else float("nan"), "rr_slices": len(scores),
-            "rr_skipped_empty_mask": skipped, "rr_errors": errors}  # fmt: skip
+            "rr_skipped_empty_mask": skipped, "rr_errors": errors, "rr_nodes": nodes}  # fmt: skip
 
 
 def _stats(values: list[float]) -> dict:

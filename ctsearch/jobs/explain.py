@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import ray
 
 from ctsearch.errors import CTSearchInputError
-from ctsearch.jobs.runtime import shared_value, start_ray
+from ctsearch.jobs.runtime import node_id, shared_value, start_ray
 from ctsearch.store import SLICES_SCHEMA, atomic_write_json, atomic_write_table, errors_table, lock_dir
 
 EXPLANATIONS_FILE = "explanations.parquet"
@@ -168,6 +168,7 @@ class Explainer:
             "importance": [b""] * n, "uncertainty": [b""] * n,
             "masks_used": np.zeros(n, np.int32), "mask_pixels": np.zeros(n, np.int64),
             "rr": np.full(n, np.nan), "png_bytes": [b""] * n, "error": [""] * n,
+            "node": [node_id()] * n,  # where the work ran (job summaries count slices per node)
         }  # fmt: skip
         decoded = {}
         for i in range(n):
@@ -268,6 +269,12 @@ def explain_slices(
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
+def count_nodes(nodes: dict[str, int], batch: dict[str, np.ndarray]) -> None:
+    """Add an Explainer batch's slices to ``nodes`` (Ray node id -> slices explained there)."""
+    for node in batch["node"]:
+        nodes[str(node)] = nodes.get(str(node), 0) + 1
+
+
 RUN_FILE = "explain-run.json"  # what the folder's explanations were made with (for resuming)
 PARTS_DIR = "parts"
 PART_ROWS = 32  # slices per committed part: what a killed job can lose
@@ -305,6 +312,7 @@ def explain_dataset(
         _claim_folder(out, path, model_dir, options)
 
         done = _done_keys(out)
+        nodes: dict[str, int] = {}
         total = pq.read_metadata(path).num_rows
         todo = total - len(done & _slice_keys(path))
         part = _PartWriter(out, options.render_png)
@@ -312,6 +320,7 @@ def explain_dataset(
             on_slice(total - todo, total)
         if todo:
             for b in explain_slices(path, spec, options, gpus=gpus, workers=workers, address=address, skip=done):
+                count_nodes(nodes, b)
                 part.add(b, path)
                 if on_slice:
                     on_slice(total - todo + part.seen, total)
@@ -326,7 +335,7 @@ def explain_dataset(
             "rr_mean": float(np.mean(rr)) if rr else None, "rr_slices": len(rr),
             "liver_slices_without_mask": liver_without_mask,
             "masks_used_mean": float(np.mean([r["masks_used"] for r in rows])) if rows else None,
-            "options": asdict(options), "outputs": {"explanations": EXPLANATIONS_FILE, "errors": "errors.parquet",
+            "nodes": nodes, "options": asdict(options), "outputs": {"explanations": EXPLANATIONS_FILE, "errors": "errors.parquet",
                                                    "overlays": "overlays/" if options.render_png else None},
         }  # fmt: skip
         atomic_write_json(summary, out / SUMMARY_FILE)

@@ -35,7 +35,7 @@ import ray
 from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import check_same_salt, is_pseudonym, pseudonymise, pseudonymise_ids
 from ctsearch.index import DEFAULT_ANN_THRESHOLD, IndexWriter, content_hash, file_fingerprint, l2_normalize
-from ctsearch.jobs.runtime import shared_value, start_ray
+from ctsearch.jobs.runtime import node_id, shared_value, start_ray
 from ctsearch.model import ModelConfig, load_encoder
 
 ID_COLUMNS = ("volume_id", "patient_id", "study_id", "series_id", "exam_date")
@@ -106,15 +106,17 @@ def read_volume_rows(batch: dict[str, np.ndarray], known_ref, id_salt: bytes | N
     """
     out: dict[str, list] = defaultdict(list)
     known = shared_value(known_ref)
+    here = node_id()
     for i in range(len(batch["path"])):
         task = {k: batch[k][i] for k in batch}
         for row in _volume_rows(task, known, id_salt):
             for k, v in row.items():
                 out[k].append(v)
+            out["read_node"].append(here)
     return {k: np.asarray(v, dtype=object) if k in _OBJECT_COLS else np.asarray(v) for k, v in out.items()}
 
 
-_OBJECT_COLS = {"path", "entry", "format", "status", "error", "content_hash", "hu", "stage", *ID_COLUMNS}
+_OBJECT_COLS = {"path", "entry", "format", "status", "error", "content_hash", "hu", "stage", "read_node", *ID_COLUMNS}
 
 
 def _volume_rows(task: dict, known: set, id_salt: bytes | None = None) -> list[dict]:
@@ -230,6 +232,7 @@ class Embedder:
                 emb[ok.numpy()] = l2_normalize(e.float().cpu().numpy())
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["embedding"] = emb
+        out["embed_node"] = np.full(len(x), node_id(), dtype=object)
         return out
 
 
@@ -287,7 +290,9 @@ def _index_into(writer, source, model_dir, config, gpus, batch_size, shard_volum
         pending.append({**t, "size": size, "mtime_ns": mtime})
     summary = {"volumes_seen": len(tasks), "unchanged_skipped": unchanged, "duplicates_skipped": 0,
                "volumes_indexed": 0, "volumes_failed": 0, "rows_added": 0, "shards_added": [],
-               "scan_errors": len(scan_errors)}
+               "scan_errors": len(scan_errors),
+               # Ray node id -> volumes read there / slices embedded there: where the work ran.
+               "nodes": {"read": {}, "embed": {}}}
     if pending:
         _run_pipeline(pending, writer, model_dir, config, gpus, batch_size, shard_volumes, address, threads,
                       on_volume, quiet, summary, id_salt)
@@ -372,6 +377,8 @@ def _commit(writer: IndexWriter, parts: list[dict], summary: dict) -> None:
         if status == "indexed" and any(v["status"] == "indexed" and (v["series_id"], v["content_hash"]) ==
                                        (str(r["series_id"]), str(r["content_hash"])) for v in volumes):
             status = "duplicate"
+        read_at = str(r["read_node"])
+        summary["nodes"]["read"][read_at] = summary["nodes"]["read"].get(read_at, 0) + 1
         volumes.append({"entry": str(r["entry"]), "path": str(r["path"]), "volume_id": str(r["volume_id"]), "series_id": str(r["series_id"]),
                         "content_hash": str(r["content_hash"]), "size": int(r["size"]), "mtime_ns": int(r["mtime_ns"]),
                         "n_slices": int(b - a) if status == "indexed" else 0, "status": status})
@@ -384,6 +391,8 @@ def _commit(writer: IndexWriter, parts: list[dict], summary: dict) -> None:
             keep.append(np.arange(a, b))
             summary["volumes_indexed"] += 1
     idx = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+    for node, count in zip(*np.unique(cols["embed_node"][idx].astype(str), return_counts=True)):
+        summary["nodes"]["embed"][node] = summary["nodes"]["embed"].get(node, 0) + int(count)
     rows = [{c: _py(cols[c][i]) for c in ("volume_id", "patient_id", "study_id", "series_id", "exam_date",
                                           "slice_index", "z_mm", "path")} for i in idx]
     for r in rows:

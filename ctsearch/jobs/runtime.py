@@ -1,30 +1,83 @@
-"""Starting Ray: embedded by default, a cluster when an address is given."""
+"""Starting Ray: embedded by default, a cluster when an address is given.
+
+Four ways in, one code path (docs/cluster.md):
+
+- no address and no ``$RAY_ADDRESS``: Ray starts inside this process, on 127.0.0.1 only;
+- ``HOST:PORT`` (or ``$RAY_ADDRESS``, as ``ray job submit`` sets it): this process is the driver,
+  on a cluster node;
+- ``ray://HOST:PORT``: Ray Client from outside the cluster. Ray Data and Ray Train need a driver
+  inside the cluster, so ``run_job`` runs the job function there as one task, pinned to the head
+  node, and relays its progress callbacks back here.
+
+Example:
+    >>> parse_address("ray://head.example:10001")
+    ('ray', 'head.example', 10001)
+    >>> parse_address("10.0.0.5:6379")
+    ('gcs', '10.0.0.5', 6379)
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import threading
+from typing import Any, Callable
 
 import ray
 import ray.data
+
+from ctsearch.errors import CTSearchInputError
+
+# Bounds on how long a connection may take before it is reported as unreachable.
+CONNECT_TIMEOUT_S = 10
+# ray:// addresses without a port mean the Ray Client server's default port.
+DEFAULT_CLIENT_PORT = 10001
+_ADDRESS = re.compile(r"^(?:(?P<scheme>ray)://)?(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+)(?::(?P<port>\d{1,5}))?$")
+
+
+def parse_address(address: str) -> tuple[str, str, int]:
+    """``HOST:PORT`` or ``ray://HOST[:PORT]`` -> (kind "gcs" | "ray", host, port); bad -> one-line error."""
+    m = _ADDRESS.match(address.strip())
+    if not m or (m["scheme"] is None and m["port"] is None):
+        raise CTSearchInputError(
+            None, f"--address {address!r} is not a Ray address: give HOST:PORT (a cluster's GCS, e.g. "
+                  "head:6379) or ray://HOST:PORT (Ray Client, e.g. ray://head:10001)",
+        )  # fmt: skip
+    port = int(m["port"]) if m["port"] else DEFAULT_CLIENT_PORT
+    if not 0 < port < 65536:
+        raise CTSearchInputError(None, f"--address {address!r}: port {port} is out of range")
+    return ("ray" if m["scheme"] else "gcs"), m["host"], port
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to use: ``address``, else ``$RAY_ADDRESS``; None (or "local") means embedded."""
+    address = (address or os.environ.get("RAY_ADDRESS") or "").strip()
+    if address in ("", "local"):
+        return None
+    if address != "auto":
+        parse_address(address)
+    return address
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
     """Connect to ``address`` (or $RAY_ADDRESS); with neither, start Ray in this process.
 
-    Already-initialised Ray (tests, notebooks) is left as it is. Ray Data's own progress bars and
-    INFO logs are switched off: the CLI draws one progress bar per job, and the Ray logs stay in
-    the session's log folder (``--debug`` or ``quiet=False`` shows them).
+    Already-initialised Ray (tests, notebooks, a job running inside the cluster) is left as it is.
+    Ray Data's own progress bars and INFO logs are switched off: the CLI draws one progress bar
+    per job, and the Ray logs stay in the session's log folder (``--debug`` or ``quiet=False``
+    shows them). Connection problems become one-line ``CTSearchInputError``s.
     """
     if not ray.is_initialized():
         if quiet:
             # The driver's C++ core logs harmless ERROR lines (e.g. about actor constructor
             # arguments, ray#53727) to stderr; real failures still reach us as Python exceptions.
             os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-        address = address or os.environ.get("RAY_ADDRESS") or None
+        address = cluster_address(address)
         if address:
-            ray.init(address=address, log_to_driver=not quiet)
+            _connect(address, quiet)
         else:
+            _loopback_only()
             # Local runs: no dashboard (nothing to connect to from a laptop job), and quiet logs.
             ray.init(
                 num_cpus=num_cpus,
@@ -35,6 +88,153 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, quiet: bo
             )
     logging.getLogger("ray.data").setLevel(logging.ERROR if quiet else logging.INFO)
     ray.data.DataContext.get_current().enable_progress_bars = not quiet
+
+
+def _loopback_only() -> None:
+    """Make an embedded Ray bind to and advertise 127.0.0.1 only.
+
+    Ray's ports have no authentication of their own, and by default Ray advertises (and its
+    gRPC servers listen on) the machine's network interface. Ray keeps every port on the
+    loopback address where it believes multi-node clusters are off; that switch is read at import
+    time, so both the environment (for the processes Ray starts) and the constant are set.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _connect(address: str, quiet: bool) -> None:
+    kind = "auto" if address == "auto" else parse_address(address)[0]
+    if kind == "ray":
+        try:
+            import grpc  # noqa: F401 - what `ray[client]` adds
+        except ImportError:
+            raise CTSearchInputError(
+                None, f"--address {address}: Ray Client needs the `ray[client]` extra (pip install 'ray[client]')"
+            ) from None
+    if kind != "auto":
+        _check_reachable(address)
+    try:
+        ray.init(address=address, log_to_driver=not quiet, **({} if kind == "ray" else {"logging_level": "ERROR" if quiet else "INFO"}))
+    except Exception as e:  # noqa: BLE001 - every way a connection fails is the user's address problem
+        raise CTSearchInputError(None, f"cannot connect to the Ray cluster at {address}: {_reason(e)}") from None
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes, when nothing listens at the address (Ray retries for ~1 min+)."""
+    import socket
+
+    _, host, port = parse_address(address)
+    try:
+        socket.create_connection((host.strip("[]"), port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise CTSearchInputError(None, f"cannot connect to the Ray cluster at {address}: {e.strerror or e}") from None
+
+
+def _reason(e: BaseException) -> str:
+    """One line out of whatever Ray raised: version mismatches, timeouts, refused connections."""
+    text = " ".join(str(e).split())
+    if "version" in text.lower() and "mismatch" in text.lower():
+        return f"Ray or Python version mismatch between this machine and the cluster ({text[:300]})"
+    return (text or type(e).__name__)[:400]
+
+
+def is_client() -> bool:
+    """True when this process talks to the cluster through Ray Client (a ``ray://`` address)."""
+    from ray.util.client import ray as client_ray
+
+    return client_ray.is_connected()
+
+
+def run_job(fn: Callable[..., Any], *args, address: str | None = None, callbacks: tuple[str, ...] = (), **kwargs) -> Any:
+    """Run ``fn(*args, address=address, **kwargs)``: here, or, through Ray Client, inside the cluster.
+
+    With a cluster address the connection is made first, so a wrong address fails before any
+    output folder exists. Through Ray Client (``ray://``), Ray Data and Ray Train cannot drive
+    the job from outside the cluster: ``fn`` then runs as one task on the head node (all paths
+    are the cluster's), and the keyword arguments named in ``callbacks`` (progress callbacks)
+    are relayed back through a queue and called here with the same arguments.
+    """
+    if cluster_address(address):
+        start_ray(address)
+    if not (ray.is_initialized() and is_client()):
+        return fn(*args, address=address, **kwargs)
+
+    from ray.util.queue import Empty, Queue
+
+    local = {name: kwargs.pop(name) for name in callbacks if kwargs.get(name) is not None}
+    queue = Queue(actor_options={"num_cpus": 0}) if local else None
+    remote_kwargs = {**kwargs, **{name: _Relay(queue, name) for name in local}}
+    ref = _remote_job.options(num_cpus=0, scheduling_strategy=_head_node_strategy()).remote(
+        fn, args, {**remote_kwargs, "address": None}
+    )
+
+    def drain(block: bool) -> None:
+        while queue is not None:
+            try:
+                name, call_args = queue.get(block=block, timeout=0.5) if block else queue.get_nowait()
+            except Empty:
+                return
+            local[name](*call_args)
+
+    try:
+        while True:
+            ready, _ = ray.wait([ref], timeout=0.5)
+            drain(block=False)
+            if ready:
+                break
+        return _unwrap(ref)
+    except KeyboardInterrupt:
+        ray.cancel(ref, force=True)
+        raise
+
+
+@ray.remote(max_retries=0)
+def _remote_job(fn, args, kwargs):
+    return fn(*args, **kwargs)
+
+
+class _Relay:
+    """A progress callback that forwards its arguments to the Ray Client side."""
+
+    def __init__(self, queue, name: str):
+        self.queue, self.name = queue, name
+        self.lock = threading.Lock()
+
+    def __call__(self, *args) -> None:
+        with self.lock:
+            self.queue.put((self.name, args))
+
+    def __reduce__(self):
+        return (_Relay, (self.queue, self.name))
+
+
+def _head_node_strategy():
+    """Pin the job's driver task to the head node: it is where the driver's memory is provisioned
+    (compaction holds the vectors it merges; deploy/ sizes the head for it)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=True)
+    return "DEFAULT"
+
+
+def _unwrap(ref) -> Any:
+    """The job's result; a user error raised inside the cluster comes back as itself."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
+        if isinstance(cause, CTSearchInputError):
+            raise CTSearchInputError(cause.path, cause.problem) from None
+        raise
+
+
+def node_id() -> str:
+    """The Ray node this code runs on (hex id), recorded by jobs to show where work ran."""
+    return ray.get_runtime_context().get_node_id()
 
 
 _SHARED: dict = {}

@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import ray
@@ -80,6 +80,7 @@ class TrainOptions:
     cpus_per_worker: float = 1.0
     max_failures: int = 3
     keep_checkpoints: int = 2
+    placement: str = "pack"
 
     # Options that define what is trained; a rerun on the same OUT must keep them.
     IDENTITY = (
@@ -105,6 +106,7 @@ def check_options(o: TrainOptions) -> None:
     choices = {
         "backbone": sorted(BACKBONES), "views": ["clinical", "standard"], "rescale": ["reference", "own"],
         "jitter": ["paper", "reference"], "schedule": ["constant", "cosine"], "train_slices": list(TRAIN_FILES),
+        "placement": ["pack", "spread"],
     }  # fmt: skip
     for name, allowed in choices.items():
         if getattr(o, name) not in allowed:
@@ -287,6 +289,13 @@ def train_loop_per_worker(cfg: dict) -> None:
             if start_epoch == 0:
                 _append_metrics(out, {"epoch": 0, **_evaluate(core, mcfg, eval_data, device)})
 
+    # Where each rank runs (Ray node ids, by rank), logged with every epoch: a restarted group
+    # may run elsewhere, and a cluster run can show that it really used several nodes.
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, nodes[0])
+        nodes = gathered
     views = TwoViews(mcfg, opts.jitter, opts.crop_scale)
     shard = ray.train.get_dataset_shard("train")
     local_batch = opts.batch_size // world
@@ -320,7 +329,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         row = {
             "epoch": number, "loss": float(loss[0] / loss[1]), "lr": lr, "steps": len(losses),
             "images": int(loss[1]) * local_batch, "seconds": round(time.perf_counter() - t0, 3),
-            "finished_at": time.time(),
+            "finished_at": time.time(), "nodes": nodes,
         }  # fmt: skip
         if rank == 0:
             if opts.eval_every and (number % opts.eval_every == 0 or number == opts.epochs):
@@ -339,15 +348,15 @@ def train_loop_per_worker(cfg: dict) -> None:
 # The driver side
 
 
-def _follow_epochs(out: Path, done: int, stop: threading.Event) -> Iterator[dict]:
-    """Yield each new training row of metrics.jsonl as rank 0 appends it (for the progress bar)."""
+def _follow_epochs(out: Path, done: int, total: int, stop: threading.Event, on_epoch: Callable[[dict, int], None]) -> None:
+    """Call ``on_epoch(row, total)`` for each new training row of metrics.jsonl as rank 0 appends it."""
     seen = done
     while True:
         finished = stop.is_set()
         for row in read_metrics(out):
             if row["epoch"] > seen and "loss" in row:
                 seen = row["epoch"]
-                yield row
+                on_epoch(row, total)
         if finished:
             return
         stop.wait(0.5)
@@ -358,12 +367,12 @@ def train(
     out: str | os.PathLike,
     opts: TrainOptions,
     address: str | None = None,
-    on_epoch: Callable[[Iterator[dict], int, int], None] | None = None,
+    on_epoch: Callable[[dict, int], None] | None = None,
 ) -> dict:
     """Train (or resume) a SimSiam run from ``DATASET_DIR/train.parquet`` (or ``train_all.parquet``) into ``out``.
 
-    ``on_epoch(rows, done, total)``, if given, runs in a thread and consumes the per-epoch rows
-    as they arrive (the CLI draws its progress bar with it). Returns a summary dict.
+    ``on_epoch(row, total)``, if given, is called from a thread with each epoch's metrics row as
+    it arrives (the CLI draws its progress bar with it). Returns a summary dict.
     """
     from ctsearch.jobs.runtime import start_ray
 
@@ -416,7 +425,8 @@ def train(
             train_loop_per_worker,
             train_loop_config=loop_config,
             scaling_config=ray.train.ScalingConfig(
-                num_workers=opts.workers, use_gpu=opts.gpus_per_worker > 0, resources_per_worker=resources
+                num_workers=opts.workers, use_gpu=opts.gpus_per_worker > 0, resources_per_worker=resources,
+                placement_strategy=opts.placement.upper(),
             ),
             run_config=ray.train.RunConfig(
                 name=CHECKPOINT_DIR,
@@ -430,8 +440,7 @@ def train(
         stop = threading.Event()
         follower = None
         if on_epoch is not None:
-            rows = _follow_epochs(out, done, stop)
-            follower = threading.Thread(target=on_epoch, args=(rows, done, opts.epochs), daemon=True)
+            follower = threading.Thread(target=_follow_epochs, args=(out, done, opts.epochs, stop, on_epoch), daemon=True)
             follower.start()
         t0 = time.perf_counter()
         try:
@@ -451,5 +460,6 @@ def train(
             "final_loss": trained[-1]["loss"] if trained else None,
             "last_eval": evals[-1] if evals else None,
             "encoder": str(out / "encoder.safetensors"),
+            "nodes": sorted({n for r in trained for n in r.get("nodes", [])}),
             "seconds": round(time.perf_counter() - t0, 1),
         }
