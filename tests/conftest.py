@@ -8,6 +8,8 @@ import pytest
 
 # Keep torch from oversubscribing the CPU when Ray workers run beside the test process.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Every Ray the tests start advertises and listens on 127.0.0.1 only (read when Ray is imported).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")

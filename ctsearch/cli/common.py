@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ctsearch.errors import CTSearchInputError
@@ -51,15 +52,40 @@ def handle_errors(fn: Callable) -> Callable:
         except CTSearchInputError as e:
             if debug_enabled():
                 raise
-            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            # escape: a path or option holding "[...]" is printed as given, not read as rich markup.
+            err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
+        except Exception as e:
+            # A node, actor or object lost on a cluster is not a bug of ours: say it in one line.
+            # Every job resumes, so the advice is the same for all of them.
+            if debug_enabled() or not _is_ray_failure(e):
+                raise
+            first = " ".join(str(e).split())[:300] or type(e).__name__
+            err_console.print(f"[red]error:[/red] the Ray job failed ({type(e).__name__}: {escape(first)}); "
+                              "running the same command again finishes the work", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         finally:
             _result_stream = outer
 
     return wrapper
+
+
+def _is_ray_failure(e: BaseException) -> bool:
+    """A Ray system error (node or actor died, object lost, cluster unreachable), found without importing Ray."""
+    names = {"RaySystemError", "NodeDiedError", "ActorDiedError", "ActorUnavailableError", "ObjectLostError",
+             "OwnerDiedError", "WorkerCrashedError", "RayActorError", "GetTimeoutError", "ObjectFetchTimedOutError",
+             "ObjectReconstructionFailedError", "TrainingFailedError", "ControllerError", "WorkerGroupError"}
+    seen: BaseException | None = e
+    for _ in range(10):  # the chain of causes; bounded, chains can loop
+        if seen is None:
+            return False
+        if type(seen).__module__.startswith("ray.") and type(seen).__name__ in names:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def progress(items: Iterable[T], total: int | None, description: str, quiet: bool = False) -> Iterable[T]:

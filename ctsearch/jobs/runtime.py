@@ -116,9 +116,44 @@ def _connect(address: str, quiet: bool) -> None:
     if kind != "auto":
         _check_reachable(address)
     try:
-        ray.init(address=address, log_to_driver=not quiet, **({} if kind == "ray" else {"logging_level": "ERROR" if quiet else "INFO"}))
+        if kind == "ray":
+            ray.init(address=address)
+        else:
+            ray.init(address=address, log_to_driver=not quiet, logging_level="ERROR" if quiet else "INFO")
     except Exception as e:  # noqa: BLE001 - every way a connection fails is the user's address problem
         raise CTSearchInputError(None, f"cannot connect to the Ray cluster at {address}: {_reason(e)}") from None
+    if kind == "gcs":
+        _watch_head(address)
+
+
+def _watch_head(address: str, every_s: float = 2.0, misses: int = 5) -> None:
+    """Exit with one line when the head node goes away mid-job.
+
+    A driver whose GCS disappears is ended by Ray's C++ core after a minute of retries, with
+    exit code 1 and no message a user could act on. This watchdog notices first (``misses``
+    failed connections in a row, ~10 s) and says what happened.
+    """
+    import socket
+    import sys
+    import time
+
+    _, host, port = parse_address(address)
+
+    def watch() -> None:
+        failed = 0
+        while True:
+            time.sleep(every_s)
+            try:
+                socket.create_connection((host.strip("[]"), port), timeout=every_s).close()
+                failed = 0
+            except OSError:
+                failed += 1
+                if failed >= misses:
+                    sys.__stderr__.write(f"error: lost the Ray cluster at {address}: its head node stopped answering\n")
+                    sys.__stderr__.flush()
+                    os._exit(1)
+
+    threading.Thread(target=watch, name="ctsearch-head-watchdog", daemon=True).start()
 
 
 def _check_reachable(address: str) -> None:
@@ -188,6 +223,8 @@ def run_job(fn: Callable[..., Any], *args, address: str | None = None, callbacks
     except KeyboardInterrupt:
         ray.cancel(ref, force=True)
         raise
+    except ConnectionError as e:
+        raise CTSearchInputError(None, f"lost the Ray cluster at {cluster_address(address)}: {_reason(e)}") from None
 
 
 @ray.remote(max_retries=0)
