@@ -22,6 +22,7 @@ import secrets
 import signal
 import socket
 import sys
+import time
 
 # Settings every process of the cluster, and every driver of it, must share.
 CLUSTER_ENV = {
@@ -39,6 +40,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _wait_for_job_agent(dashboard: str, timeout: float = 180) -> None:
+    """Submit a no-op job until one succeeds: the head's job agent starts after the dashboard,
+    and a submission before it is up fails with "No available agent to submit job"."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client = JobSubmissionClient(dashboard)
+            job = client.submit_job(entrypoint="true")
+            while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                time.sleep(0.5)
+            return
+        except Exception as e:  # noqa: BLE001 - retried until the deadline, then raised
+            if time.monotonic() > deadline:
+                raise
+            print(f"job agent not ready: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr, flush=True)
+            time.sleep(1)
 
 
 def main() -> None:
@@ -59,6 +80,9 @@ def main() -> None:
         head_node_args=dict(
             node_ip_address="127.0.0.1", num_cpus=0, include_dashboard=True, dashboard_host="127.0.0.1",
             dashboard_port=dashboard, ray_client_server_port=client, object_store_memory=NODE_MEMORY,
+            # The job agent's HTTP port defaults to a fixed 52365: another Ray on this machine (the
+            # test session's own, a second test cluster) would hold it, and jobs could not be submitted.
+            dashboard_agent_listen_port=free_port(),
         ),
     )  # fmt: skip
     workers = [
@@ -66,6 +90,7 @@ def main() -> None:
         for _ in range(args.workers)
     ]
     cluster.wait_for_nodes()
+    _wait_for_job_agent(f"http://127.0.0.1:{dashboard}")
 
     def pids(node) -> dict:
         return {name: [p.process.pid for p in procs] for name, procs in node.all_processes.items()}

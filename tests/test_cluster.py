@@ -231,7 +231,7 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | Non
 
 def test_a_worker_node_killed_during_train_restarts_from_the_checkpoint(slice_dataset, tmp_path):
     run = tmp_path / "run"
-    epochs = 40
+    epochs = 12
     with local_cluster(tmp_path, workers=3) as c:
         proc = c.start("train", slice_dataset, run, *TINY, "--epochs", str(epochs), "--workers", "2",
                        "--placement", "spread", "--max-failures", "3", "--address", c.gcs, "--json")  # fmt: skip
@@ -293,11 +293,13 @@ def test_the_head_going_away_gives_one_line_not_a_hang(way, synth_archive, model
 
 @pytest.mark.parametrize("address", ["head", "ray//head:10001", "head:99999", "http://head:8265"])
 def test_a_malformed_address_is_one_line_and_writes_nothing(address, slice_dataset, tmp_path):
-    env = {**os.environ}
-    env.pop("RAY_ADDRESS", None)
-    r = subprocess.run([sys.executable, "-m", "ctsearch", "train", str(slice_dataset), str(tmp_path / "run"), *TINY,
-                        "--address", address], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert "address" in one_error_line(r)
+    from typer.testing import CliRunner
+
+    from conftest import error_line
+    from ctsearch.cli.main import app
+
+    r = CliRunner().invoke(app, ["train", str(slice_dataset), str(tmp_path / "run"), *TINY, "--address", address])
+    assert "address" in error_line(r)
     assert not (tmp_path / "run").exists()
 
 
@@ -315,12 +317,15 @@ def test_an_unreachable_cluster_is_one_line_and_writes_nothing(scheme, synth_arc
     assert not (tmp_path / "index").exists()
 
 
-def test_ray_client_without_its_extra_says_what_to_install(synth_archive, model_dir, tmp_path):
+def test_ray_client_without_its_extra_says_what_to_install(synth_archive, model_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from conftest import error_line
+    from ctsearch.cli.main import app
+
     # grpc is what `ray[client]` adds; hiding it is what a plain `pip install ray` looks like.
-    code = ("import sys; sys.modules['grpc'] = None; from ctsearch.cli.main import app; "
-            "sys.argv = ['ctsearch'] + sys.argv[1:]; app()")  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", code, "index", str(synth_archive / "nifti"), "--model", str(model_dir),
-                        "--out", str(tmp_path / "index"), "--address", "ray://127.0.0.1:1"],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert "ray[client]" in one_error_line(r)
+    monkeypatch.setitem(sys.modules, "grpc", None)
+    r = CliRunner().invoke(app, ["index", str(synth_archive / "nifti"), "--model", str(model_dir),
+                                 "--out", str(tmp_path / "index"), "--address", "ray://127.0.0.1:1"])  # fmt: skip
+    assert "ray[client]" in error_line(r)
     assert not (tmp_path / "index").exists()

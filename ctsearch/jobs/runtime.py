@@ -191,7 +191,7 @@ def run_job(fn: Callable[..., Any], *args, address: str | None = None, callbacks
     are the cluster's), and the keyword arguments named in ``callbacks`` (progress callbacks)
     are relayed back through a queue and called here with the same arguments.
     """
-    if cluster_address(address):
+    if cluster_address(address):  # a malformed address fails here, before anything else
         start_ray(address)
     if not (ray.is_initialized() and is_client()):
         return fn(*args, address=address, **kwargs)
