@@ -79,7 +79,10 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, quiet: bo
         else:
             _loopback_only()
             # Local runs: no dashboard (nothing to connect to from a laptop job), and quiet logs.
+            # address="local": without it Ray joins whatever cluster was last started on this
+            # machine (`ray start`, /tmp/ray/ray_current_cluster) instead of starting its own.
             ray.init(
+                address="local",
                 num_cpus=num_cpus,
                 include_dashboard=False,
                 log_to_driver=not quiet,
