@@ -68,3 +68,45 @@ def error_line(result) -> str:
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1, result.output
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def serve_archive(tmp_path_factory):
+    """3 patients with 2 examinations each, 64 px, NIfTI + DICOM (seed 1): queries across exams."""
+    from ctsearch.synth import synth_archive as make
+
+    out = tmp_path_factory.mktemp("serve-synth")
+    make(out, volumes=3, seed=1, size=64, fmt="both", exams=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def serve_index(serve_archive, model_dir, tmp_path_factory):
+    """The DICOM copy of ``serve_archive`` indexed with ``model_dir``, 2 volumes per shard (3 shards).
+
+    Written with the library's IndexWriter in this process (as `ctsearch index` writes it, without
+    the Ray Data pipeline, which costs a minute on 2 cores and is tested elsewhere)."""
+    import numpy as np
+
+    from ctsearch.index import IndexWriter, content_hash, file_fingerprint, l2_normalize
+    from ctsearch.io import scan_archive
+    from ctsearch.model import embed, load_encoder
+
+    encoder, config = load_encoder(model_dir)
+    entries, _ = scan_archive(serve_archive / "dicom")
+    out = tmp_path_factory.mktemp("serve-index") / "idx"
+    with IndexWriter.open(out, config, model_dir) as w:
+        for start in range(0, len(entries), 2):
+            rows, vectors, volumes = [], [], []
+            for e in entries[start : start + 2]:
+                vol = e.read()
+                vectors.append(l2_normalize(embed(encoder, vol.hu, config)))
+                z = vol.z_mm()
+                rows += [dict(volume_id=e.volume_id, patient_id=e.patient_id, study_id=e.study_id, series_id=e.series_id,
+                              exam_date=e.exam_date, slice_index=k, z_mm=float(z[k]), path=e.path) for k in range(vol.hu.shape[0])]
+                size, mtime = file_fingerprint(e.path)
+                volumes.append(dict(entry=f"{e.path}#{e.series_id}", path=e.path, volume_id=e.volume_id, series_id=e.series_id,
+                                    content_hash=content_hash(e.path), size=size, mtime_ns=mtime, n_slices=vol.hu.shape[0],
+                                    status="indexed"))
+            w.commit_shard(rows, np.concatenate(vectors), volumes, errors=[])
+    return out

@@ -9,7 +9,7 @@ import typer
 
 app = typer.Typer(
     name="ctsearch",
-    help="Content-based image retrieval for CT archives: synth, prepare, train, index, search, explain, evaluate, report, demo.",
+    help="Content-based image retrieval for CT archives: synth, prepare, train, index, search, explain, evaluate, report, serve, demo.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -31,7 +31,7 @@ def version() -> None:
 
 
 # In the order `ctsearch --help` lists them; each module imports its heavy dependencies lazily.
-COMMAND_MODULES = ["synth", "prepare", "train", "index", "search", "explain", "evaluate", "report", "demo"]
+COMMAND_MODULES = ["synth", "prepare", "train", "index", "search", "explain", "evaluate", "report", "serve", "demo"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"ctsearch.cli.{_name}").register(app)
