@@ -71,3 +71,12 @@ def test_serve_process_answers_and_stops_on_sigterm(serve_index, ray_session, tm
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_service_modules_import_without_ray():
+    """Only ctsearch.serve.deploy needs Ray: the API, service and shard groups run without it."""
+    modules = ["ctsearch.serve", "ctsearch.serve.shards", "ctsearch.serve.sources", "ctsearch.serve.service",
+               "ctsearch.serve.api", "ctsearch.cli.serve"]
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

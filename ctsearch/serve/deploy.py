@@ -196,8 +196,12 @@ def start(options: ServeOptions) -> str:
 
 def stop(shutdown_serve: bool = True) -> None:
     """Remove the application; with ``shutdown_serve`` also Serve's controller and proxy (frees the port)."""
+    from ray.serve.exceptions import RayServeException
+
     try:
         serve.delete(APP_NAME)
+    except RayServeException:  # Serve never started (start failed early): nothing to remove
+        pass
     finally:
         if shutdown_serve:
             serve.shutdown()
