@@ -77,15 +77,12 @@ def _interrupt(signum, frame) -> None:
 
 def run_until_stopped(options, address: str | None, quiet: bool) -> None:
     """Start Ray (embedded unless ``address``) and the service; block until SIGINT/SIGTERM, then take both down."""
-    import os
-
     import ray
 
-    from ctsearch.jobs.runtime import start_ray
+    from ctsearch.jobs.runtime import cluster_address, start_ray
     from ctsearch.serve import deploy
 
-    target = address or os.environ.get("RAY_ADDRESS") or ""
-    on_cluster = (bool(target) and target != "local") or ray.is_initialized()
+    on_cluster = cluster_address(address) is not None or ray.is_initialized()
     if not on_cluster:
         deploy.check_port_free(options.host, options.port)
     started_ray = not ray.is_initialized()
