@@ -21,6 +21,8 @@ TOKEN`` (401 otherwise); the page's static files carry no patient data and ask f
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -50,7 +52,14 @@ def token_digest(token: str) -> str:
 
 def build_app(service: SearchService, token_sha256: str | None = None):
     """A FastAPI app serving ``service``; with ``token_sha256`` every /api/ route needs the bearer token."""
-    app = FastAPI(title="ctsearch", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(_warm(service))
+        yield
+        service.close()
+        task.cancel()
+
+    app = FastAPI(title="ctsearch", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     static = {name: resources.files("ctsearch.serve").joinpath("static", name).read_bytes() for name in STATIC_FILES}
     types = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8"}
 
@@ -166,6 +175,13 @@ def build_app(service: SearchService, token_sha256: str | None = None):
         return Response(png, media_type="image/png")
 
     return app
+
+
+async def _warm(service: SearchService) -> None:
+    try:
+        await service.warm()
+    except Exception:  # noqa: BLE001 - a cache warm-up must never take the replica down
+        log.exception("warming the DICOM slice order failed; hits will read it on demand")
 
 
 def _authorised(header: str | None, token_sha256: str) -> bool:

@@ -35,6 +35,7 @@ from ctsearch.io.volume import Volume
 WINDOWS: dict[str, Window] = {"wide": WIDE, "narrow": NARROW, "liver": NARROW}
 UPLOAD_NAME = "upload"  # what an uploaded file is called in error messages (never a temp path)
 MAX_ZIP_FILES = 4096
+DICOM_SERIES_CACHED = 4096  # series whose slice order is kept (~30 kB each for 300 slices)
 
 
 def parse_window(text: str | None) -> Window:
@@ -92,9 +93,11 @@ class Sources:
         cached_volumes: volumes kept decoded in memory (a 512 x 512 x 300 volume is 150 MB).
     """
 
+    series_cached = DICOM_SERIES_CACHED
+
     def __init__(self, cached_volumes: int = 8):
         self._volumes = LRU(cached_volumes)
-        self._dicom_files = LRU(256)
+        self._dicom_files = LRU(DICOM_SERIES_CACHED)
         self._uids = LRU(65536)
 
     def volume(self, path: str, series_id: str | None = None) -> Volume:
@@ -118,8 +121,12 @@ class Sources:
         """
         return self._uids.get_or_make((path, slice_index), lambda: self._read_uid(path, slice_index))
 
+    def dicom_files(self, path: str) -> tuple[str, ...] | None:
+        """The files of the DICOM series in folder ``path`` in canonical slice order (cached), or None."""
+        return self._dicom_files.get_or_make(path, lambda: _canonical_files(path))
+
     def _read_uid(self, path: str, slice_index: int) -> str | None:
-        files = self._dicom_files.get_or_make(path, lambda: _canonical_files(path))
+        files = self.dicom_files(path)
         if files is None or not 0 <= slice_index < len(files):
             return None
         import pydicom
