@@ -32,6 +32,7 @@ ONE_PER = ("series", "study")
 DEFAULT_MASKS = 1000  # RELAX masks per explanation; the paper uses 3000 (?masks=3000)
 MAX_MASKS = 5000
 MAX_K = 100
+MAX_CANDIDATES = 10_000  # one_per: the deepest search for k distinct series/studies
 
 
 class ServeError(Exception):
@@ -230,15 +231,15 @@ class SearchService:
     async def search_vector(self, vector: np.ndarray, k: int, patient: str | None = None,
                             exclude_patient: str | None = None, one_per: str | None = None) -> list[dict]:
         """Top-k rows for a unit vector, over all groups (exactly ``Index.search``'s hits), then one per series/study."""
-        total = int(self.index.manifest["rows"])
+        deepest = min(int(self.index.manifest["rows"]), max(k, MAX_CANDIDATES))
         kk = k
         while True:
             parts = await asyncio.gather(*(g.call("search", vector[None], kk, patient, exclude_patient) for g in self.groups))
             hits = merge_hits(parts, kk)[0]
             out = distinct_hits(hits, one_per, k)
-            if one_per is None or len(out) >= k or len(hits) < kk or kk >= total:
+            if one_per is None or len(out) >= k or len(hits) < kk or kk >= deepest:
                 return out
-            kk = min(kk * 4, total)  # duplicates of one series filled the list: look further
+            kk = min(kk * 4, deepest)  # duplicates of one series filled the list: look further
 
     async def search(self, q: Query, k: int = 5, patient: str | None = None, exclude_patient: str | None = None,
                      one_per: str | None = None) -> dict:
