@@ -38,7 +38,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ctsearch.errors import CTSearchInputError
 from ctsearch.serve.service import Query, SearchService, ServeError, as_serve_error
 
-log = logging.getLogger("ctsearch.serve")
+# A child of Ray Serve's logger: under Serve its lines land in the replica's log file.
+log = logging.getLogger("ray.serve.ctsearch")
 STATIC_FILES = ("index.html", "app.js", "style.css")
 # The page may load nothing from anywhere but this server.
 CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "

@@ -26,7 +26,6 @@ from ctsearch.errors import CTSearchInputError
 from ctsearch.serve.shards import ShardGroup, group_shards
 
 APP_NAME = "ctsearch"
-log = logging.getLogger("ctsearch.serve")
 
 
 @dataclass
@@ -153,7 +152,7 @@ class Front:
         from ctsearch.serve.service import LocalGroup, SearchService
 
         _quiet_torch(options.cpus_per_replica)
-        logging.getLogger("ctsearch.serve").setLevel(logging.INFO)
+        logging.getLogger("ray.serve.ctsearch").setLevel(logging.INFO)
         groups = ([RemoteGroup(h) for h in group_handles] if group_handles
                   else [LocalGroup(ShardGroup(options.index_dir))])  # fmt: skip
         self.options = options
