@@ -26,7 +26,7 @@ import torch
 from ctsearch.jobs.index import index_source, preprocess, read_volume_rows, resolve_source
 from ctsearch.model import ModelConfig, build_encoder, load_encoder, save_encoder
 from ctsearch.synth import synth_archive
-from ctsearch.views import to_rgb
+from ctsearch.preprocess import to_rgb
 
 
 def decode_only(source: Path, config: ModelConfig, batch_size: int) -> tuple[float, list[np.ndarray]]:
@@ -46,7 +46,7 @@ def decode_only(source: Path, config: ModelConfig, batch_size: int) -> tuple[flo
 def decode_one_core(source: Path, config: ModelConfig) -> float:
     """slices/s of read_volume + eval_transform in this process on one torch thread (no Ray)."""
     from ctsearch.io import read_volume
-    from ctsearch.views import eval_transform
+    from ctsearch.preprocess import eval_transform
 
     tasks, _ = resolve_source(source)
     threads = torch.get_num_threads()

@@ -19,7 +19,7 @@ import torch
 
 from ctsearch.model import ModelConfig, build_encoder
 from ctsearch.relax import _Accumulator, make_masks, relax, relax_per_mask
-from ctsearch.views import eval_transform
+from ctsearch.preprocess import eval_transform
 
 
 def phantom_slices(n: int, size: int, seed: int = 0) -> np.ndarray:

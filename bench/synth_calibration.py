@@ -36,7 +36,7 @@ from ctsearch.model import ModelConfig
 from ctsearch.prepare import prepare
 from ctsearch.store import read_slices
 from ctsearch.synth import synth_archive
-from ctsearch.views import eval_transform
+from ctsearch.preprocess import eval_transform
 
 
 def raw_pixel_scores(prepared: Path, size: int) -> tuple[float, float]:

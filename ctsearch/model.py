@@ -13,86 +13,23 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
-from torchvision.models import resnet
+
+from ctsearch.backbones import BACKBONES, get_backbone
+from ctsearch.config import ENCODER_FILE, MODEL_JSON, ModelConfig
 from ctsearch.errors import CTSearchInputError
-from ctsearch.store import atomic_write_json
-
-MODEL_JSON = "model.json"
-ENCODER_FILE = "encoder.safetensors"
-
-
-@dataclass
-class ModelConfig:
-    """Everything needed to rebuild an encoder and preprocess its input."""
-
-    backbone: str = "resnet50"
-    image_size: int = 224
-    views: str = "clinical"  # clinical (wide + narrow) | standard (wide + wide)
-    rescale: str = "reference"  # reference | own (see ctsearch.hu)
-    wide: tuple[float, float] = (-200.0, 300.0)
-    narrow: tuple[float, float] = (50.0, 150.0)
-    model_id: str = ""
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def embedding_dim(self) -> int:
-        return BACKBONES[self.backbone][1]
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["embedding_dim"] = self.embedding_dim
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "ModelConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        kw = {k: v for k, v in d.items() if k in known}
-        for key in ("wide", "narrow"):
-            if key in kw:
-                kw[key] = tuple(float(v) for v in kw[key])
-        return cls(**kw)
-
-
-def _tiny_resnet() -> nn.Module:
-    """A ResNet-10 with widths 16..128: the same architecture family, small enough for CPU tests."""
-    net = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], zero_init_residual=True)
-    widths = (16, 32, 64, 128)
-    net.inplanes = 16
-    net.conv1 = nn.Conv2d(3, 16, kernel_size=7, stride=2, padding=3, bias=False)
-    net.bn1 = nn.BatchNorm2d(16)
-    net.layer1 = net._make_layer(resnet.BasicBlock, widths[0], 1)
-    net.layer2 = net._make_layer(resnet.BasicBlock, widths[1], 1, stride=2)
-    net.layer3 = net._make_layer(resnet.BasicBlock, widths[2], 1, stride=2)
-    net.layer4 = net._make_layer(resnet.BasicBlock, widths[3], 1, stride=2)
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, resnet.BasicBlock):
-            nn.init.zeros_(m.bn2.weight)
-    return net
-
-
-# name -> (constructor, embedding dim)
-BACKBONES: dict[str, tuple] = {
-    "resnet50": (lambda: resnet.resnet50(weights=None, zero_init_residual=True), 2048),
-    "resnet18": (lambda: resnet.resnet18(weights=None, zero_init_residual=True), 512),
-    "tiny": (_tiny_resnet, 128),
-}
-
+from ctsearch.preprocess import eval_transform
+from ctsearch.store import atomic_write, atomic_write_json, read_model_config, require_model_dir
 
 def build_encoder(config: ModelConfig) -> nn.Module:
     """Backbone with its classifier replaced by identity: [n, 3, S, S] -> [n, D]."""
-    if config.backbone not in BACKBONES:
-        raise CTSearchInputError(None, f"unknown backbone {config.backbone!r}; choose one of {sorted(BACKBONES)}")
-    net = BACKBONES[config.backbone][0]()
-    net.fc = nn.Identity()
+    net = get_backbone(config.backbone).build()
+    net.ctsearch_backbone = config.backbone  # the registry entry, for set_residual_bn
     return net
 
 
@@ -111,11 +48,8 @@ def set_residual_bn(encoder: nn.Module, gamma: float) -> nn.Module:
         1.0
     """
     with torch.no_grad():
-        for m in encoder.modules():
-            if isinstance(m, resnet.Bottleneck):
-                m.bn3.weight.fill_(gamma)
-            elif isinstance(m, resnet.BasicBlock):
-                m.bn2.weight.fill_(gamma)
+        for bn in get_backbone(encoder.ctsearch_backbone).residual_bns(encoder):
+            bn.weight.fill_(gamma)
     return encoder
 
 
@@ -124,11 +58,8 @@ def save_encoder(encoder: nn.Module, config: ModelConfig, out_dir: str | os.Path
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    tmp = out / (ENCODER_FILE + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, out / ENCODER_FILE)
+    atomic_write(out / ENCODER_FILE, lambda tmp: save_file(state, tmp))
     atomic_write_json(config.to_json(), out / MODEL_JSON)
     return out
 
@@ -137,18 +68,10 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     """Load an encoder from a run directory (or the folder holding model.json), in eval mode."""
     from safetensors.torch import load_file
 
-    p = Path(path)
-    if p.is_file() and p.name == MODEL_JSON:
-        p = p.parent
-    cfg_path, w_path = p / MODEL_JSON, p / ENCODER_FILE
-    if not cfg_path.is_file() or not w_path.is_file():
-        raise CTSearchInputError(p, f"not a model directory: expected {MODEL_JSON} and {ENCODER_FILE} (written by `ctsearch train`)")
-    try:
-        config = ModelConfig.from_json(json.loads(cfg_path.read_text()))
-    except (ValueError, TypeError) as e:
-        raise CTSearchInputError(cfg_path, f"unreadable model config ({e})") from None
+    p = require_model_dir(path)
+    config = read_model_config(p)
     encoder = build_encoder(config)
-    encoder.load_state_dict(load_file(str(w_path)))
+    encoder.load_state_dict(load_file(str(p / ENCODER_FILE)))
     return encoder.to(device).eval(), config
 
 
@@ -158,7 +81,7 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 
 def simsiam_dims(backbone: str) -> tuple[int, int]:
     """(projection dim, predictor bottleneck dim): 2048/512 for ResNet50, D and D/4 otherwise."""
-    dim = BACKBONES[backbone][1]
+    dim = get_backbone(backbone).dim
     return dim, max(dim // 4, 1)
 
 
@@ -220,7 +143,7 @@ class SimSiam(nn.Module):
 # Initial weights: never downloaded. ImageNet weights come from a file the user names or from
 # the local torch cache, where torchvision itself would have put them.
 
-IMAGENET_FILES = {"resnet50": "resnet50-0676ba61.pth", "resnet18": "resnet18-f37072fd.pth"}
+IMAGENET_FILES = {b.name: b.imagenet_file for b in BACKBONES.values() if b.imagenet_file}
 IMAGENET_URLS = {name: f"https://download.pytorch.org/models/{f}" for name, f in IMAGENET_FILES.items()}
 
 
@@ -241,7 +164,7 @@ def find_imagenet_weights(backbone: str, weights: str | os.PathLike | None = Non
             raise CTSearchInputError(p, "no such weight file (pass a torchvision ImageNet .pth for --weights)")
         return p
     if backbone not in IMAGENET_FILES:
-        raise CTSearchInputError(None, f"--init imagenet needs resnet50 or resnet18, not backbone {backbone!r}")
+        raise CTSearchInputError(None, f"--init imagenet needs {' or '.join(IMAGENET_FILES)}, not backbone {backbone!r}")
     cache = torch_cache_dir()
     exact = cache / IMAGENET_FILES[backbone]
     if exact.is_file():
@@ -257,10 +180,10 @@ def find_imagenet_weights(backbone: str, weights: str | os.PathLike | None = Non
     )
 
 
-def _encoder_state(state: dict) -> dict[str, torch.Tensor]:
+def _encoder_state(state: dict, classifier: str) -> dict[str, torch.Tensor]:
     """Backbone weights from a state dict in any common layout, without the classifier.
 
-    Accepts torchvision files (``conv1.weight``, ``fc.*``), SimSiam checkpoints
+    Accepts torchvision files (``conv1.weight``, ``<classifier>.*``), SimSiam checkpoints
     (``{"state_dict": {"module.encoder.conv1.weight", ...}}``) and ctsearch checkpoints
     (``encoder.*``, ``projector.*``, ``predictor.*``).
     """
@@ -274,7 +197,7 @@ def _encoder_state(state: dict) -> dict[str, torch.Tensor]:
         if k.startswith(("projector.", "predictor.")):
             continue
         k = k.removeprefix("encoder.")
-        if k.startswith("fc."):
+        if k.startswith(classifier + "."):
             continue
         out[k] = value
     return out
@@ -311,15 +234,14 @@ def initial_encoder_state(
     else:
         path = Path(init)
         if path.is_dir():
-            src_cfg = path / MODEL_JSON
-            if src_cfg.is_file():
-                other = json.loads(src_cfg.read_text()).get("backbone")
+            if (path / MODEL_JSON).is_file():
+                other = read_model_config(path).backbone
                 if other != config.backbone:
                     raise CTSearchInputError(path, f"holds a {other} encoder, but --backbone is {config.backbone}")
             path = path / ENCODER_FILE
         if not path.is_file():
             raise CTSearchInputError(path, "no such run directory or weight file for --init (expected imagenet, random, a run dir or a file)")
-    state = _encoder_state(read_weights(path))
+    state = _encoder_state(read_weights(path), get_backbone(config.backbone).classifier)
     expected = build_encoder(config).state_dict()
     missing = sorted(set(expected) - set(state))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -335,10 +257,6 @@ def embed(encoder: nn.Module, hu, config: ModelConfig, batch_size: int = 64, dev
 
     The encoder's train/eval mode is restored afterwards, so this can run mid-training.
     """
-    import numpy as np
-
-    from ctsearch.views import eval_transform
-
     was_training = encoder.training
     encoder.eval()
     out = []

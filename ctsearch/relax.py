@@ -14,7 +14,8 @@ another representation (``target=``): which parts of the query make it look like
 
 Example:
     >>> import torch
-    >>> from ctsearch.model import ModelConfig, build_encoder
+    >>> from ctsearch.config import ModelConfig
+    >>> from ctsearch.model import build_encoder
     >>> enc = build_encoder(ModelConfig(backbone="tiny", image_size=32)).eval()
     >>> res = relax(enc, torch.rand(3, 32, 32), num_masks=64, batch_size=32, seed=0)
     >>> res.importance.shape, res.uncertainty.shape, res.masks_used
@@ -146,7 +147,7 @@ def relax(
 
     Args:
         encoder: [b, 3, S, S] -> [b, D], in eval mode, on the device to compute on.
-        image: [3, S, S] or [n, 3, S, S], as ``ctsearch.views.eval_transform`` makes it. Several
+        image: [3, S, S] or [n, 3, S, S], as ``ctsearch.preprocess.eval_transform`` makes it. Several
             images share the masks and are pushed through the encoder together.
         num_masks: masks per image (3000 in the paper).
         batch_size: masked images per forward pass (all images together).

@@ -19,8 +19,10 @@ Example:
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -29,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ctsearch.config import ENCODER_FILE, MODEL_JSON, RUN_CONFIG, ModelConfig
 from ctsearch.errors import CTSearchInputError
 
 MANIFEST_SCHEMA = pa.schema(
@@ -93,22 +96,126 @@ class SliceSet:
         return int(self.hu.shape[0])
 
 
-def atomic_write_table(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write a parquet file via temp + rename so readers never see half a file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp_path)``, then rename the temp file onto ``path``: readers never see half a file.
+
+    The one temp + rename of ctsearch; the temp file sits beside ``path`` (same filesystem) and
+    is named for this process, so concurrent writers of different files never collide.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "sub" / "a.txt"
+        >>> atomic_write(p, lambda tmp: Path(tmp).write_text("done"))
+        >>> p.read_text(), [f.name for f in p.parent.iterdir()]
+        ('done', ['a.txt'])
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to ``path`` via temp + rename."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_table(table: pa.Table, path: str | os.PathLike, **parquet_options) -> None:
+    """Write a parquet file via temp + rename (``parquet_options`` go to ``pq.write_table``)."""
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, **parquet_options))
 
 
 def atomic_write_json(obj, path: str | os.PathLike) -> None:
     """Write ``obj`` as indented JSON via temp + rename (values JSON cannot hold are written as str)."""
+    text = json.dumps(obj, indent=2, default=str)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _files_of(path: Path, files=None) -> list[Path]:
+    if files is not None and len(files):
+        return sorted(Path(f) for f in files)
+    return [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+
+
+def file_fingerprint(path: str | os.PathLike, files=None) -> tuple[int, int]:
+    """(total bytes, newest mtime_ns) of a file, of ``files``, or of every file under a folder."""
+    size, mtime = 0, 0
+    for f in _files_of(Path(path), files):
+        st = f.stat()
+        size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
+    return size, mtime
+
+
+def content_hash(path: str | os.PathLike, files=None) -> str:
+    """sha256 of a file's bytes, or of (name relative to ``path``, bytes) of ``files`` / every file under a folder.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "a.bin"
+        >>> _ = p.write_bytes(b"abc")
+        >>> content_hash(p)[:16]
+        'ba7816bf8f01cfea'
+    """
+    p = Path(path)
+    h = hashlib.sha256()
+    for f in _files_of(p, files):
+        if f != p:
+            h.update(os.path.relpath(f, p).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- model directories
+
+
+def require_model_dir(path: str | os.PathLike) -> Path:
+    """The model directory ``path`` (or the folder of a model.json), checked to hold both model files."""
+    p = Path(path)
+    if p.is_file() and p.name == MODEL_JSON:
+        p = p.parent
+    if not (p / MODEL_JSON).is_file() or not (p / ENCODER_FILE).is_file():
+        raise CTSearchInputError(p, f"not a model directory: expected {MODEL_JSON} and {ENCODER_FILE} (written by `ctsearch train`)")
+    return p
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """A JSON object from ``path``; an unreadable file or another JSON value is a one-line error naming ``what``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CTSearchInputError(path, f"is not a readable {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise CTSearchInputError(path, f"is not a {what} (expected a JSON object)")
+    return obj
+
+
+def read_run_settings(run_dir: str | os.PathLike) -> tuple[dict, dict, dict]:
+    """(config.json, its ``options``, the model config) of a training run directory; {} where absent.
+
+    The model config is config.json's ``model`` block, else the run's model.json.
+    """
+    run = Path(run_dir)
+    cfg = read_json(run / RUN_CONFIG, "run config") if (run / RUN_CONFIG).is_file() else {}
+    opts, model = cfg.get("options", {}), cfg.get("model", {})
+    if not model and (run / MODEL_JSON).is_file():
+        model = read_json(run / MODEL_JSON, "model config")
+    return cfg, opts, model
+
+
+def read_model_config(model_dir: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig in MODEL_DIR/model.json; an unreadable file is a one-line error."""
+    path = Path(model_dir) / MODEL_JSON
+    try:
+        return ModelConfig.from_json(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise CTSearchInputError(path, f"unreadable model config ({e})") from None
 
 
 LOCK_FILE = ".lock"
@@ -188,18 +295,60 @@ def write_slices(s: SliceSet, path: str | os.PathLike) -> None:
     atomic_write_table(slices_table(s), path)
 
 
+def decode_pixels(buf: bytes, height: int, width: int, dtype: str = "<i2") -> np.ndarray:
+    """Raw row-major bytes of a slice dataset's ``hu`` (``<i2``) or ``mask`` (``u1``) -> [height, width].
+
+    Returns a writable copy in native byte order; a byte count that does not match is a ValueError.
+
+    Example:
+        >>> decode_pixels(np.arange(6, dtype="<i2").tobytes(), 2, 3)
+        array([[0, 1, 2],
+               [3, 4, 5]], dtype=int16)
+    """
+    h, w, dt = int(height), int(width), np.dtype(dtype)
+    if h < 1 or w < 1 or len(buf) != dt.itemsize * h * w:
+        raise ValueError(f"holds {len(buf)} bytes, expected {dt.itemsize * h * w} for {h}x{w} {dt}")
+    return np.frombuffer(buf, dt).reshape(h, w).astype(dt.newbyteorder("="))
+
+
+def _require_slice_columns(path: Path, names) -> None:
+    missing = set(SLICES_SCHEMA.names) - set(names)
+    if missing:
+        raise CTSearchInputError(path, f"not a slice dataset: missing columns {sorted(missing)}")
+
+
+def _read_parquet(path: Path, read):
+    try:
+        return read(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CTSearchInputError(path, f"not a readable parquet file ({e})") from None
+
+
+def split_path(dataset_dir: str | os.PathLike, split: str) -> Path:
+    """DATASET_DIR/<split>.parquet, checked to be a slice dataset (schema only, no pixels read).
+
+    Example:
+        >>> split_path("/nonexistent", "test")
+        Traceback (most recent call last):
+        ...
+        ctsearch.errors.CTSearchInputError: /nonexistent: no such dataset folder (run `ctsearch prepare --protocol decathlon` first)
+    """
+    path = Path(dataset_dir) / f"{split}.parquet"
+    if not Path(dataset_dir).is_dir():
+        raise CTSearchInputError(dataset_dir, "no such dataset folder (run `ctsearch prepare --protocol decathlon` first)")
+    if not path.is_file():
+        raise CTSearchInputError(path, f"no {split} split in this dataset")
+    _require_slice_columns(path, _read_parquet(path, pq.read_schema).names)
+    return path
+
+
 def read_slices(path: str | os.PathLike) -> SliceSet:
     """Read a slice-dataset parquet file into numpy arrays (all slices must share one size)."""
     path = Path(path)
     if not path.is_file():
         raise CTSearchInputError(path, "no such slice dataset (run `ctsearch prepare --protocol decathlon` first)")
-    try:
-        t = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise CTSearchInputError(path, f"not a readable parquet file ({e})") from None
-    missing = set(SLICES_SCHEMA.names) - set(t.column_names)
-    if missing:
-        raise CTSearchInputError(path, f"not a slice dataset: missing columns {sorted(missing)}")
+    t = _read_parquet(path, pq.read_table)
+    _require_slice_columns(path, t.column_names)
     n = t.num_rows
     hs, ws = t.column("height").to_numpy(), t.column("width").to_numpy()
     if n and (np.any(hs != hs[0]) or np.any(ws != ws[0])):
@@ -207,12 +356,13 @@ def read_slices(path: str | os.PathLike) -> SliceSet:
     h, w = (int(hs[0]), int(ws[0])) if n else (0, 0)
 
     def stack(col: str, dtype) -> np.ndarray:
-        buf = b"".join(t.column(col).to_pylist())
-        return np.frombuffer(buf, dtype=dtype).reshape(n, h, w).copy()
+        if not n:
+            return np.zeros((0, 0, 0), dtype)
+        return np.stack([decode_pixels(b, h, w, dtype) for b in t.column(col).to_pylist()])
 
     return SliceSet(
         hu=stack("hu", "<i2").astype(np.int16),
-        mask=stack("mask", np.uint8),
+        mask=stack("mask", "u1"),
         label=t.column("label").to_numpy().astype(np.int8),
         volume_id=np.asarray(t.column("volume_id").to_pylist(), dtype=object),
         patient_id=np.asarray(t.column("patient_id").to_pylist(), dtype=object),

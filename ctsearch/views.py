@@ -1,55 +1,23 @@
-"""Image pipelines from HU slices to network input.
+"""SimSiam training views: two differently windowed, independently augmented copies of a slice.
 
-``eval_transform`` is the one preprocessing used by evaluation, indexing, search and RELAX:
-wide window, pseudo-RGB, short side resized to the model's image size (centre crop if not square).
+The evaluation transform (index, search, explain, evaluate) is ``ctsearch.preprocess``.
 
 Example:
     >>> import numpy as np
-    >>> from ctsearch.model import ModelConfig
-    >>> x = eval_transform(np.zeros((2, 96, 96), np.int16), ModelConfig(image_size=64))
-    >>> tuple(x.shape), x.dtype
-    ((2, 3, 64, 64), torch.float32)
+    >>> from ctsearch.config import ModelConfig
+    >>> x1, x2 = TwoViews(ModelConfig(image_size=32, views="clinical"))(np.zeros((2, 48, 48), np.int16))
+    >>> tuple(x1.shape), tuple(x2.shape)
+    ((2, 3, 32, 32), (2, 3, 32, 32))
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ctsearch.config import ModelConfig
 from ctsearch.hu import Window, apply_window
-from ctsearch.model import ModelConfig
-
-
-def resize_short_side(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[n, c, h, w] -> [n, c, size, size]: bilinear resize of the short side, then centre crop."""
-    h, w = x.shape[-2:]
-    if (h, w) != (size, size):
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        x = x[..., top : top + size, left : left + size]
-    return x
-
-
-def eval_transform(hu, config: ModelConfig, channels: int = 3) -> torch.Tensor:
-    """HU slices [n, y, x] (numpy or tensor) -> float32 tensor [n, channels, S, S] in [0, 1].
-
-    The three pseudo-RGB channels are copies of one grey image: ``channels=1`` returns it alone,
-    a third of the bytes, for moving slices between processes (``to_rgb`` restores the input).
-    """
-    t = torch.as_tensor(np.asarray(hu) if not isinstance(hu, torch.Tensor) else hu)
-    if t.ndim == 2:
-        t = t[None]
-    x = apply_window(t, Window(*config.wide), config.rescale)[:, None]
-    x = resize_short_side(x, config.image_size)
-    return x.contiguous() if channels == 1 else to_rgb(x)
-
-
-def to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Grey [n, 1, S, S] -> pseudo-RGB [n, 3, S, S] (channels stacked, as the reference does)."""
-    return x.expand(-1, 3, -1, -1).contiguous()
+from ctsearch.preprocess import eval_transform  # noqa: F401 - index.json names it "ctsearch.views.eval_transform"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,12 +69,6 @@ class TwoViews:
     Randomness comes from torch's global generator: seed it (``torch.manual_seed``) for
     reproducible views.
 
-    Example:
-        >>> import numpy as np
-        >>> views = TwoViews(ModelConfig(image_size=32, views="clinical"))
-        >>> x1, x2 = views(np.zeros((2, 48, 48), np.int16))
-        >>> tuple(x1.shape), tuple(x2.shape)
-        ((2, 3, 32, 32), (2, 3, 32, 32))
     """
 
     def __init__(self, config: ModelConfig, jitter: str = "paper", crop_scale: float = CROP_SCALE):

@@ -12,6 +12,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs Ray (directly or through a fixture) is marked ``ray``:
+    ``pytest -m "not ray"`` is the fast loop."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """Ray started once for the whole session; 4 logical CPUs even on 2 cores so data and training both get CPU."""
@@ -88,7 +96,8 @@ def serve_index(serve_archive, model_dir, tmp_path_factory):
     the Ray Data pipeline, which costs a minute on 2 cores and is tested elsewhere)."""
     import numpy as np
 
-    from ctsearch.index import IndexWriter, content_hash, file_fingerprint, l2_normalize
+    from ctsearch.index import IndexWriter, l2_normalize
+    from ctsearch.store import content_hash, file_fingerprint
     from ctsearch.io import scan_archive
     from ctsearch.model import embed, load_encoder
 
@@ -110,3 +119,25 @@ def serve_index(serve_archive, model_dir, tmp_path_factory):
                                     status="indexed"))
             w.commit_shard(rows, np.concatenate(vectors), volumes, errors=[])
     return out
+
+
+class SimulatedCrash(RuntimeError):
+    """What ``crash_index_writer`` raises in place of a killed process."""
+
+
+def crash_index_writer(monkeypatch, point: str, n: int) -> None:
+    """Make the n-th commit of every IndexWriter stop like a killed process, at ``point``:
+    ``files`` (the shard's files are written, index.json is not) or ``commit`` (just after it)."""
+    from ctsearch.index import IndexWriter
+
+    commit, calls = IndexWriter._commit, []
+
+    def dying_commit(self, *args, **kwargs):
+        calls.append(1)
+        if point == "files" and len(calls) == n:
+            raise SimulatedCrash(f"simulated crash before commit #{n}")
+        commit(self, *args, **kwargs)
+        if point == "commit" and len(calls) == n:
+            raise SimulatedCrash(f"simulated crash after commit #{n}")
+
+    monkeypatch.setattr(IndexWriter, "_commit", dying_commit)

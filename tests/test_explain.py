@@ -61,7 +61,6 @@ def test_explain_needs_query_or_model(tmp_path):
 
 
 def test_explain_query_and_top_k(synth_archive, model_dir, ray_session, tmp_path):
-    pytest.importorskip("ctsearch.jobs.index")
     from ctsearch.jobs.index import index_source
 
     idx = tmp_path / "idx"
@@ -77,7 +76,8 @@ def test_explain_query_and_top_k(synth_archive, model_dir, ray_session, tmp_path
     assert z["importance"].shape == (3, 64, 64) and z["pair_query_importance"].shape == (2, 64, 64)
     assert z["pair_hit_importance"].shape == (2, 64, 64)
     assert not np.allclose(z["pair_query_importance"][0], z["importance"][0])
-    assert Image.open(out / "explanation.png").size[0] > 3 * 224
+    # One tile per slice at the model's input size (64 px here), query + 2 hits, 4 px apart.
+    assert Image.open(out / "explanation.png").size == (3 * 64 + 2 * 4, 4 * 64 + 3 * 4)
     # The query's own slice in another volume of its patient is the natural top hit; excluding the
     # patient makes the explanation about other people's anatomy.
     own = res["query"]["patient_id"]

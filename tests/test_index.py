@@ -11,9 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import error_line
+from conftest import SimulatedCrash, crash_index_writer, error_line
 from ctsearch.cli.main import app
-from ctsearch.index import CRASH_ENV, Index, SimulatedCrash, table_vectors
+from ctsearch.index import Index, table_vectors
+from ctsearch.query import embed_query
 from ctsearch.jobs.index import index_source
 from ctsearch.model import ModelConfig, build_encoder, save_encoder
 
@@ -130,7 +131,7 @@ def test_search_by_a_slice_of_another_file_finds_the_same_anatomy(built, synth_a
     out, _ = built
     folder = next(p for p in (synth_archive / "dicom").rglob("series-*") if "synth-0003" in str(p))
     idx = Index.open(out)
-    v, meta = idx.embed_query(folder, slice_index=30)
+    v, meta = embed_query(idx, folder, slice_index=30)
     hit = idx.search(v, k=3).hits[0][0]
     assert (hit["volume_id"], hit["slice_index"]) == ("liver_3", 30)
     assert hit["score"] == pytest.approx(1.0, abs=1e-3)
@@ -151,12 +152,13 @@ def test_exclude_patient_never_returns_that_patient(built):
 def test_killed_run_then_rerun_gives_the_clean_row_set(built, archive, model_dir, tmp_path, monkeypatch, crash):
     clean_dir, _ = built
     out = tmp_path / "index"
-    monkeypatch.setenv(CRASH_ENV, crash)
-    with pytest.raises(SimulatedCrash):
-        index_source(archive, model_dir, out, shard_volumes=3, batch_size=32)
+    point, n = crash.split(":")
+    with monkeypatch.context() as m:
+        crash_index_writer(m, point, int(n))
+        with pytest.raises(SimulatedCrash):
+            index_source(archive, model_dir, out, shard_volumes=3, batch_size=32)
     committed = json.loads((out / "index.json").read_text())["shards"]
     assert 1 <= len(committed) < 3  # stopped halfway, whole shards only
-    monkeypatch.delenv(CRASH_ENV)
     index_source(archive, model_dir, out, shard_volumes=3, batch_size=32)
     assert _row_set(out) == _row_set(clean_dir)
     a, b = _embeddings(out), _embeddings(clean_dir)

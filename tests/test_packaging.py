@@ -20,7 +20,7 @@ def test_dependencies_name_faiss_cpu_and_never_faiss_gpu():
 
 
 def test_faiss_cpu_beside_faiss_gpu_is_refused_with_a_fix():
-    from ctsearch.index import check_faiss_wheels
+    from ctsearch.cli.common import check_faiss_wheels
 
     check_faiss_wheels(["numpy", "faiss-cpu"])
     check_faiss_wheels(["faiss_gpu_cu12"])  # a GPU-only environment is the user's choice
@@ -29,7 +29,8 @@ def test_faiss_cpu_beside_faiss_gpu_is_refused_with_a_fix():
 
 
 def test_library_modules_import_without_ray():
-    modules = ["ctsearch", "ctsearch.io", "ctsearch.hu", "ctsearch.views", "ctsearch.model", "ctsearch.ssl",
+    modules = ["ctsearch", "ctsearch.io", "ctsearch.hu", "ctsearch.config", "ctsearch.backbones", "ctsearch.preprocess",
+               "ctsearch.views", "ctsearch.model", "ctsearch.ssl", "ctsearch.explain", "ctsearch.query", "ctsearch.report",
                "ctsearch.store", "ctsearch.index", "ctsearch.relax", "ctsearch.metrics", "ctsearch.crossexam",
                "ctsearch.prepare", "ctsearch.synth", "ctsearch.cli.main"]
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('ray' in sys.modules)"

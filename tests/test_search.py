@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 
 from ctsearch.crossexam import best_by_volume, cross_exam
+from conftest import SimulatedCrash, crash_index_writer
 from ctsearch.index import (
-    CRASH_ENV,
     Index,
     IndexWriter,
-    SimulatedCrash,
     build_faiss,
     l2_normalize,
     merge_topk,
@@ -181,10 +180,10 @@ def test_crash_between_files_and_commit_leaves_the_old_index(tmp_path, monkeypat
     rows = rows_for(200)
     w = IndexWriter.open(tmp_path / "i", CFG)
     w.commit_shard(rows[:100], db[:100], volumes_for(rows[:100]), errors=[])
-    monkeypatch.setenv(CRASH_ENV, "files:1")
-    with pytest.raises(SimulatedCrash):
-        w.commit_shard(rows[100:], db[100:], volumes_for(rows[100:]), errors=[])
-    monkeypatch.delenv(CRASH_ENV)
+    with monkeypatch.context() as m:
+        crash_index_writer(m, "files", 1)
+        with pytest.raises(SimulatedCrash):
+            w.commit_shard(rows[100:], db[100:], volumes_for(rows[100:]), errors=[])
     assert (tmp_path / "i" / "embeddings" / "shard-00001.parquet").exists()  # written, never committed
     assert len(Index.open(tmp_path / "i")) == 100
     w.close()  # what the crashed process's exit does to its lock

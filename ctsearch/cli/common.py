@@ -35,6 +35,25 @@ SALT_OPT = typer.Option(
 )
 
 
+def check_faiss_wheels(distribution_names: list[str] | None = None) -> None:
+    """Refuse to run with faiss-cpu and a faiss-gpu wheel installed together (the commands that use FAISS call it first).
+
+    Both ship the same ``faiss`` module, so the second install silently overwrites files of the
+    first and the result breaks in odd places. ctsearch depends on faiss-cpu only (docs/scaling.md).
+    """
+    if distribution_names is None:
+        from importlib import metadata
+
+        distribution_names = [d.metadata["Name"] or "" for d in metadata.distributions()]
+    names = {n.lower().replace("_", "-") for n in distribution_names}
+    gpu = sorted(n for n in names if n.startswith("faiss-gpu"))
+    if gpu and "faiss-cpu" in names:
+        raise ImportError(
+            f"faiss-cpu and {', '.join(gpu)} are both installed; they ship the same `faiss` module and break "
+            f"each other. ctsearch needs faiss-cpu only: pip uninstall -y {' '.join(gpu)} faiss-cpu && pip install faiss-cpu"
+        )
+
+
 def debug_enabled() -> bool:
     return os.environ.get("CTSEARCH_DEBUG", "") not in ("", "0")
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import typer
 
+from ctsearch.backbones import BACKBONES
+
 from ctsearch.cli.common import err_console, handle_errors
 from ctsearch.errors import CTSearchInputError
 
@@ -67,7 +69,7 @@ def register(app: typer.Typer) -> None:
         volumes: int = typer.Option(16, "--volumes", help="Synthetic patients (two examinations each)."),
         size: int = typer.Option(64, "--size", help="Slice size in pixels (synthetic archive and model input)."),
         epochs: int = typer.Option(30, "--epochs", help="SimSiam epochs per run."),
-        backbone: str = typer.Option("tiny", "--backbone", help="resnet50 | resnet18 | tiny."),
+        backbone: str = typer.Option("tiny", "--backbone", help=" | ".join(BACKBONES) + "."),
         seed: int = typer.Option(0, "--seed", help="Seed of the archive, the slice choice and training."),
         masks: int = typer.Option(1000, "--masks", help="RELAX masks per explained slice (the paper uses 3000)."),
     ) -> None:

@@ -7,6 +7,10 @@ from typing import List, Optional
 
 import typer
 
+from ctsearch.explain import RELAX_BATCH
+
+from ctsearch.backbones import BACKBONES
+
 from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, emit_json, emit_result, handle_errors, say
 
 
@@ -22,10 +26,10 @@ def evaluate_cmd(
     baseline: List[str] = typer.Option([], "--baseline", help="Also evaluate an untrained backbone: random (seeded init) or imagenet (local weights). Repeatable."),
     k: int = typer.Option(5, "-k", "--k", help="K of MAP@K and of the k-NN classifier."),
     relax_masks: int = typer.Option(3000, "--relax-masks", help="RELAX masks per liver slice for RR (0 = skip RR)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="RELAX masked images per forward pass (default 100 CPU, 512 GPU)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"RELAX masked images per forward pass (default {RELAX_BATCH['cpu']} CPU, {RELAX_BATCH['cuda']} GPU)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random baseline and of the RELAX masks."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="ImageNet weight file for --baseline imagenet (default: the local torch cache)."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="Baselines without --model: backbone (resnet50, resnet18, tiny)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help=f"Baselines without --model: backbone ({', '.join(BACKBONES)})."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Baselines without --model: input size in px."),
     gpus: int = typer.Option(0, "--gpus", help="GPUs for the RELAX part (one actor each); 0 = CPU actors."),
     workers: int = typer.Option(1, "--workers", help="CPU actors for the RELAX part when --gpus is 0."),
@@ -37,9 +41,9 @@ def evaluate_cmd(
     """Evaluate retrieval (MAP@K, k-NN accuracy) and explanations (RR) on the test split."""
     from ctsearch.errors import CTSearchInputError
     from ctsearch.jobs.evaluate import evaluate
-    from ctsearch.jobs.explain import ExplainOptions
+    from ctsearch.config import ModelConfig
+    from ctsearch.explain import ExplainOptions
     from ctsearch.jobs.runtime import run_job
-    from ctsearch.model import ModelConfig
 
     base_cfg = None
     if backbone or image_size:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, SALT_OPT, CallbackBar, emit_json, handle_errors, say
+from ctsearch.cli.common import check_faiss_wheels, ADDRESS_OPT, JSON_OPT, QUIET_OPT, SALT_OPT, CallbackBar, emit_json, handle_errors, say
 from ctsearch.errors import CTSearchInputError
 
 
@@ -37,6 +37,7 @@ def index_cmd(
     Volumes already in the index (same series id and content) are skipped; a killed run is
     finished by running the same command again. Failures go to OUT/errors.parquet.
     """
+    check_faiss_wheels()
     from ctsearch.ids import load_salt
     from ctsearch.jobs.index import index_source
     from ctsearch.jobs.runtime import run_job

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ctsearch.cli.common import JSON_OPT, SALT_OPT, emit_json, handle_errors, result_stream
+from ctsearch.cli.common import check_faiss_wheels, JSON_OPT, SALT_OPT, emit_json, handle_errors, result_stream
 
 JSON_KEYS = ("rank", "score", "volume_id", "patient_id", "study_id", "series_id", "exam_date", "slice_index", "z_mm", "path")
 
@@ -32,14 +32,16 @@ def search_cmd(
     json_out: bool = JSON_OPT,
 ) -> None:
     """Find the slices most similar to QUERY (cosine similarity of the index's embeddings)."""
+    check_faiss_wheels()
     from ctsearch.errors import CTSearchInputError
     from ctsearch.ids import load_salt
     from ctsearch.index import Index
+    from ctsearch.query import embed_query
 
     id_salt = load_salt(id_salt_file)
     index = Index.open(index_dir, device=device)
     patient, exclude_patient = index.patient_key(patient, id_salt), index.patient_key(exclude_patient, id_salt)
-    vector, qmeta = index.embed_query(query, slice_, id_salt)
+    vector, qmeta = embed_query(index, query, slice_, id_salt)
     if cross_exam:
         from ctsearch.crossexam import cross_exam as run
 

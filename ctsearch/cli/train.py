@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ctsearch.backbones import backbone_help
 from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, CallbackBar, emit_json, handle_errors, say
 
 
@@ -18,7 +19,7 @@ def register(app: typer.Typer) -> None:
 def train_cmd(
     dataset_dir: Path = typer.Argument(..., help="Folder written by `ctsearch prepare` (train.parquet, test.parquet)."),
     out: Path = typer.Argument(..., help="Run directory; rerunning with the same OUT resumes after the last finished epoch."),
-    backbone: str = typer.Option("resnet50", help="Backbone: resnet50 (2048-d), resnet18 (512-d), tiny (128-d, tests)."),
+    backbone: str = typer.Option("resnet50", help=f"Backbone: {backbone_help()}."),
     image_size: int = typer.Option(224, help="Side of the square network input, pixels."),
     views: str = typer.Option("clinical", help="clinical: view 1 wide [-200,300] HU, view 2 narrow [50,150] HU; standard: both wide."),
     rescale: str = typer.Option("reference", help="reference: narrow view on the wide scale (reference code); own: stretch each window to [0,1]."),

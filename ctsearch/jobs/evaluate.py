@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -21,36 +20,26 @@ from pathlib import Path
 import numpy as np
 
 from ctsearch.errors import CTSearchInputError
-from ctsearch.jobs.explain import (
-    ExplainOptions, baseline_spec, count_nodes, encoder_from_spec, explain_slices, run_spec, split_path,
-)
-from ctsearch.report import percent_cell
+from ctsearch.explain import ExplainOptions
+from ctsearch.jobs.explain import baseline_spec, count_nodes, encoder_from_spec, explain_slices, run_spec
+from ctsearch.report.html import percent_cell
+from ctsearch.store import read_model_config, read_run_settings, read_slices, split_path
 
 METRIC_LABELS = {"map": "MAP", "acc": "ACC", "rr": "RR"}
 
 
 def run_name(model_dir: str | os.PathLike) -> str:
     """A Table-1 style name for a run: its init and views from config.json (model.json as fallback)."""
-    p = Path(model_dir)
-    opts, model = {}, {}
-    if (p / "config.json").is_file():
-        try:
-            cfg = json.loads((p / "config.json").read_text())
-            opts, model = cfg.get("options", {}), cfg.get("model", {})
-        except ValueError:
-            pass
-    if not model and (p / "model.json").is_file():
-        model = json.loads((p / "model.json").read_text())
+    try:
+        _, opts, model = read_run_settings(model_dir)
+    except CTSearchInputError:  # a name is a label: an unreadable config leaves it unknown
+        opts, model = {}, {}
     views = opts.get("views", model.get("views", "?"))
     init = opts.get("init", "?")
     init = {"imagenet": "ImageNet", "random": "random init"}.get(init, "init from run" if init != "?" else "")
     what = "SimSiam (HU clipping)" if views == "clinical" else "SimSiam (standard)" if views == "standard" else f"SimSiam ({views})"
     backbone = model.get("backbone", opts.get("backbone", "?"))
     return f"{init + ' + ' if init else ''}{what}, {backbone}"
-
-
-def _model_config(model_dir: Path) -> dict:
-    return json.loads((Path(model_dir) / "model.json").read_text())
 
 
 def embed_split(spec: dict, hu: np.ndarray, device: str) -> np.ndarray:
@@ -119,8 +108,6 @@ def evaluate(
         relax_masks: RELAX masks per liver slice for RR; 0 skips RR.
         baseline_config: ModelConfig JSON for baselines (default: the first run's model.json).
     """
-    from ctsearch.store import read_slices
-
     import torch
 
     baselines = list(baselines or [])
@@ -141,7 +128,7 @@ def evaluate(
     for i, d in enumerate(model_dirs):
         entries.append((names[i] if names else run_name(d), str(d), run_spec(d)))
     if baselines:
-        cfg = baseline_config or (_model_config(Path(model_dirs[0])) if model_dirs else None)
+        cfg = baseline_config or (read_model_config(model_dirs[0]).to_json() if model_dirs else None)
         if cfg is None:
             raise CTSearchInputError(None, "baselines without --model need --backbone and --image-size")
         for b in baselines:

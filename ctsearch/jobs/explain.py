@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +31,19 @@ import ray
 
 from ctsearch.errors import CTSearchInputError
 from ctsearch.jobs.runtime import node_id, shared_value, start_ray
-from ctsearch.store import SLICES_SCHEMA, atomic_write_json, atomic_write_table, errors_table, lock_dir
+from ctsearch.explain import ExplainOptions
+from ctsearch.store import (
+    SLICES_SCHEMA,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_table,
+    content_hash,
+    decode_pixels,
+    errors_table,
+    lock_dir,
+    require_model_dir,
+    split_path,
+)
 
 EXPLANATIONS_FILE = "explanations.parquet"
 SUMMARY_FILE = "explain.json"
@@ -53,38 +65,9 @@ EXPLANATIONS_SCHEMA = pa.schema(
 )
 
 
-@dataclass
-class ExplainOptions:
-    """RELAX settings of a dataset job (see ``ctsearch.relax.relax``)."""
-
-    num_masks: int = 3000
-    batch_size: int | None = None  # masked images per forward pass; None: 100 on CPU, 512 on GPU
-    grid: int = 7
-    p: float = 0.5
-    seed: int = 0
-    tolerance: float | None = None
-    check_every: int = 300
-    slices_per_call: int = 4
-    keep_maps: bool = True
-    render_png: bool = True
-
-    def check(self) -> None:
-        if self.num_masks < 1 or self.slices_per_call < 1 or (self.batch_size is not None and self.batch_size < 1):
-            raise CTSearchInputError(None, "--masks, --batch-size and --slices-per-call must be at least 1")
-        if not 0.0 < self.p < 1.0 or self.grid < 2:
-            raise CTSearchInputError(None, "mask keep probability must be in (0, 1) and the grid at least 2 cells")
-        if self.tolerance is not None and self.tolerance <= 0:
-            raise CTSearchInputError(None, "--tolerance must be positive")
-
-
 def run_spec(model_dir: str | os.PathLike) -> dict:
     """Encoder spec of a trained run directory (checked here, loaded in the actors)."""
-    from ctsearch.model import ENCODER_FILE, MODEL_JSON
-
-    p = Path(model_dir)
-    if not (p / MODEL_JSON).is_file() or not (p / ENCODER_FILE).is_file():
-        raise CTSearchInputError(p, f"not a model directory: expected {MODEL_JSON} and {ENCODER_FILE} (written by `ctsearch train`)")
-    return {"kind": "run", "path": str(p)}
+    return {"kind": "run", "path": str(require_model_dir(model_dir))}
 
 
 def baseline_spec(kind: str, config: dict, seed: int = 0, weights: str | None = None) -> dict:
@@ -92,7 +75,8 @@ def baseline_spec(kind: str, config: dict, seed: int = 0, weights: str | None = 
     if kind not in ("random", "imagenet"):
         raise CTSearchInputError(None, f"--baseline must be random or imagenet, got {kind!r}")
     if kind == "imagenet":
-        from ctsearch.model import ModelConfig, find_imagenet_weights
+        from ctsearch.config import ModelConfig
+        from ctsearch.model import find_imagenet_weights
 
         weights = str(find_imagenet_weights(ModelConfig.from_json(config).backbone, weights))  # fails early if absent
     return {"kind": kind, "config": config, "seed": seed, "weights": weights}
@@ -102,7 +86,8 @@ def encoder_from_spec(spec: dict, device: str = "cpu"):
     """(encoder in eval mode on ``device``, ModelConfig) from a run or baseline spec."""
     import torch
 
-    from ctsearch.model import ModelConfig, build_encoder, initial_encoder_state, load_encoder, set_residual_bn
+    from ctsearch.config import ModelConfig
+    from ctsearch.model import build_encoder, initial_encoder_state, load_encoder, set_residual_bn
 
     if spec["kind"] == "run":
         return load_encoder(spec["path"], device)
@@ -138,24 +123,27 @@ class Explainer:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.encoder, self.config = encoder_from_spec(encoder_spec, self.device)
         self.opts = ExplainOptions(**options)
-        self.batch = self.opts.batch_size or (512 if self.device == "cuda" else 100)
+        self.relax_kwargs = self.opts.relax_kwargs(self.device)
 
     def _decode(self, batch: dict, i: int) -> tuple[np.ndarray, np.ndarray]:
         h, w = int(batch["height"][i]), int(batch["width"][i])
         hu_b, mask_b = batch["hu"][i], batch["mask"][i]
-        if h < 1 or w < 1 or len(hu_b) != 2 * h * w:
-            raise ValueError(f"hu holds {len(hu_b)} bytes, expected {2 * h * w} for {h}x{w} int16")
-        if mask_b is not None and len(mask_b) not in (0, h * w):
-            raise ValueError(f"mask holds {len(mask_b)} bytes, expected {h * w}")
-        hu = np.frombuffer(hu_b, "<i2").reshape(h, w)
-        mask = np.frombuffer(mask_b, np.uint8).reshape(h, w) if mask_b else np.zeros((h, w), np.uint8)
-        return hu, mask
+        try:
+            hu = decode_pixels(hu_b, h, w)
+        except ValueError as e:
+            raise ValueError(f"hu {e}") from None
+        if not mask_b:  # a slice without a liver mask: RR is undefined, the maps are not
+            return hu, np.zeros((h, w), np.uint8)
+        try:
+            return hu, decode_pixels(mask_b, h, w, "u1")
+        except ValueError as e:
+            raise ValueError(f"mask {e}") from None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ctsearch.metrics import relevance_rank_accuracy
         from ctsearch.relax import relax
-        from ctsearch.report import centre_square, explanation_panel, png_bytes
-        from ctsearch.views import eval_transform
+        from ctsearch.report.figures import centre_square, explanation_panel, png_bytes
+        from ctsearch.preprocess import eval_transform
 
         n = len(batch["volume_id"])
         S = self.config.image_size
@@ -183,9 +171,7 @@ class Explainer:
         for idx in by_shape.values():
             try:
                 x = eval_transform(np.stack([decoded[i][0] for i in idx]), self.config)
-                res = relax(self.encoder, x, num_masks=self.opts.num_masks, batch_size=self.batch, grid=self.opts.grid,
-                            p=self.opts.p, seed=self.opts.seed, tolerance=self.opts.tolerance,
-                            check_every=self.opts.check_every)  # fmt: skip
+                res = relax(self.encoder, x, **self.relax_kwargs)
             except Exception as e:  # noqa: BLE001
                 for i in idx:
                     out["error"][i] = f"RELAX failed: {type(e).__name__}: {e}"
@@ -206,23 +192,6 @@ class Explainer:
                     panel = explanation_panel(decoded[i][0], res.importance[j], res.uncertainty[j], title=title)
                     out["png_bytes"][i] = png_bytes(panel)
         return {k: np.asarray(v, dtype=object) if isinstance(v, list) else v for k, v in out.items()}
-
-
-def split_path(dataset_dir: str | os.PathLike, split: str) -> Path:
-    """DATASET_DIR/<split>.parquet, checked to be a slice dataset (schema only, no pixels read)."""
-    path = Path(dataset_dir) / f"{split}.parquet"
-    if not Path(dataset_dir).is_dir():
-        raise CTSearchInputError(dataset_dir, "no such dataset folder (run `ctsearch prepare --protocol decathlon` first)")
-    if not path.is_file():
-        raise CTSearchInputError(path, f"no {split} split in this dataset")
-    try:
-        names = set(pq.read_schema(path).names)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise CTSearchInputError(path, f"not a readable parquet file ({e})") from None
-    missing = set(SLICES_SCHEMA.names) - names
-    if missing:
-        raise CTSearchInputError(path, f"not a slice dataset: missing columns {sorted(missing)}")
-    return path
 
 
 def _drop_keys(batch: dict[str, np.ndarray], keys) -> dict[str, np.ndarray]:
@@ -344,8 +313,7 @@ def explain_dataset(
 
 def _claim_folder(out: Path, dataset: Path, model_dir, options: ExplainOptions) -> None:
     """Record what this folder's explanations are made with; refuse to mix in other settings."""
-    from ctsearch.index import content_hash
-    from ctsearch.model import ENCODER_FILE
+    from ctsearch.config import ENCODER_FILE
 
     # Only what changes the maps: PNGs, forward batch size and slices per call do not.
     maps = {k: v for k, v in asdict(options).items() if k in ("num_masks", "grid", "p", "seed", "tolerance", "check_every", "keep_maps")}
@@ -399,8 +367,6 @@ class _PartWriter:
         self.next = max(existing, default=-1) + 1
 
     def add(self, b: dict, path: Path) -> None:
-        from ctsearch.report import write_bytes_atomic
-
         for i in range(len(b["volume_id"])):
             self.seen += 1
             vid, si = str(b["volume_id"][i]), int(b["slice_index"][i])
@@ -410,7 +376,7 @@ class _PartWriter:
             png = None
             if self.render_png:
                 png = png_name(vid, si)
-                write_bytes_atomic(b["png_bytes"][i], self.out / png)
+                atomic_write_bytes(b["png_bytes"][i], self.out / png)
             rr = float(b["rr"][i])
             self.rows.append({
                 "volume_id": vid, "patient_id": str(b["patient_id"][i]), "slice_index": si, "label": int(b["label"][i]),

@@ -34,9 +34,11 @@ import ray
 
 from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import check_same_salt, is_pseudonym, pseudonymise, pseudonymise_ids
-from ctsearch.index import DEFAULT_ANN_THRESHOLD, IndexWriter, content_hash, file_fingerprint, l2_normalize
+from ctsearch.config import ModelConfig
+from ctsearch.index import DEFAULT_ANN_THRESHOLD, IndexWriter, l2_normalize
 from ctsearch.jobs.runtime import node_id, shared_value, start_ray
-from ctsearch.model import ModelConfig, load_encoder
+from ctsearch.model import load_encoder
+from ctsearch.store import content_hash, decode_pixels, file_fingerprint
 
 ID_COLUMNS = ("volume_id", "patient_id", "study_id", "series_id", "exam_date")
 
@@ -174,23 +176,19 @@ def _series_by_pseudonym(folder: str, pseudonym: str, salt: bytes | None) -> str
 
 
 def preprocess(batch: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
-    """HU rows -> ``pixels`` float32 [n, 1, S, S] by ctsearch.views.eval_transform (CPU stage).
+    """HU rows -> ``pixels`` float32 [n, 1, S, S] by ctsearch.preprocess.eval_transform (CPU stage).
 
     One grey channel travels to the model actor, which stacks the pseudo-RGB copies itself:
     a third of the bytes through the object store (S = 224: 200 kB per slice instead of 600 kB).
     """
-    from ctsearch.views import eval_transform
+    from ctsearch.preprocess import eval_transform_each
 
     cfg = ModelConfig.from_json(config)
-    n, s = len(batch["path"]), cfg.image_size
-    pixels = np.zeros((n, 1, s, s), np.float32)
-    # Slices of different volumes can differ in size: transform each size group as one stack.
-    shapes = defaultdict(list)
-    for i in np.flatnonzero(batch["status"] == "indexed"):
-        shapes[(int(batch["height"][i]), int(batch["width"][i]))].append(i)
-    for (h, w), idx in shapes.items():
-        hu = np.stack([np.frombuffer(batch["hu"][i], dtype="<i2").reshape(h, w) for i in idx])
-        pixels[idx] = eval_transform(hu, cfg, channels=1).numpy()
+    pixels = np.zeros((len(batch["path"]), 1, cfg.image_size, cfg.image_size), np.float32)
+    ok = np.flatnonzero(batch["status"] == "indexed")
+    if len(ok):
+        hus = [decode_pixels(batch["hu"][i], batch["height"][i], batch["width"][i]) for i in ok]
+        pixels[ok] = eval_transform_each(hus, cfg, channels=1).numpy()
     out = {k: v for k, v in batch.items() if k != "hu"}
     out["pixels"] = pixels
     return out
@@ -215,7 +213,7 @@ class Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from ctsearch.views import to_rgb
+        from ctsearch.preprocess import to_rgb
 
         x = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
         ok = torch.from_numpy(batch["status"] == "indexed")

@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, get_args
 
 import numpy as np
 import ray
@@ -37,11 +37,14 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from ctsearch.errors import CTSearchInputError
-from ctsearch.model import SimSiam, ModelConfig, initial_encoder_state, save_encoder, set_residual_bn
-from ctsearch.store import atomic_write_json, lock_dir, read_jsonl
+from ctsearch.backbones import BACKBONES
+from ctsearch.config import RUN_CONFIG, ModelConfig, Views
+from ctsearch.hu import Rescale
+from ctsearch.model import SimSiam, initial_encoder_state, save_encoder, set_residual_bn
+from ctsearch.store import atomic_write_bytes, atomic_write_json, decode_pixels, lock_dir, read_jsonl
 from ctsearch.ssl import OptimConfig, build_optimizer, set_lr, train_step
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = RUN_CONFIG
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 CKPT_MODEL, CKPT_OPTIM, CKPT_STATE = "model.safetensors", "optimizer.pt", "state.json"
@@ -101,10 +104,8 @@ class TrainOptions:
 
 def check_options(o: TrainOptions) -> None:
     """Reject impossible combinations with one-line messages before any work starts."""
-    from ctsearch.model import BACKBONES
-
     choices = {
-        "backbone": sorted(BACKBONES), "views": ["clinical", "standard"], "rescale": ["reference", "own"],
+        "backbone": sorted(BACKBONES), "views": list(get_args(Views)), "rescale": list(get_args(Rescale)),
         "jitter": ["paper", "reference"], "schedule": ["constant", "cosine"], "train_slices": list(TRAIN_FILES),
         "placement": ["pack", "spread"],
     }  # fmt: skip
@@ -179,10 +180,7 @@ def _prepare_run_dir(out: Path, opts: TrainOptions, dataset_dir: Path) -> dict:
 
 def decode_hu(batch: dict) -> list[np.ndarray]:
     """A Ray Data batch of the slice schema -> int16 HU images [height, width], one per row."""
-    return [
-        np.frombuffer(buf, dtype="<i2").reshape(int(h), int(w)).astype(np.int16)
-        for buf, h, w in zip(batch["hu"], batch["height"], batch["width"])
-    ]
+    return [decode_pixels(buf, h, w) for buf, h, w in zip(batch["hu"], batch["height"], batch["width"])]
 
 
 def _evaluate(model: SimSiam, config: ModelConfig, eval_data, device) -> dict:
@@ -210,9 +208,7 @@ def _evaluate(model: SimSiam, config: ModelConfig, eval_data, device) -> dict:
 def _rewrite_metrics(out: Path, keep_through_epoch: int) -> None:
     """Drop metric rows of epochs that are about to be trained again (their checkpoint was lost)."""
     rows = [r for r in read_metrics(out) if r["epoch"] <= keep_through_epoch]
-    tmp = out / f".{METRICS_FILE}.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, out / METRICS_FILE)
+    atomic_write_bytes("".join(json.dumps(r) + "\n" for r in rows).encode(), out / METRICS_FILE)
 
 
 def _append_metrics(out: Path, row: dict) -> None:

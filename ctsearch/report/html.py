@@ -1,21 +1,18 @@
-"""Figures and the HTML report: CT slices with RELAX heat maps on top (as in the paper's figs 8-11),
-line charts as inline SVG, and the one self-contained page of ``ctsearch report``.
+"""The one self-contained HTML page of ``ctsearch report``: tables, inline-SVG curves, figures.
 
-Pillow only. Heat maps use a jet-like colour map (blue = unimportant, red = important) that is
-defined here, and charts are SVG written by hand, so no plotting library is needed; the page
-holds its PNGs as data URIs and its CSS inline, so it opens offline and can be mailed as one file.
+It reads the files the other steps wrote (run folders, index, explain folders, evaluation JSON)
+and never imports Ray or a plotting library (docs/report.md). The page holds its PNGs as data
+URIs and its CSS inline, so it opens offline and can be mailed as one file.
 
 Example:
-    >>> import numpy as np
-    >>> hu = np.zeros((64, 64), np.int16); imp = np.random.default_rng(0).random((32, 32))
-    >>> explanation_panel(hu, imp).size
-    (512, 256)
+    >>> svg = line_chart_svg({"loss": [(1, 0.5), (2, 0.25)]}, "loss", "epoch", "loss")
+    >>> svg.startswith("<svg")
+    True
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 import os
@@ -26,129 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
 
 from ctsearch import __version__
 from ctsearch.errors import CTSearchInputError
-from ctsearch.hu import WIDE, Window, apply_window
-from ctsearch.store import read_jsonl
-
-# (position, r, g, b): dark blue -> blue -> cyan -> yellow -> red -> dark red.
-_HEAT_ANCHORS = np.array(
-    [
-        (0.00, 0, 0, 128),
-        (0.12, 0, 0, 255),
-        (0.37, 0, 255, 255),
-        (0.62, 255, 255, 0),
-        (0.87, 255, 0, 0),
-        (1.00, 128, 0, 0),
-    ],
-    dtype=np.float64,
-)
-
-
-def heat_colors(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] (any shape) -> uint8 RGB [..., 3] on the jet-like heat scale."""
-    v = np.clip(np.asarray(values, np.float64), 0.0, 1.0)
-    rgb = [np.interp(v, _HEAT_ANCHORS[:, 0], _HEAT_ANCHORS[:, c]) for c in (1, 2, 3)]
-    return np.stack(rgb, axis=-1).round().astype(np.uint8)
-
-
-def normalise(values: np.ndarray) -> np.ndarray:
-    """Min-max scale a map to [0, 1] (a constant map becomes 0)."""
-    v = np.asarray(values, np.float64)
-    lo, hi = float(np.min(v)), float(np.max(v))
-    return (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
-
-
-def centre_square(a: np.ndarray) -> np.ndarray:
-    """The centred square [.., m, m] (m = short side) of [.., h, w]: what eval_transform keeps."""
-    h, w = a.shape[-2:]
-    m = min(h, w)
-    top, left = (h - m) // 2, (w - m) // 2
-    return a[..., top : top + m, left : left + m]
-
-
-def window_grey(hu: np.ndarray, window: Window = WIDE) -> np.ndarray:
-    """HU slice [h, w] -> uint8 grey [h, w], the window stretched over 0..255."""
-    g = np.asarray(apply_window(np.asarray(hu, np.float32), window, "own"))
-    return (np.clip(g, 0, 1) * 255).round().astype(np.uint8)
-
-
-def _resize(a: np.ndarray, size: int, resample=Image.BILINEAR) -> np.ndarray:
-    img = Image.fromarray(a if a.dtype == np.uint8 else a.astype(np.float32), mode=None)
-    return np.asarray(img.resize((size, size), resample))
-
-
-def slice_rgb(hu: np.ndarray, size: int) -> np.ndarray:
-    """The slice's centre square in the wide window as uint8 RGB [size, size, 3]."""
-    grey = _resize(centre_square(window_grey(hu)), size)
-    return np.repeat(grey[..., None], 3, axis=-1)
-
-
-def overlay(hu: np.ndarray, importance: np.ndarray, size: int | None = None, alpha: float = 0.5) -> np.ndarray:
-    """The slice (wide window, centre square) with the min-max scaled importance map blended on top.
-
-    hu [h, w] HU, importance [s, s] (any resolution: resized bilinearly). Returns uint8 RGB [size, size, 3].
-    """
-    grey = centre_square(window_grey(hu))
-    size = size or grey.shape[0]
-    grey = _resize(grey, size)
-    heat = heat_colors(normalise(_resize(np.asarray(importance, np.float32), size)))
-    base = np.repeat(grey[..., None], 3, axis=-1).astype(np.float64)
-    return ((1 - alpha) * base + alpha * heat).round().astype(np.uint8)
-
-
-def explanation_panel(
-    hu: np.ndarray,
-    importance: np.ndarray,
-    uncertainty: np.ndarray | None = None,
-    size: int = 256,
-    title: str | None = None,
-) -> Image.Image:
-    """Side by side: the slice in the wide window | importance overlay | (uncertainty heat map)."""
-    tiles = [slice_rgb(hu, size), overlay(hu, importance, size)]
-    labels = ["slice (wide window)", "RELAX importance"]
-    if uncertainty is not None:
-        tiles.append(heat_colors(normalise(_resize(np.asarray(uncertainty, np.float32), size))))
-        labels.append("RELAX uncertainty")
-    img = Image.fromarray(np.concatenate(tiles, axis=1))
-    draw = ImageDraw.Draw(img)
-    for i, text in enumerate(labels):
-        draw.text((i * size + 4, size - 14), text, fill=(255, 255, 255))
-    if title:
-        draw.text((4, 4), title, fill=(255, 255, 255))
-    return img
-
-
-def grid(rows: list[list[np.ndarray]], captions: list[list[str]] | None = None, gap: int = 4) -> Image.Image:
-    """Tiles (uint8 RGB, equal size) arranged in rows, with an optional caption in each tile."""
-    h, w = rows[0][0].shape[:2]
-    ncol = max(len(r) for r in rows)
-    canvas = Image.new("RGB", (ncol * (w + gap) - gap, len(rows) * (h + gap) - gap), (0, 0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for i, row in enumerate(rows):
-        for j, tile in enumerate(row):
-            x, y = j * (w + gap), i * (h + gap)
-            canvas.paste(Image.fromarray(tile), (x, y))
-            if captions and captions[i][j]:
-                draw.text((x + 4, y + 4), captions[i][j], fill=(255, 255, 255))
-    return canvas
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
+from ctsearch.store import atomic_write_bytes, read_json, read_jsonl, read_run_settings
 
 # ---------------------------------------------------------------------------------------------
 # The HTML report: one self-contained page (inline CSS, inline SVG charts, PNGs as data URIs).
@@ -225,16 +103,6 @@ def collect_inputs(paths: list[str | os.PathLike]) -> ReportInputs:
             if (p / name).exists() and _kind(p / name) == kind:
                 add(kind, p / name)
     return parts
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CTSearchInputError(path, f"is not a readable {what} ({e})") from None
-    if not isinstance(obj, dict):
-        raise CTSearchInputError(path, f"is not a {what} (expected a JSON object)")
-    return obj
 
 
 # --- inline SVG charts ------------------------------------------------------------------------
@@ -345,7 +213,7 @@ def percent_cell(stat: dict | None, decimals: int) -> str:
 
 def evaluation_section(path: Path) -> str:
     """The Table-1-shaped comparison from ``ctsearch evaluate --out FILE.json``, with what it means."""
-    res = _read_json(path, "evaluation result")
+    res = read_json(path, "evaluation result")
     if not isinstance(res.get("rows"), list) or "k" not in res:
         raise CTSearchInputError(path, "is not an evaluation result (no 'rows' and 'k'; write one with ctsearch evaluate --out)")
     k = int(res["k"])
@@ -371,16 +239,9 @@ liver. Higher means the model looks at the liver; "n/a" when it was not measured
 </dl>"""
 
 
-def _run_config(run: Path) -> dict:
-    return _read_json(run / "config.json", "run config") if (run / "config.json").is_file() else {}
-
-
 def run_section(run: Path) -> str:
     """One training run: its key settings and its curves (loss; MAP@5 and 5-NN accuracy over epochs)."""
-    cfg = _run_config(run)
-    opts, model = cfg.get("options", {}), cfg.get("model", {})
-    if not model and (run / "model.json").is_file():
-        model = _read_json(run / "model.json", "model config")
+    cfg, opts, model = read_run_settings(run)
     metrics = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
     window = lambda w: f"{w[0]} .. {w[1]} HU" if isinstance(w, list) and len(w) == 2 else None  # noqa: E731
     views = model.get("views", opts.get("views"))
@@ -453,7 +314,7 @@ f", examination of {escape(str(q['exam_date']))}" if q.get('exam_date') else ""}
 
 def dataset_explain_section(folder: Path, max_figures: int = 6) -> str:
     """``explain --model`` of a split (explain.json + explanations.parquet): counts, mean RR, a few overlays."""
-    s = _read_json(folder / "explain.json", "explain summary")
+    s = read_json(folder / "explain.json", "explain summary")
     facts = _facts([("split", s.get("split")), ("model", s.get("model")), ("slices explained", s.get("slices")),
                     ("errors", s.get("errors")), ("mean RR (liver slices)", _fmt(s.get("rr_mean"), ".4f")),
                     ("liver slices with RR", s.get("rr_slices")), ("masks per slice (mean)", _fmt(s.get("masks_used_mean"), ".0f"))])  # fmt: skip
@@ -481,7 +342,7 @@ def _errors_table(path: Path, limit: int = 20) -> str:
 
 def index_section(folder: Path) -> str:
     """The searchable archive: counts and model from index.json, and its errors table."""
-    m = _read_json(folder / "index.json", "index record")
+    m = read_json(folder / "index.json", "index record")
     cfg = (m.get("model") or {}).get("config") or {}
     facts = _facts([("volumes (series)", m.get("volumes")), ("slices", m.get("rows")), ("errors", m.get("errors")),
                     ("shards", len(m.get("shards", []))), ("model", f"{cfg.get('backbone')}, views {cfg.get('views')}" if cfg else None),
@@ -586,5 +447,5 @@ def write_report(parts: ReportInputs, out: str | os.PathLike, title: str = "ctse
     """Build the page and write it atomically to OUT; returns {"out", "sections", "notes", "bytes"}."""
     page, info = build_report(parts, title)
     data = page.encode("utf-8")
-    write_bytes_atomic(data, out)
+    atomic_write_bytes(data, out)
     return {"out": str(out), **info, "bytes": len(data)}

@@ -1,0 +1,90 @@
+"""The files of an index directory: their names, schemas, and the commit record ``index.json``.
+
+    INDEX_DIR/index.json                 the commit record: model, preprocessing, shard list, counts
+    INDEX_DIR/model/                     a copy of the encoder (model.json + encoder.safetensors)
+    INDEX_DIR/embeddings/<shard>.parquet one row per slice (store.embeddings_schema)
+    INDEX_DIR/faiss/<shard>.faiss        FAISS index; FAISS id = row number in the shard's parquet
+    INDEX_DIR/faiss/<shard>.vectors.npy  ANN shards only: the exact vectors, memory-mapped for re-ranking
+    INDEX_DIR/volumes/<shard>.parquet    one row per input volume: content hash, status, slice count
+    INDEX_DIR/errors/<shard>.parquet     what failed in that shard, and why
+    INDEX_DIR/errors.parquet             all errors of all committed shards (+ archive scan errors)
+
+docs/formats.md, "Index directories", is the full description.
+
+Example:
+    >>> import numpy as np
+    >>> rows = [dict(volume_id="v", patient_id="p", slice_index=i) for i in range(2)]
+    >>> table_vectors(embeddings_to_table(rows, np.eye(2, 4, dtype=np.float32))).shape
+    (2, 4)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ctsearch.errors import CTSearchInputError
+from ctsearch.store import EMBEDDING_META_SCHEMA, embeddings_schema
+
+INDEX_JSON = "index.json"
+FORMAT_VERSION = 1
+META_COLUMNS = EMBEDDING_META_SCHEMA.names
+ROW_GROUP = 4096  # rows per parquet row group: metadata of a hit is read one row group at a time
+
+VOLUMES_SCHEMA = pa.schema(
+    [
+        ("entry", pa.string()),  # path, plus "#<series id>" for a DICOM series named by the source
+        ("path", pa.string()),
+        ("volume_id", pa.string()),
+        ("series_id", pa.string()),
+        ("content_hash", pa.string()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("n_slices", pa.int32()),
+        ("status", pa.string()),  # indexed | error | duplicate
+    ]
+)
+
+
+def shard_files(root: Path, name: str) -> list[Path]:
+    """Every file shard ``name`` may have under index directory ``root``."""
+    return [root / "embeddings" / f"{name}.parquet", root / "faiss" / f"{name}.faiss",
+            root / "faiss" / f"{name}.vectors.npy", root / "volumes" / f"{name}.parquet",
+            root / "errors" / f"{name}.parquet"]  # fmt: skip
+
+
+def embeddings_to_table(rows: list[dict] | pa.Table, vectors: np.ndarray, dtype: str = "float32") -> pa.Table:
+    """Slice metadata (dicts or a table with META_COLUMNS) + [n, D] vectors -> embeddings table."""
+    n, d = vectors.shape
+    schema = embeddings_schema(d, dtype)
+    meta = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(
+        [{c: r.get(c) for c in META_COLUMNS} for r in rows], schema=EMBEDDING_META_SCHEMA
+    )
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float16 if dtype == "float16" else np.float32).reshape(-1))
+    emb = pa.FixedSizeListArray.from_arrays(flat, d)
+    cols = [meta.column(c).cast(schema.field(c).type) for c in META_COLUMNS] + [emb]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def table_vectors(table: pa.Table) -> np.ndarray:
+    """The ``embedding`` column of an embeddings table as float32 [n, D]."""
+    col = table.column("embedding").combine_chunks()
+    d = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
+
+
+def read_manifest(root: Path) -> dict:
+    """index.json of index directory ``root``; a missing, unreadable or other-version file is a one-line error."""
+    p = root / INDEX_JSON
+    if not p.is_file():
+        raise CTSearchInputError(root, f"not an index directory (no {INDEX_JSON}; build one with `ctsearch index`)")
+    try:
+        m = json.loads(p.read_text())
+    except ValueError as e:
+        raise CTSearchInputError(p, f"unreadable index manifest ({e})") from None
+    if m.get("format_version") != FORMAT_VERSION:
+        raise CTSearchInputError(p, f"index format {m.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+    return m

@@ -1,0 +1,67 @@
+"""A search query -> (unit vector, metadata), embedded with an index's own model.
+
+A query is a NIfTI file or DICOM series folder (one slice of it), or a row reference
+``volume_id:slice_index`` to a slice already in the index. Used by ``ctsearch search`` and
+``ctsearch explain``; the index reader itself never runs a model.
+
+Example:
+    >>> from ctsearch.index import Index
+    >>> vector, meta = embed_query(Index.open("idx/"), "scan.nii.gz", slice_index=40)  # doctest: +SKIP
+    >>> vector.shape, meta["slice_index"]                                             # doctest: +SKIP
+    ((128,), 40)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ctsearch.errors import CTSearchInputError
+from ctsearch.ids import check_same_salt, pseudonymise_ids, withhold_ids
+from ctsearch.index import Index, l2_normalize
+
+
+def embed_query(
+    index: Index, query: str | os.PathLike, slice_index: int | None = None, id_salt: bytes | None = None
+) -> tuple[np.ndarray, dict]:
+    """``query`` -> (unit vector [d], its metadata with META_COLUMNS).
+
+    ``slice_index``: the slice of a file/folder query (default: the middle slice); a row
+    reference names its own. On a pseudonymised index a file's ids are hashed like the rows'
+    (with ``id_salt``, which must be the index's), so its patient can be recognised; without a
+    salt they are left empty rather than shown beside pseudonyms.
+    """
+    p = Path(query)
+    if p.exists():
+        from ctsearch.io import read_volume
+        from ctsearch.model import embed, load_encoder
+
+        vol = read_volume(p)
+        n = vol.hu.shape[0]
+        s = n // 2 if slice_index is None else int(slice_index)
+        if not 0 <= s < n:
+            raise CTSearchInputError(p, f"--slice {s} is out of range: the volume has {n} slices (0..{n - 1})")
+        encoder, config = load_encoder(index.model_dir)
+        v = l2_normalize(embed(encoder, vol.hu[s : s + 1], config))[0]
+        meta = {"volume_id": vol.series_id or p.name, "patient_id": vol.patient_id, "study_id": vol.study_id,
+                "series_id": vol.series_id, "exam_date": vol.exam_date, "slice_index": s,
+                "z_mm": float(vol.z_mm()[s]), "path": str(p)}  # fmt: skip
+        return v, _query_ids(index, meta, id_salt)
+    vid, sep, si = str(query).rpartition(":")
+    if sep and vid and si.lstrip("-").isdigit():
+        if slice_index is not None:
+            raise CTSearchInputError(query, "a row reference names its slice; drop --slice")
+        v, meta = index.lookup(vid, int(si))
+        return l2_normalize(v[None])[0], meta
+    raise CTSearchInputError(query, "no such file or folder, and not a row reference volume_id:slice_index")
+
+
+def _query_ids(index: Index, meta: dict, id_salt: bytes | None) -> dict:
+    if not index.ids.get("pseudonymised"):
+        return meta
+    if id_salt is None:
+        return withhold_ids(meta)
+    check_same_salt(index.ids, id_salt, index.root, "to hash the query's ids")
+    return pseudonymise_ids(meta, id_salt)
