@@ -25,8 +25,8 @@ import torch
 
 from ctsearch.jobs.index import index_source, preprocess, read_volume_rows, resolve_source
 from ctsearch.model import ModelConfig, build_encoder, load_encoder, save_encoder
-from ctsearch.synth import synth_archive
 from ctsearch.preprocess import to_rgb
+from ctsearch.synth import synth_archive
 
 
 def decode_only(source: Path, config: ModelConfig, batch_size: int) -> tuple[float, list[np.ndarray]]:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ctsearch.model import ModelConfig, build_encoder
-from ctsearch.relax import _Accumulator, make_masks, relax, relax_per_mask
 from ctsearch.preprocess import eval_transform
+from ctsearch.relax import _Accumulator, make_masks, relax, relax_per_mask
 
 
 def phantom_slices(n: int, size: int, seed: int = 0) -> np.ndarray:

@@ -116,10 +116,10 @@ def bench(n: int, args, work: Path) -> None:
     print(f"ivfpq build {time.perf_counter() - t:.0f} s, {ivfpq_params(n, d)}")
     for nprobe in args.nprobe or [params["nprobe"]]:
         for refine in args.refine or [params["refine"]]:
-            fn = lambda x: search_shard(ivf, "ivfpq", params, db, x, k, nprobe=nprobe, refine=refine)  # noqa: E731
+            fn = lambda x, nprobe=nprobe, refine=refine: search_shard(ivf, "ivfpq", params, db, x, k, nprobe=nprobe, refine=refine)  # noqa: E731
             ms = latencies(fn, q)
             print(row(f"ivfpq np={nprobe} rf={refine}", n, ms, recall(fn(q)[1], truth), b50))
-            fn0 = lambda x: ivf.search(x, k, params=faiss.SearchParametersIVF(nprobe=nprobe))  # noqa: E731
+            fn0 = lambda x, nprobe=nprobe: ivf.search(x, k, params=faiss.SearchParametersIVF(nprobe=nprobe))  # noqa: E731
     print(row(f"ivfpq np={nprobe} PQ only", n, latencies(fn0, q), recall(fn0(q)[1], truth), b50))
     if args.device == "cuda":
         import torch

@@ -34,9 +34,9 @@ from ctsearch.jobs.train import TrainOptions, read_metrics, train
 from ctsearch.metrics import knn_accuracy, map_at_k
 from ctsearch.model import ModelConfig
 from ctsearch.prepare import prepare
+from ctsearch.preprocess import eval_transform
 from ctsearch.store import read_slices
 from ctsearch.synth import synth_archive
-from ctsearch.preprocess import eval_transform
 
 
 def raw_pixel_scores(prepared: Path, size: int) -> tuple[float, float]:

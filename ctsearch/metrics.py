@@ -15,6 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
 # Queries per distance block: keeps the [block, nd] distance matrix small for large databases.
@@ -52,6 +56,61 @@ def nearest_neighbours(q_emb: np.ndarray, db_emb: np.ndarray, k: int, metric: st
     return out
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """The k nearest database rows of each query, computed once and shared by every retrieval metric.
+
+    Attributes:
+        q_labels: [nq] the queries' labels.
+        neighbour_labels: [nq, k] the labels of each query's k nearest database rows, nearest first.
+        db_labels: [nd] every database label (the classes a k-NN vote can choose from).
+    """
+
+    q_labels: np.ndarray
+    neighbour_labels: np.ndarray
+    db_labels: np.ndarray
+
+    @classmethod
+    def compute(cls, q_emb, q_labels, db_emb, db_labels, k: int, metric: str = "l2") -> Ranking:
+        """Rank ``db`` for each query (``nearest_neighbours``): q_emb [nq, D], db_emb [nd, D]."""
+        nn = nearest_neighbours(q_emb, db_emb, k, metric)
+        db_labels = np.asarray(db_labels)
+        return cls(np.asarray(q_labels), db_labels[nn], db_labels)
+
+    @property
+    def k(self) -> int:
+        return int(self.neighbour_labels.shape[1])
+
+    @property
+    def relevant(self) -> np.ndarray:
+        """bool [nq, k]: the retrieved row's label equals the query's."""
+        return self.neighbour_labels == self.q_labels[:, None]
+
+
+def average_precision_at_k(ranking: Ranking, variant: str = "paper") -> float:
+    """MAP@K of a ranking: variant "paper" (eq. 5), mean over queries of (1/K) sum_{k=1..K} precision@k;
+    variant "reference", the official code's (1/(K-1)) sum_{k=1..K-1} precision@k (needs K >= 2)."""
+    k = ranking.k
+    if variant not in ("paper", "reference"):
+        raise ValueError(f"variant must be 'paper' or 'reference', got {variant!r}")
+    if variant == "reference" and k < 2:
+        raise ValueError("the reference variant averages precision@1..K-1 and needs k >= 2")
+    precision = np.cumsum(ranking.relevant, axis=1) / np.arange(1, k + 1)  # precision@1..K
+    if variant == "reference":
+        precision = precision[:, : k - 1]
+    return float(precision.mean())
+
+
+def knn_vote_accuracy(ranking: Ranking) -> float:
+    """Accuracy of the k-NN majority vote (uniform weights); a tied vote goes to the smallest class label."""
+    classes = np.unique(ranking.db_labels)
+    idx = np.searchsorted(classes, ranking.neighbour_labels)
+    votes = np.zeros((idx.shape[0], len(classes)), np.int64)
+    np.add.at(votes, (np.arange(idx.shape[0])[:, None], idx), 1)
+    pred = classes[np.argmax(votes, axis=1)]  # argmax takes the first (smallest) tied class
+    return float(np.mean(pred == ranking.q_labels))
+
+
 def map_at_k(
     q_emb: np.ndarray,
     q_labels: np.ndarray,
@@ -64,21 +123,11 @@ def map_at_k(
     """Mean average precision at K of retrieving ``db`` rows for each query.
 
     q_emb [nq, D], q_labels [nq], db_emb [nd, D], db_labels [nd]; a retrieval is relevant when its
-    label equals the query's.
-
-    variant "paper" (eq. 5): mean over queries of (1/K) sum_{k=1..K} precision@k.
-    variant "reference": the official code's (1/(K-1)) sum_{k=1..K-1} precision@k (needs K >= 2).
+    label equals the query's. ``variant``: see ``average_precision_at_k``.
     """
-    if variant not in ("paper", "reference"):
-        raise ValueError(f"variant must be 'paper' or 'reference', got {variant!r}")
     if variant == "reference" and k < 2:
         raise ValueError("the reference variant averages precision@1..K-1 and needs k >= 2")
-    nn = nearest_neighbours(q_emb, db_emb, k, metric)
-    relevant = np.asarray(db_labels)[nn] == np.asarray(q_labels)[:, None]  # [nq, k]
-    precision = np.cumsum(relevant, axis=1) / np.arange(1, k + 1)  # precision@1..K
-    if variant == "reference":
-        precision = precision[:, : k - 1]
-    return float(precision.mean())
+    return average_precision_at_k(Ranking.compute(q_emb, q_labels, db_emb, db_labels, k, metric), variant)
 
 
 def knn_accuracy(
@@ -89,12 +138,53 @@ def knn_accuracy(
     Matches scikit-learn's ``KNeighborsClassifier(n_neighbors=k)``: a tied vote goes to the
     smallest class label. q_emb [nq, D], q_labels [nq], db_emb [nd, D], db_labels [nd].
     """
-    classes, db_idx = np.unique(np.asarray(db_labels), return_inverse=True)
-    nn = nearest_neighbours(q_emb, db_emb, k, "l2")
-    votes = np.zeros((nn.shape[0], len(classes)), np.int64)
-    np.add.at(votes, (np.arange(nn.shape[0])[:, None], db_idx[nn]), 1)
-    pred = classes[np.argmax(votes, axis=1)]  # argmax takes the first (smallest) tied class
-    return float(np.mean(pred == np.asarray(q_labels)))
+    return knn_vote_accuracy(Ranking.compute(q_emb, q_labels, db_emb, db_labels, k, "l2"))
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One column of the evaluation: how it is computed, named and shown.
+
+    ``score`` turns a Ranking into a fraction in [0, 1]; None for a metric measured elsewhere
+    (RR comes from the RELAX job). ``header`` / ``report_header``: the markdown table's and the
+    HTML report's column titles, with ``{k}``; ``decimals``: of the percentages shown.
+    """
+
+    key: str
+    header: str
+    report_header: str
+    decimals: int
+    score: Callable[[Ranking], float] | None = None
+    needs_k: int = 1  # the smallest K it is defined for (None is recorded below it)
+
+
+# The one table that drives ``ctsearch evaluate``'s rows, its markdown table and the HTML report.
+# A metric with an empty header is computed and stored but not shown in the tables.
+METRICS: tuple[Metric, ...] = (
+    Metric("map", "MAP@{k}", "MAP@{k} (%)", 1, average_precision_at_k),
+    Metric("map_reference", "", "", 1, lambda r: average_precision_at_k(r, "reference"), needs_k=2),
+    Metric("acc", "ACC ({k}-NN)", "ACC {k}-NN (%)", 1, knn_vote_accuracy),
+    Metric("rr", "RR", "RR (%)", 2),
+)
+
+
+def shown_metrics() -> list[Metric]:
+    """The metrics with a column in the tables, in order."""
+    return [m for m in METRICS if m.header]
+
+
+def percent_cell(stat: dict | None, decimals: int) -> str:
+    """{"mean", "std"} as fractions -> "89.1 ± 1.3" in percent ("n/a" when not measured).
+
+    Example:
+        >>> percent_cell({"mean": 0.8912, "std": 0.013}, 1), percent_cell(None, 2)
+        ('89.1 ± 1.3', 'n/a')
+    """
+    mean = (stat or {}).get("mean")
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    std = stat.get("std")
+    return f"{100 * mean:.{decimals}f}" + (f" ± {100 * std:.{decimals}f}" if std is not None and math.isfinite(std) else "")
 
 
 def upsample_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -26,6 +26,7 @@ from ctsearch.errors import CTSearchInputError
 from ctsearch.preprocess import eval_transform
 from ctsearch.store import atomic_write, atomic_write_json, read_model_config, require_model_dir
 
+
 def build_encoder(config: ModelConfig) -> nn.Module:
     """Backbone with its classifier replaced by identity: [n, 3, S, S] -> [n, D]."""
     net = get_backbone(config.backbone).build()

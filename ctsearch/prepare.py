@@ -30,7 +30,14 @@ import pyarrow as pa
 from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import ids_block, pseudonymise_ids
 from ctsearch.io import ScanEntry, scan_archive
-from ctsearch.store import MANIFEST_SCHEMA, SliceSet, atomic_write_json, atomic_write_table, errors_table, write_slices
+from ctsearch.store import (
+    MANIFEST_SCHEMA,
+    SliceSet,
+    atomic_write_json,
+    atomic_write_table,
+    errors_table,
+    write_slices,
+)
 
 PROTOCOLS = ("decathlon",)
 

@@ -76,7 +76,7 @@ class _Lattice:
     cell: float
 
     @classmethod
-    def make(cls, rng: np.random.Generator, cell: float) -> "_Lattice":
+    def make(cls, rng: np.random.Generator, cell: float) -> _Lattice:
         shape = tuple(int(np.ceil((hi - lo) / cell)) + 2 for lo, hi in _LATTICE_BOX)
         v = _blur_lattice(rng.standard_normal(shape).astype(np.float32))
         v = (v - v.mean()) / (v.std() + 1e-6)
@@ -167,7 +167,7 @@ class Blob:
             r2 = (u / (self.rx * s3)) ** 2 + (v / (self.ry * s3)) ** 2
         return np.where(s3 > 0, r2, np.inf).astype(np.float32)
 
-    def shrunk(self, mm: float) -> "Blob":
+    def shrunk(self, mm: float) -> Blob:
         """The same blob with every radius reduced by ``mm`` (walls, cortical shells)."""
         return replace(
             self,
@@ -177,7 +177,7 @@ class Blob:
             rz_down=max(self.rz_down - mm, 0.5),
         )
 
-    def moved(self, dx: float = 0.0, dy: float = 0.0, dz: float = 0.0, scale: float = 1.0) -> "Blob":
+    def moved(self, dx: float = 0.0, dy: float = 0.0, dz: float = 0.0, scale: float = 1.0) -> Blob:
         cx, cy, cz = self.center
         return replace(
             self,

@@ -19,7 +19,6 @@ from ctsearch.config import ModelConfig
 from ctsearch.hu import Window, apply_window
 from ctsearch.preprocess import eval_transform  # noqa: F401 - index.json names it "ctsearch.views.eval_transform"
 
-
 # ---------------------------------------------------------------------------------------------
 # Training views (SimSiam). The reference code windows each slice, stacks it into pseudo-RGB and
 # then gives each view its own independent augmentation (reference-facts.md, "Two views").

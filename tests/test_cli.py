@@ -7,9 +7,9 @@ import sys
 import threading
 
 import typer
+from conftest import error_line
 from typer.testing import CliRunner
 
-from conftest import error_line
 from ctsearch.cli.common import emit_json, handle_errors
 from ctsearch.errors import CTSearchInputError
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
+from test_report import parse_page
 from typer.testing import CliRunner
 
 from ctsearch.cli.demo import demo_steps
 from ctsearch.cli.main import app
-from test_report import parse_page
 
 
 def test_demo_plan_keeps_test_patients_out_of_training(tmp_path):

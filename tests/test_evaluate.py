@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from ctsearch.cli.main import app
-from ctsearch.jobs.evaluate import _stats, markdown_table
+from ctsearch.jobs.evaluate import markdown_table, summary_stats
 from ctsearch.metrics import knn_accuracy, map_at_k
 from ctsearch.model import ModelConfig, build_encoder, embed, save_encoder
 from ctsearch.store import read_slices
@@ -49,8 +49,8 @@ def test_evaluate_cli_table_and_json(slice_dataset, ray_session, tmp_path):
 
 
 def test_table_formatting():
-    rows = [{"name": "a", "n": 2, "map": _stats([0.9, 0.88]), "acc": _stats([0.8, 0.9]), "rr": _stats([0.1, 0.2])},
-            {"name": "b", "n": 1, "map": _stats([0.5]), "acc": _stats([0.5]), "rr": _stats([float("nan")])}]
+    rows = [{"name": "a", "n": 2, "map": summary_stats([0.9, 0.88]), "acc": summary_stats([0.8, 0.9]), "rr": summary_stats([0.1, 0.2])},
+            {"name": "b", "n": 1, "map": summary_stats([0.5]), "acc": summary_stats([0.5]), "rr": summary_stats([float("nan")])}]
     t = markdown_table(rows, 5).splitlines()
     assert t[2] == "| a | 2 | 89.0 ± 1.4 | 85.0 ± 7.1 | 15.00 ± 7.07 |"
     assert t[3] == "| b | 1 | 50.0 | 50.0 | n/a |"

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import error_line
 from typer.testing import CliRunner
 
-from conftest import error_line
 from ctsearch.cli.main import app
 from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import ids_block, is_pseudonym, load_salt, pseudonymise, pseudonymise_ids, salt_fingerprint
@@ -32,7 +32,7 @@ OTHER = b"another-salt-0123456789abcdef"
 def test_pseudonymise_is_keyed_hmac_sha256():
     # RFC 4231 test case 2: HMAC-SHA256(key "Jefe", "what do ya want for nothing?") = 5bdcc146bf60754e...
     assert pseudonymise("what do ya want for nothing?", b"Jefe") == "p-5bdcc146bf60754e"
-    expected = "p-" + hmac.new(SALT, "synth-0003".encode(), hashlib.sha256).hexdigest()[:16]
+    expected = "p-" + hmac.new(SALT, b"synth-0003", hashlib.sha256).hexdigest()[:16]
     assert pseudonymise("synth-0003", SALT) == expected == pseudonymise("synth-0003", SALT)
     assert pseudonymise("synth-0003", OTHER) != expected
     assert pseudonymise("synth-0004", SALT) != expected

@@ -9,14 +9,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import SimulatedCrash, crash_index_writer, error_line
 from typer.testing import CliRunner
 
-from conftest import SimulatedCrash, crash_index_writer, error_line
 from ctsearch.cli.main import app
 from ctsearch.index import Index, table_vectors
-from ctsearch.query import embed_query
 from ctsearch.jobs.index import index_source
 from ctsearch.model import ModelConfig, build_encoder, save_encoder
+from ctsearch.query import embed_query
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def test_knn_matches_sklearn_random():
     from sklearn.neighbors import KNeighborsClassifier
 
     rng = np.random.default_rng(1)
-    for trial in range(5):
+    for _ in range(5):
         db, q = rng.normal(size=(80, 6)), rng.normal(size=(40, 6))
         dby, qy = rng.integers(0, 3, 80), rng.integers(0, 3, 40)  # 3 classes: vote ties happen
         for k in (1, 4, 5):

@@ -29,13 +29,13 @@ def test_simsiam_heads_follow_reference_dims():
     assert simsiam_dims("resnet50") == (2048, 512)
     assert simsiam_dims("resnet18") == (512, 128)
     m = SimSiam(ModelConfig(backbone="resnet50"))
-    linears = [l for l in m.projector if isinstance(l, torch.nn.Linear)]
-    assert [(l.in_features, l.out_features, l.bias is not None) for l in linears] == [
+    linears = [lin for lin in m.projector if isinstance(lin, torch.nn.Linear)]
+    assert [(lin.in_features, lin.out_features, lin.bias is not None) for lin in linears] == [
         (2048, 2048, False), (2048, 2048, False), (2048, 2048, True)
     ]  # fmt: skip
     assert m.projector[-1].affine is False
-    pred = [l for l in m.predictor if isinstance(l, torch.nn.Linear)]
-    assert [(l.in_features, l.out_features, l.bias is not None) for l in pred] == [(2048, 512, False), (512, 2048, True)]
+    pred = [lin for lin in m.predictor if isinstance(lin, torch.nn.Linear)]
+    assert [(lin.in_features, lin.out_features, lin.bias is not None) for lin in pred] == [(2048, 512, False), (512, 2048, True)]
 
 
 def test_simsiam_forward_stops_gradient_on_targets():

@@ -9,9 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import SimulatedCrash, crash_index_writer
 
 from ctsearch.crossexam import best_by_volume, cross_exam
-from conftest import SimulatedCrash, crash_index_writer
+from ctsearch.errors import CTSearchInputError
 from ctsearch.index import (
     Index,
     IndexWriter,
@@ -20,7 +21,6 @@ from ctsearch.index import (
     merge_topk,
     search_shard,
 )
-from ctsearch.errors import CTSearchInputError
 from ctsearch.model import ModelConfig
 
 CFG = ModelConfig(backbone="tiny", image_size=64)  # D = 128

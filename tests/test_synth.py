@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import error_line
 from typer.testing import CliRunner
 
-from conftest import error_line
 from ctsearch.synth import (
     LIVER,
-    TUMOUR,
     NOMINAL_MATRIX,
+    TUMOUR,
     exam_geometry,
     max_slices,
     sample_exam,

@@ -25,7 +25,6 @@ from ctsearch.model import ModelConfig, SimSiam, embed, load_encoder
 from ctsearch.ssl import build_optimizer
 from ctsearch.store import SliceSet, read_slices, write_slices
 
-
 OFFSET_SD = 120.0
 
 
@@ -129,7 +128,7 @@ def test_failure_without_retries_fails_and_rerun_resumes(ray_session, dataset, t
     """A crash mid-run (no retries left) leaves a run that the same command finishes."""
     out = tmp_path / "run"
     monkeypatch.setenv(FAIL_ENV, "2")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whatever Ray Train wraps the worker failure in
         train(dataset, out, _opts(epochs=3, eval_every=0, max_failures=0))
     assert [r["epoch"] for r in read_metrics(out)] == [1]
     first = read_metrics(out)[0]

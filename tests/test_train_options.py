@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import error_line
 from typer.testing import CliRunner
 
-from conftest import error_line
 from ctsearch.errors import CTSearchInputError
 from ctsearch.jobs.train import TrainOptions, check_options, read_metrics, train
 from ctsearch.model import ModelConfig, SimSiam, build_encoder, embed, set_residual_bn

@@ -13,7 +13,6 @@ from pathlib import Path
 import typer
 
 from ctsearch.backbones import BACKBONES
-
 from ctsearch.cli.common import err_console, handle_errors
 from ctsearch.errors import CTSearchInputError
 

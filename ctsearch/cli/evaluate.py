@@ -7,11 +7,9 @@ from typing import List, Optional
 
 import typer
 
-from ctsearch.explain import RELAX_BATCH
-
 from ctsearch.backbones import BACKBONES
-
 from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, emit_json, emit_result, handle_errors, say
+from ctsearch.explain import RELAX_BATCH
 
 
 def register(app: typer.Typer) -> None:
@@ -39,10 +37,10 @@ def evaluate_cmd(
     quiet: bool = QUIET_OPT,
 ) -> None:
     """Evaluate retrieval (MAP@K, k-NN accuracy) and explanations (RR) on the test split."""
-    from ctsearch.errors import CTSearchInputError
-    from ctsearch.jobs.evaluate import evaluate
     from ctsearch.config import ModelConfig
+    from ctsearch.errors import CTSearchInputError
     from ctsearch.explain import ExplainOptions
+    from ctsearch.jobs.evaluate import evaluate
     from ctsearch.jobs.runtime import run_job
 
     base_cfg = None

@@ -7,7 +7,17 @@ from typing import Optional
 
 import typer
 
-from ctsearch.cli.common import check_faiss_wheels, ADDRESS_OPT, JSON_OPT, QUIET_OPT, SALT_OPT, CallbackBar, emit_json, handle_errors, say
+from ctsearch.cli.common import (
+    ADDRESS_OPT,
+    JSON_OPT,
+    QUIET_OPT,
+    SALT_OPT,
+    CallbackBar,
+    check_faiss_wheels,
+    emit_json,
+    handle_errors,
+    say,
+)
 from ctsearch.errors import CTSearchInputError
 
 

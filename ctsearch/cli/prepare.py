@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from ctsearch.errors import CTSearchInputError
 from ctsearch.cli.common import JSON_OPT, QUIET_OPT, SALT_OPT, emit_json, handle_errors, progress, say
+from ctsearch.errors import CTSearchInputError
 
 
 def register(app: typer.Typer) -> None:

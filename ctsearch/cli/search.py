@@ -7,7 +7,14 @@ from typing import Optional
 
 import typer
 
-from ctsearch.cli.common import check_faiss_wheels, JSON_OPT, SALT_OPT, emit_json, handle_errors, result_stream
+from ctsearch.cli.common import (
+    JSON_OPT,
+    SALT_OPT,
+    check_faiss_wheels,
+    emit_json,
+    handle_errors,
+    result_stream,
+)
 
 JSON_KEYS = ("rank", "score", "volume_id", "patient_id", "study_id", "series_id", "exam_date", "slice_index", "z_mm", "path")
 

@@ -54,7 +54,7 @@ class Index:
         self._torch: dict[str, object] = {}
 
     @classmethod
-    def open(cls, root: str | os.PathLike, device: str = "cpu") -> "Index":
+    def open(cls, root: str | os.PathLike, device: str = "cpu") -> Index:
         """Open ``root`` (FAISS files load lazily, on first search)."""
         root = Path(root)
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):

@@ -85,12 +85,12 @@ class IndexWriter:
 
     @classmethod
     def create(cls, root, model_config: ModelConfig, model_dir=None, dtype: str = "float32",
-               ann_threshold: int = DEFAULT_ANN_THRESHOLD, ann: str = "ivfpq", id_salt: bytes | None = None) -> "IndexWriter":
+               ann_threshold: int = DEFAULT_ANN_THRESHOLD, ann: str = "ivfpq", id_salt: bytes | None = None) -> IndexWriter:
         return cls.open(root, model_config, model_dir, dtype, ann_threshold, ann, id_salt)
 
     @classmethod
     def open(cls, root, model_config: ModelConfig, model_dir=None, dtype: str = "float32",
-             ann_threshold: int = DEFAULT_ANN_THRESHOLD, ann: str = "ivfpq", id_salt: bytes | None = None) -> "IndexWriter":
+             ann_threshold: int = DEFAULT_ANN_THRESHOLD, ann: str = "ivfpq", id_salt: bytes | None = None) -> IndexWriter:
         """Start a new index at ``root`` or continue the one there (same model, dtype and id salt required).
 
         ``id_salt``: the rows' ids are hashed with it (ctsearch.ids); index.json records its
@@ -111,7 +111,7 @@ class IndexWriter:
         return w
 
     @classmethod
-    def _open_locked(cls, root, model_config, model_dir, dtype, ann_threshold, ann, fresh, id_salt) -> "IndexWriter":
+    def _open_locked(cls, root, model_config, model_dir, dtype, ann_threshold, ann, fresh, id_salt) -> IndexWriter:
         enc_sha = content_hash(Path(model_dir) / ENCODER_FILE) if model_dir is not None else ""
         mpath = root / INDEX_JSON
         if mpath.is_file():
@@ -168,7 +168,7 @@ class IndexWriter:
             self._lock.close()
             self._lock = None
 
-    def __enter__(self) -> "IndexWriter":
+    def __enter__(self) -> IndexWriter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -26,10 +26,12 @@ import numpy as np
 import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut
-from pydicom.valuerep import format_number_as_ds
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
 
 from ctsearch.errors import CTSearchInputError
+from ctsearch.io.entry import ScanEntry, case_number
+from ctsearch.io.formats import error_row, walk_files
 from ctsearch.io.orient import canonical_transform, spacing_of, to_canonical
 from ctsearch.io.volume import Volume
 
@@ -517,20 +519,6 @@ def read_dicom_folder(folder: str | os.PathLike) -> Volume:
     return plan_series(next(iter(groups.values()))).read()
 
 
-def error_row(e: CTSearchInputError, stage: str) -> dict:
-    """A CTSearchInputError as a row of store.ERRORS_SCHEMA."""
-    return {"path": e.path or "", "stage": stage, "error": e.problem}
-
-
-def walk_files(folder: str) -> list[str]:
-    """Every file under ``folder`` (any depth), in a deterministic order."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames))
-    return out
-
-
 def _decode_slice(path: str) -> np.ndarray:
     """int16 [rows, cols] HU of one slice: pydicom's modality LUT, rounded and clipped."""
     try:
@@ -577,3 +565,56 @@ def _iso_date(ds: pydicom.Dataset) -> str | None:
 def _describe(e: BaseException) -> str:
     text = " ".join(str(e).split()) or "no detail"
     return f"{type(e).__name__}: {text[:200]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The format as scan_archive and read_volume see it (ctsearch.io.formats.VolumeFormat)
+
+
+class DicomFormat:
+    """DICOM files, recognised by content and grouped by SeriesInstanceUID; a folder is read as its series."""
+
+    name = "dicom"
+
+    def claims(self, path: str) -> bool:
+        return sniff_dicom(path)
+
+    def entries(self, files: list[str], root: str, errors: list[dict]) -> list[ScanEntry]:
+        entries = []
+        groups, dicom_errors = group_series(files, stage="scan")
+        errors.extend(dicom_errors)
+        for items in groups.values():
+            try:
+                series = plan_series(items)
+            except CTSearchInputError as e:
+                errors.append(error_row(e, "scan"))
+                continue
+            entries.append(
+                ScanEntry(
+                    volume_id=series.series_id,
+                    path=series.folder,
+                    format="dicom",
+                    patient_id=series.patient_id,
+                    study_id=series.study_id,
+                    series_id=series.series_id,
+                    exam_date=series.exam_date,
+                    label_path=None,
+                    case_number=case_number(series.patient_id),
+                    shape=series.shape,
+                    spacing_mm=series.spacing_mm,
+                    files=series.files,
+                    _read=series.read,
+                )
+            )
+        return entries
+
+    def reads(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def read(self, path: str, series_id: str | None = None) -> Volume:
+        if series_id is None:
+            return read_dicom_folder(path)
+        groups, _ = group_series(walk_files(path))
+        if series_id not in groups:
+            raise CTSearchInputError(path, f"no DICOM series {series_id} in this folder")
+        return plan_series(groups[series_id]).read()

@@ -31,6 +31,8 @@ import nibabel as nib
 import numpy as np
 
 from ctsearch.errors import CTSearchInputError
+from ctsearch.io.entry import ScanEntry, case_number
+from ctsearch.io.formats import error_row, scan_error
 from ctsearch.io.orient import canonical_transform, spacing_of, to_canonical
 from ctsearch.io.volume import Volume
 
@@ -346,3 +348,104 @@ def _sidecar(path) -> dict:
 def _describe(e: BaseException) -> str:
     text = " ".join(str(e).split()) or "no detail"
     return f"{type(e).__name__}: {text[:200]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The format as scan_archive and read_volume see it (ctsearch.io.formats.VolumeFormat)
+
+
+class NiftiFormat:
+    """NIfTI files, recognised by name; Decathlon images are paired with their labels by file name."""
+
+    name = "nifti"
+
+    def claims(self, path: str) -> bool:
+        return is_nifti_path(path)
+
+    def entries(self, files: list[str], root: str, errors: list[dict]) -> list[ScanEntry]:
+        images = [p for p in files if not _is_decathlon_label(p)]
+        labels = [p for p in files if _is_decathlon_label(p)]
+        return _nifti_entries(images, labels, root, errors)
+
+    def reads(self, path: str) -> bool:
+        return os.path.isfile(path) and is_nifti_path(path)
+
+    def read(self, path: str, series_id: str | None = None) -> Volume:
+        return read_nifti(path)
+
+
+def _nifti_entries(images: list[str], labels: list[str], root: str, errors: list[dict]) -> list[ScanEntry]:
+    headers: dict[str, NiftiHeader] = {}
+    for path in images:
+        try:
+            headers[path] = read_nifti_header(path)
+        except CTSearchInputError as e:
+            errors.append(error_row(e, "scan"))
+    label_of: dict[str, str] = {}
+    for lab in labels:
+        image = _decathlon_image_for(lab)
+        if image not in headers:
+            if not os.path.exists(image):
+                errors.append(scan_error(lab, f"label without an image (expected {image})"))
+            continue  # an unreadable image is already reported
+        try:
+            lh = read_nifti_header(lab)
+        except CTSearchInputError as e:
+            errors.append(error_row(e, "scan"))
+            continue
+        if lh.shape != headers[image].shape:
+            errors.append(scan_error(lab, f"label shape {lh.shape} differs from image shape {headers[image].shape}"))
+            continue
+        label_of[image] = lab
+
+    stems: dict[str, int] = {}
+    for path in headers:
+        stems[nifti_stem(path)] = stems.get(nifti_stem(path), 0) + 1
+    entries = []
+    for path, h in headers.items():
+        if _in_decathlon_folder(path, "imagesTr") and path not in label_of:
+            errors.append(scan_error(path, "Decathlon training image without a usable label in labelsTr"))
+        try:
+            ids = nifti_ids(path)
+        except CTSearchInputError as e:
+            errors.append(error_row(e, "scan"))
+            continue
+        stem = nifti_stem(path)
+        volume_id = stem
+        if stems[stem] > 1 and os.path.isdir(root):
+            rel = os.path.relpath(os.path.join(os.path.dirname(path), stem), root)
+            volume_id = rel.replace(os.sep, "/")
+        entries.append(
+            ScanEntry(
+                volume_id=volume_id,
+                path=path,
+                format="nifti",
+                patient_id=ids["patient_id"],
+                study_id=ids["study_id"],
+                series_id=ids["series_id"],
+                exam_date=ids["exam_date"],
+                label_path=label_of.get(path),
+                case_number=case_number(stem),
+                shape=h.shape,
+                spacing_mm=h.spacing_mm,
+                _read=lambda path=path: read_nifti(path),
+                _read_label=read_label,
+            )
+        )
+    return entries
+
+
+def _in_decathlon_folder(path: str, folder: str) -> bool:
+    """True for ``.../imagesTr/x`` or ``.../labelsTr/x`` whose partner folder exists beside it."""
+    parent = os.path.dirname(os.path.abspath(path))
+    partner = {"imagesTr": "labelsTr", "labelsTr": "imagesTr"}[folder]
+    return os.path.basename(parent) == folder and os.path.isdir(os.path.join(os.path.dirname(parent), partner))
+
+
+def _is_decathlon_label(path: str) -> bool:
+    return _in_decathlon_folder(path, "labelsTr")
+
+
+def _decathlon_image_for(label_path: str) -> str:
+    parent = os.path.dirname(os.path.dirname(label_path))
+    return os.path.join(parent, "imagesTr", os.path.basename(label_path))

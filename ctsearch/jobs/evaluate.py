@@ -22,10 +22,8 @@ import numpy as np
 from ctsearch.errors import CTSearchInputError
 from ctsearch.explain import ExplainOptions
 from ctsearch.jobs.explain import baseline_spec, count_nodes, encoder_from_spec, explain_slices, run_spec
-from ctsearch.report.html import percent_cell
+from ctsearch.metrics import METRICS, Ranking, percent_cell, shown_metrics
 from ctsearch.store import read_model_config, read_run_settings, read_slices, split_path
-
-METRIC_LABELS = {"map": "MAP", "acc": "ACC", "rr": "RR"}
 
 
 def run_name(model_dir: str | os.PathLike) -> str:
@@ -68,7 +66,8 @@ def rr_of(spec: dict, test_path: Path, options: ExplainOptions, gpus: int, worke
             "rr_skipped_empty_mask": skipped, "rr_errors": errors, "rr_nodes": nodes}  # fmt: skip
 
 
-def _stats(values: list[float]) -> dict:
+def summary_stats(values: list[float]) -> dict:
+    """{"mean", "std" (sample; None for one value), "values"} over runs; None and NaN count as not measured."""
     v = np.asarray([x for x in values if x is not None and not np.isnan(x)], np.float64)
     if not len(v):
         return {"mean": None, "std": None, "values": values}
@@ -77,9 +76,12 @@ def _stats(values: list[float]) -> dict:
 
 def markdown_table(rows: list[dict], k: int) -> str:
     """Rows shaped like the paper's Table 1 (values in percent, mean ± sample std over runs)."""
-    lines = [f"| pretraining | runs | MAP@{k} | ACC ({k}-NN) | RR |", "|---|---|---|---|---|"]
+    shown = shown_metrics()
+    lines = ["| pretraining | runs | " + " | ".join(m.header.format(k=k) for m in shown) + " |",
+             "|---|---|" + "---|" * len(shown)]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['name']} | {r['n']} | {percent_cell(r['map'], 1)} | {percent_cell(r['acc'], 1)} | {percent_cell(r['rr'], 2)} |")
+        cells = [percent_cell(r.get(m.key), m.decimals) for m in shown]
+        lines.append(f"| {r['name']} | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -143,14 +145,9 @@ def evaluate(
         log(f"{name}: {source}")
         db = embed_split(spec, train.hu, device)
         q = embed_split(spec, test.hu, device)
-        from ctsearch.metrics import knn_accuracy, map_at_k
-
-        row = {
-            "name": name, "source": source,
-            "map": map_at_k(q, test.label, db, train.label, k=k),
-            "map_reference": map_at_k(q, test.label, db, train.label, k=k, variant="reference") if k >= 2 else None,
-            "acc": knn_accuracy(q, test.label, db, train.label, k=k),
-        }  # fmt: skip
+        ranking = Ranking.compute(q, test.label, db, train.label, k)  # one neighbour search for every metric
+        row = {"name": name, "source": source}
+        row.update({m.key: m.score(ranking) if k >= m.needs_k else None for m in METRICS if m.score})
         if relax_masks > 0:
             row.update(rr_of(spec, test_path, options, gpus, workers, address))
         per_run.append(row)
@@ -160,12 +157,11 @@ def evaluate(
         groups.setdefault(r["name"], []).append(r)
     rows = []
     for name, rs in groups.items():
-        rows.append({
-            "name": name, "n": len(rs), "sources": [r["source"] for r in rs],
-            "map": _stats([r["map"] for r in rs]), "map_reference": _stats([r["map_reference"] for r in rs]),
-            "acc": _stats([r["acc"] for r in rs]),
-            "rr": _stats([r.get("rr") for r in rs]) if relax_masks > 0 else {"mean": None, "std": None, "values": []},
-        })  # fmt: skip
+        row = {"name": name, "n": len(rs), "sources": [r["source"] for r in rs]}
+        for m in METRICS:
+            measured = m.score is not None or relax_masks > 0
+            row[m.key] = summary_stats([r.get(m.key) for r in rs]) if measured else {"mean": None, "std": None, "values": []}
+        rows.append(row)
     return {
         "dataset": str(dataset_dir), "k": k, "relax_masks": relax_masks, "queries": len(test), "database": len(train),
         "liver_queries": int(np.sum(test.label == 1)), "runs": per_run, "rows": rows, "table": markdown_table(rows, k),

@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 import ray
 
 from ctsearch.errors import CTSearchInputError
-from ctsearch.jobs.runtime import node_id, shared_value, start_ray
 from ctsearch.explain import ExplainOptions
+from ctsearch.jobs.runtime import node_id, shared_value, start_ray
 from ctsearch.store import (
     SLICES_SCHEMA,
     atomic_write_bytes,
@@ -141,9 +141,9 @@ class Explainer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ctsearch.metrics import relevance_rank_accuracy
+        from ctsearch.preprocess import eval_transform
         from ctsearch.relax import relax
         from ctsearch.report.figures import centre_square, explanation_panel, png_bytes
-        from ctsearch.preprocess import eval_transform
 
         n = len(batch["volume_id"])
         S = self.config.image_size

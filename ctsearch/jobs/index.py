@@ -32,9 +32,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
+from ctsearch.config import ModelConfig
 from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import check_same_salt, is_pseudonym, pseudonymise, pseudonymise_ids
-from ctsearch.config import ModelConfig
 from ctsearch.index import DEFAULT_ANN_THRESHOLD, IndexWriter, l2_normalize
 from ctsearch.jobs.runtime import node_id, shared_value, start_ray
 from ctsearch.model import load_encoder
@@ -165,8 +165,9 @@ def _final_ids(task: dict, vol, path: str, salt: bytes | None) -> dict:
 def _series_by_pseudonym(folder: str, pseudonym: str, salt: bytes | None) -> str | None:
     """The SeriesInstanceUID in ``folder`` whose pseudonym is ``pseudonym``."""
     from ctsearch.io import dicom
+    from ctsearch.io.formats import walk_files
 
-    groups, _ = dicom.group_series(dicom.walk_files(folder))
+    groups, _ = dicom.group_series(walk_files(folder))
     for uid in groups:
         if salt is not None and pseudonymise(uid, salt) == pseudonym:
             return uid

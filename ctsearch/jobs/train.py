@@ -36,13 +36,13 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from ctsearch.errors import CTSearchInputError
 from ctsearch.backbones import BACKBONES
 from ctsearch.config import RUN_CONFIG, ModelConfig, Views
+from ctsearch.errors import CTSearchInputError
 from ctsearch.hu import Rescale
 from ctsearch.model import SimSiam, initial_encoder_state, save_encoder, set_residual_bn
-from ctsearch.store import atomic_write_bytes, atomic_write_json, decode_pixels, lock_dir, read_jsonl
 from ctsearch.ssl import OptimConfig, build_optimizer, set_lr, train_step
+from ctsearch.store import atomic_write_bytes, atomic_write_json, decode_pixels, lock_dir, read_jsonl
 
 CONFIG_FILE = RUN_CONFIG
 METRICS_FILE = "metrics.jsonl"

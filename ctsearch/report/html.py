@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from ctsearch import __version__
 from ctsearch.errors import CTSearchInputError
+from ctsearch.metrics import percent_cell, shown_metrics
 from ctsearch.store import atomic_write_bytes, read_json, read_jsonl, read_run_settings
 
 # ---------------------------------------------------------------------------------------------
@@ -202,23 +203,15 @@ def _facts(pairs: list[tuple[str, object]]) -> str:
     return f'<dl class="facts">{items}</dl>'
 
 
-def percent_cell(stat: dict | None, decimals: int) -> str:
-    """{"mean", "std"} as fractions -> "89.1 ± 1.3" in percent ("n/a" when not measured)."""
-    mean = (stat or {}).get("mean")
-    if mean is None or not math.isfinite(mean):
-        return "n/a"
-    std = stat.get("std")
-    return f"{100 * mean:.{decimals}f}" + (f" ± {100 * std:.{decimals}f}" if std is not None and math.isfinite(std) else "")
-
-
 def evaluation_section(path: Path) -> str:
     """The Table-1-shaped comparison from ``ctsearch evaluate --out FILE.json``, with what it means."""
     res = read_json(path, "evaluation result")
     if not isinstance(res.get("rows"), list) or "k" not in res:
         raise CTSearchInputError(path, "is not an evaluation result (no 'rows' and 'k'; write one with ctsearch evaluate --out)")
     k = int(res["k"])
-    rows = [[r.get("name"), r.get("n"), percent_cell(r.get("map"), 1), percent_cell(r.get("acc"), 1), percent_cell(r.get("rr"), 2)] for r in res["rows"]]
-    table = _table(["pretraining", "runs", f"MAP@{k} (%)", f"ACC {k}-NN (%)", "RR (%)"], rows, "results")
+    shown = shown_metrics()
+    rows = [[r.get("name"), r.get("n"), *(percent_cell(r.get(m.key), m.decimals) for m in shown)] for r in res["rows"]]
+    table = _table(["pretraining", "runs", *(m.report_header.format(k=k) for m in shown)], rows, "results")
     masks = res.get("relax_masks")
     return f"""
 <p>{escape(str(res.get('queries', '?')))} test slices were each used as a query against the
