@@ -111,7 +111,7 @@ def main() -> None:
         t0 = time.perf_counter()
         s = index_source(tmp / "arc" / "nifti", tmp / "model", tmp / "idx", gpus=1 if args.device == "cuda" else 0,
                          batch_size=args.batch_size)
-        pipe = s["rows_added"] / (time.perf_counter() - t0)
+        pipe = s.rows_added / (time.perf_counter() - t0)
         ray.shutdown()
     print(f"machine: {os.cpu_count()} CPUs, device {args.device}, torch threads {torch.get_num_threads()}; "
           f"{args.backbone} @ {args.image_size}px, {args.volumes} volumes, {n} slices of {args.size}px, batch {args.batch_size}")

@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -386,6 +386,7 @@ EMBEDDING_META_SCHEMA = pa.schema(
     ]
 )
 
+EmbeddingDtype = Literal["float32", "float16"]
 EMBEDDING_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
 

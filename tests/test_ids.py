@@ -167,7 +167,7 @@ def salted_index(two_exam_archive, model_dir, ray_session, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("idx") / "index"
     summary = index_source(two_exam_archive, model_dir, out, shard_volumes=2, batch_size=32, id_salt=SALT)
-    assert summary["volumes_indexed"] == 4 and summary["volumes_failed"] == 0
+    assert summary.volumes_indexed == 4 and summary.volumes_failed == 0
     return out
 
 
@@ -235,7 +235,7 @@ def test_duplicates_are_still_detected_with_a_salt(salted_index, two_exam_archiv
     copy = tmp_path / "copy"
     shutil.copytree(two_exam_archive, copy)  # other paths, same series and contents
     summary = index_source(copy, model_dir, salted_index, shard_volumes=2, batch_size=32, id_salt=SALT)
-    assert summary["duplicates_skipped"] == 4 and summary["rows_added"] == 0
+    assert summary.duplicates_skipped == 4 and summary.rows_added == 0
 
 
 def test_a_pseudonymised_manifest_needs_its_own_salt(tmp_path, two_exam_archive):
@@ -273,7 +273,7 @@ def test_a_pseudonymised_dicom_manifest_indexes_with_its_salt(synth_archive, mod
     out = tmp_path / "idx"
     summary = index_source(tmp_path / "p" / "manifest.parquet", model_dir, out, shard_volumes=4, batch_size=64,
                            id_salt=SALT)
-    assert summary["volumes_indexed"] == 8 and summary["volumes_failed"] == 0, summary
+    assert summary.volumes_indexed == 8 and summary.volumes_failed == 0, summary
     entries = scan_archive(synth_archive / "dicom")[0]
     rows = pq.read_table(out / "embeddings", columns=["volume_id", "series_id", "patient_id"]).to_pylist()
     assert {r["series_id"] for r in rows} == {pseudonymise(e.series_id, SALT) for e in entries}

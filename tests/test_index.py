@@ -60,7 +60,7 @@ def _embeddings(index_dir) -> dict:
 def test_index_covers_every_slice_and_records_the_corrupt_volume(built, synth_archive):
     out, summary = built
     n_slices = sum(c.shape[0] for c in _synth_cases(synth_archive))
-    assert summary["volumes_indexed"] == 8 and summary["rows_added"] == n_slices
+    assert summary.volumes_indexed == 8 and summary.rows_added == n_slices
     rows = _row_set(out)
     assert len(rows) == n_slices  # every slice of every readable volume, once
     errors = pq.read_table(out / "errors.parquet").to_pylist()
@@ -97,23 +97,23 @@ def test_volume_that_fails_to_read_lands_in_errors_and_the_rest_is_indexed(archi
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
     out = tmp_path / "index"
     s = index_source(tmp_path / "manifest.parquet", model_dir, out)
-    assert s["volumes_indexed"] == 2 and s["volumes_failed"] == 1
+    assert s.volumes_indexed == 2 and s.volumes_failed == 1
     assert len(_row_set(out)) == sum(e.shape[0] for e in entries[:2])
     errors = pq.read_table(out / "errors.parquet").to_pylist()
     assert [e["stage"] for e in errors if e["path"] == str(bad)] == ["read"]
     # the failed volume is not retried while the file is unchanged, and is retried once it changes
-    assert index_source(tmp_path / "manifest.parquet", model_dir, out)["unchanged_skipped"] == 3
+    assert index_source(tmp_path / "manifest.parquet", model_dir, out).unchanged_skipped == 3
     shutil.copy(entries[2].path, bad)
     fixed = index_source(tmp_path / "manifest.parquet", model_dir, out)
-    assert fixed["volumes_indexed"] == 1 and fixed["rows_added"] == entries[2].shape[0]
+    assert fixed.volumes_indexed == 1 and fixed.rows_added == entries[2].shape[0]
 
 
 def test_second_run_adds_nothing(built, archive, model_dir):
     out, _ = built
     before = _row_set(out)
     again = index_source(archive, model_dir, out, shard_volumes=3)
-    assert again["rows_added"] == 0 and again["shards_added"] == []
-    assert again["unchanged_skipped"] == again["volumes_seen"] == 8
+    assert again.rows_added == 0 and again.shards_added == []
+    assert again.unchanged_skipped == again.volumes_seen == 8
     assert _row_set(out) == before
 
 
@@ -179,8 +179,8 @@ def test_second_archive_adds_shards_and_skips_copies(built, archive, synth_archi
     shutil.copy(archive / "imagesTr" / "liver_0.nii.gz", second / "liver_0.nii.gz")  # same content, new path
     shutil.copytree(next((synth_archive / "dicom").iterdir()), second / "dicom_patient")
     s = index_source(second, model_dir, out, shard_volumes=3)
-    assert s["duplicates_skipped"] == 1 and s["volumes_indexed"] == 1
-    assert len(s["shards_added"]) == 1
+    assert s.duplicates_skipped == 1 and s.volumes_indexed == 1
+    assert len(s.shards_added) == 1
     rows = _row_set(out)
     assert before < rows and len(rows - before) == 64
 

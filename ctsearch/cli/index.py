@@ -49,31 +49,31 @@ def index_cmd(
     """
     check_faiss_wheels()
     from ctsearch.ids import load_salt
-    from ctsearch.jobs.index import index_source
+    from ctsearch.jobs.index import IndexOptions, index_source
     from ctsearch.jobs.runtime import run_job
 
     id_salt = load_salt(id_salt_file)
 
     bar = CallbackBar("indexing volumes", off=quiet or json_out)
+    options = IndexOptions(gpus=gpus, batch_size=batch_size, dtype=dtype, ann_threshold=ann_threshold, ann=ann,
+                           shard_volumes=shard_volumes, threads=threads)  # fmt: skip
     try:
-        summary = run_job(index_source, source, model, out, gpus=gpus, batch_size=batch_size, dtype=dtype,
-                          ann_threshold=ann_threshold, ann=ann, shard_volumes=shard_volumes,
-                          address=address, threads=threads, on_volume=bar.update, quiet=quiet or json_out,
-                          id_salt=id_salt, callbacks=("on_volume",))
+        summary = run_job(index_source, source, model, out, options, address=address, on_volume=bar.update,
+                          id_salt=id_salt, callbacks=("on_volume",))  # fmt: skip
     finally:
         bar.close()
-    failed = summary["volumes_failed"] + summary["scan_errors"]
-    if failed and not (summary["volumes_indexed"] or summary["unchanged_skipped"] or summary["duplicates_skipped"]):
+    failed = summary.volumes_failed + summary.scan_errors
+    if failed and not (summary.volumes_indexed or summary.unchanged_skipped or summary.duplicates_skipped):
         # As prepare does: a batch job that could use none of its input failed, whatever it recorded.
-        raise CTSearchInputError(source, f"no volume could be indexed ({summary['volumes_failed']} failed, "
-                                         f"{summary['scan_errors']} unreadable files; see {out / 'errors.parquet'})")
+        raise CTSearchInputError(source, f"no volume could be indexed ({summary.volumes_failed} failed, "
+                                         f"{summary.scan_errors} unreadable files; see {out / 'errors.parquet'})")
     if json_out:
-        emit_json(summary)
+        emit_json(summary.to_json())
         return
     say(
-        f"indexed {summary['volumes_indexed']} volumes ({summary['rows_added']} slices) into {out}; "
-        f"skipped {summary['unchanged_skipped'] + summary['duplicates_skipped']} already indexed; "
-        f"{summary['volumes_failed']} failed, {summary['scan_errors']} unreadable files "
-        f"(see {out / 'errors.parquet'}); index now {summary['index_rows']} slices in {summary['shards']} shards",
+        f"indexed {summary.volumes_indexed} volumes ({summary.rows_added} slices) into {out}; "
+        f"skipped {summary.unchanged_skipped + summary.duplicates_skipped} already indexed; "
+        f"{summary.volumes_failed} failed, {summary.scan_errors} unreadable files "
+        f"(see {out / 'errors.parquet'}); index now {summary.index_rows} slices in {summary.shards} shards",
         quiet,
     )

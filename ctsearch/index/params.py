@@ -11,13 +11,16 @@ Example:
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import faiss
 import numpy as np
 
 from ctsearch.errors import CTSearchInputError
 
 DEFAULT_ANN_THRESHOLD = 200_000
-ANN_KINDS = ("ivfpq", "hnsw")
+AnnKind = Literal["ivfpq", "hnsw"]
+ANN_KINDS: tuple[str, ...] = get_args(AnnKind)
 
 
 def choose_kind(n_vectors: int, ann_threshold: int, ann: str = "ivfpq") -> str:

@@ -16,8 +16,8 @@ hash), or a path already handled with the same size and mtime, is skipped; a kil
 whole shards only, so running it again finishes the rest without duplicates or gaps.
 
 Example:
-    >>> summary = index_source("archive/", "runs/r1", "idx/")   # doctest: +SKIP
-    >>> summary["rows_added"], summary["errors"]               # doctest: +SKIP
+    >>> summary = index_source("archive/", "runs/r1", "idx/", IndexOptions(shard_volumes=8))  # doctest: +SKIP
+    >>> summary.rows_added, summary.errors                                                  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -36,9 +37,10 @@ from ctsearch.config import ModelConfig
 from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import check_same_salt, is_pseudonym, pseudonymise, pseudonymise_ids
 from ctsearch.index import DEFAULT_ANN_THRESHOLD, IndexWriter, l2_normalize
+from ctsearch.index.params import AnnKind
 from ctsearch.jobs.runtime import node_id, shared_value, start_ray
 from ctsearch.model import load_encoder
-from ctsearch.store import content_hash, decode_pixels, file_fingerprint
+from ctsearch.store import EmbeddingDtype, content_hash, decode_pixels, file_fingerprint
 
 ID_COLUMNS = ("volume_id", "patient_id", "study_id", "series_id", "exam_date")
 
@@ -238,45 +240,85 @@ class Embedder:
 # ----------------------------------------------------------------------------- driver
 
 
+@dataclass
+class IndexOptions:
+    """What ``ctsearch index`` builds (docs/scaling.md); how it runs (address, progress) is separate."""
+
+    gpus: int = 0  # GPUs to embed on, one model each; 0: one model on the CPU
+    batch_size: int = 64  # slices per model batch
+    dtype: EmbeddingDtype = "float32"  # stored embeddings; float16 halves the files
+    ann_threshold: int = DEFAULT_ANN_THRESHOLD  # vectors from which a shard gets an ANN index
+    ann: AnnKind = "ivfpq"  # ANN kind at or above the threshold
+    shard_volumes: int = 32  # volumes per shard, the unit committed at once
+    threads: int | None = None  # torch threads of the CPU model (None: all cores)
+
+    def check(self) -> None:
+        if self.shard_volumes < 1 or self.batch_size < 1:
+            raise CTSearchInputError(None, "--shard-volumes and --batch-size must be >= 1")
+
+
+@dataclass
+class IndexSummary:
+    """What one ``index_source`` run did, and the index it left (``to_json`` is the CLI's --json)."""
+
+    volumes_seen: int = 0
+    unchanged_skipped: int = 0
+    duplicates_skipped: int = 0
+    volumes_indexed: int = 0
+    volumes_failed: int = 0
+    rows_added: int = 0
+    shards_added: list[str] = field(default_factory=list)
+    scan_errors: int = 0
+    # Ray node id -> volumes read there / slices embedded there: where the work ran.
+    nodes: dict[str, dict[str, int]] = field(default_factory=lambda: {"read": {}, "embed": {}})
+    index_rows: int = 0
+    shards: int = 0
+    errors: int = 0
+    compacted_into: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
 def index_source(
     source: str | os.PathLike,
     model_dir: str | os.PathLike,
     out: str | os.PathLike,
-    gpus: int = 0,
-    batch_size: int = 64,
-    dtype: str = "float32",
-    ann_threshold: int = DEFAULT_ANN_THRESHOLD,
-    ann: str = "ivfpq",
-    shard_volumes: int = 32,
+    options: IndexOptions | None = None,
+    *,
     address: str | None = None,
-    threads: int | None = None,
     on_volume: Callable[[int, int], None] | None = None,
-    quiet: bool = True,
     id_salt: bytes | None = None,
-) -> dict:
+    **option_values,
+) -> IndexSummary:
     """Index ``source`` (archive folder, manifest.parquet or one volume) into ``out``.
 
-    ``id_salt``: hash patient, study and series ids with it (ctsearch.ids); an index is only
-    extended with the salt it was made with, or without one if it was made without.
-
-    Returns a summary: volumes seen / skipped / indexed / failed, rows added, shards written.
+    ``options`` (or its fields as keywords: ``index_source(src, run, out, shard_volumes=8)``) say
+    what to build. ``id_salt``: hash patient, study and series ids with it (ctsearch.ids); an
+    index is only extended with the salt it was made with, or without one if it was made without.
     ``on_volume(done, total)`` is called as volumes finish (for progress bars).
     """
-    if shard_volumes < 1 or batch_size < 1:
-        raise CTSearchInputError(None, "--shard-volumes and --batch-size must be >= 1")
+    options = replace(options or IndexOptions(), **option_values)
+    options.check()
     _, config = load_encoder(model_dir)  # validates the model dir before any work
-    with IndexWriter.open(out, config, model_dir, dtype=dtype, ann_threshold=ann_threshold, ann=ann,
-                          id_salt=id_salt) as writer:
-        return _index_into(writer, source, model_dir, config, gpus, batch_size, shard_volumes, address, threads,
-                           on_volume, quiet, id_salt)
+    with IndexWriter.open(out, config, model_dir, dtype=options.dtype, ann_threshold=options.ann_threshold,
+                          ann=options.ann, id_salt=id_salt) as writer:  # fmt: skip
+        tasks, scan_errors = resolve_source(source, id_salt)
+        if scan_errors:
+            writer.add_scan_errors(scan_errors)
+        pending, unchanged = _changed_tasks(writer, tasks)
+        summary = IndexSummary(volumes_seen=len(tasks), unchanged_skipped=unchanged, scan_errors=len(scan_errors))
+        if pending:
+            _run_pipeline(pending, writer, config, options, summary, address=address, on_volume=on_volume,
+                          id_salt=id_salt)  # fmt: skip
+        summary.compacted_into = writer.compact()
+        summary.index_rows, summary.shards = writer.manifest["rows"], len(writer.manifest["shards"])
+        summary.errors = writer.manifest["errors"]
+        return summary
 
 
-def _index_into(writer, source, model_dir, config, gpus, batch_size, shard_volumes, address, threads, on_volume,
-                quiet, id_salt=None) -> dict:
-    tasks, scan_errors = resolve_source(source, id_salt)
-    if scan_errors:
-        writer.add_scan_errors(scan_errors)
-
+def _changed_tasks(writer: IndexWriter, tasks: list[dict]) -> tuple[list[dict], int]:
+    """(tasks whose path is new or changed since the index handled it, with size and mtime; count of the others)."""
     pending, unchanged = [], 0
     for t in tasks:
         try:
@@ -287,18 +329,7 @@ def _index_into(writer, source, model_dir, config, gpus, batch_size, shard_volum
             unchanged += 1
             continue
         pending.append({**t, "size": size, "mtime_ns": mtime})
-    summary = {"volumes_seen": len(tasks), "unchanged_skipped": unchanged, "duplicates_skipped": 0,
-               "volumes_indexed": 0, "volumes_failed": 0, "rows_added": 0, "shards_added": [],
-               "scan_errors": len(scan_errors),
-               # Ray node id -> volumes read there / slices embedded there: where the work ran.
-               "nodes": {"read": {}, "embed": {}}}
-    if pending:
-        _run_pipeline(pending, writer, model_dir, config, gpus, batch_size, shard_volumes, address, threads,
-                      on_volume, quiet, summary, id_salt)
-    merged = writer.compact()
-    summary.update(index_rows=writer.manifest["rows"], shards=len(writer.manifest["shards"]),
-                   errors=writer.manifest["errors"], compacted_into=merged)
-    return summary
+    return pending, unchanged
 
 
 def model_memory_bytes(config: ModelConfig, batch_size: int) -> int:
@@ -315,16 +346,25 @@ def model_memory_bytes(config: ModelConfig, batch_size: int) -> int:
     return int(2**30 + 2 * params + batch_size * 3 * config.image_size**2 * 4 * 16)
 
 
-def _run_pipeline(pending, writer, model_dir, config, gpus, batch_size, shard_volumes, address, threads,
-                  on_volume, quiet, summary, id_salt=None) -> None:
+def _run_pipeline(
+    pending: list[dict],
+    writer: IndexWriter,
+    config: ModelConfig,
+    options: IndexOptions,
+    summary: IndexSummary,
+    *,
+    address: str | None,
+    on_volume: Callable[[int, int], None] | None,
+    id_salt: bytes | None,
+) -> None:
     start_ray(address)
+    gpus, batch_size, shard_volumes = options.gpus, options.batch_size, options.shard_volumes
     for j, t in enumerate(pending):
         t["order"], t["shard"] = j, j // shard_volumes
     n_shards = (len(pending) + shard_volumes - 1) // shard_volumes
     known_ref = ray.put(writer.known_keys())
     device = "cuda" if gpus else "cpu"
-    if threads is None:
-        threads = os.cpu_count() or 1
+    threads = options.threads or os.cpu_count() or 1
     ds = (
         ray.data.from_items(pending, override_num_blocks=len(pending))
         .map_batches(read_volume_rows, batch_size=1, fn_kwargs={"known_ref": known_ref, "id_salt": id_salt}, num_cpus=1)
@@ -360,7 +400,7 @@ def _run_pipeline(pending, writer, model_dir, config, gpus, batch_size, shard_vo
         raise RuntimeError(f"pipeline ended with {sum(remaining.values())} volumes incomplete (of {n_shards} shards)")
 
 
-def _commit(writer: IndexWriter, parts: list[dict], summary: dict) -> None:
+def _commit(writer: IndexWriter, parts: list[dict], summary: IndexSummary) -> None:
     """Rows of one complete shard -> volumes/errors records + embeddings, committed atomically."""
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     order = np.lexsort((cols["slice_index"], cols["order"]))  # deterministic row order
@@ -377,29 +417,29 @@ def _commit(writer: IndexWriter, parts: list[dict], summary: dict) -> None:
                                        (str(r["series_id"]), str(r["content_hash"])) for v in volumes):
             status = "duplicate"
         read_at = str(r["read_node"])
-        summary["nodes"]["read"][read_at] = summary["nodes"]["read"].get(read_at, 0) + 1
+        summary.nodes["read"][read_at] = summary.nodes["read"].get(read_at, 0) + 1
         volumes.append({"entry": str(r["entry"]), "path": str(r["path"]), "volume_id": str(r["volume_id"]), "series_id": str(r["series_id"]),
                         "content_hash": str(r["content_hash"]), "size": int(r["size"]), "mtime_ns": int(r["mtime_ns"]),
                         "n_slices": int(b - a) if status == "indexed" else 0, "status": status})
         if status == "error":
             errors.append({"path": str(r["path"]), "stage": str(r["stage"]), "error": str(r["error"])})
-            summary["volumes_failed"] += 1
+            summary.volumes_failed += 1
         elif status == "duplicate":
-            summary["duplicates_skipped"] += 1
+            summary.duplicates_skipped += 1
         else:
             keep.append(np.arange(a, b))
-            summary["volumes_indexed"] += 1
+            summary.volumes_indexed += 1
     idx = np.concatenate(keep) if keep else np.zeros(0, np.int64)
     for node, count in zip(*np.unique(cols["embed_node"][idx].astype(str), return_counts=True)):
-        summary["nodes"]["embed"][node] = summary["nodes"]["embed"].get(node, 0) + int(count)
+        summary.nodes["embed"][node] = summary.nodes["embed"].get(node, 0) + int(count)
     rows = [{c: _py(cols[c][i]) for c in ("volume_id", "patient_id", "study_id", "series_id", "exam_date",
                                           "slice_index", "z_mm", "path")} for i in idx]
     for r in rows:
         r["exam_date"] = r["exam_date"] or None
     vectors = cols["embedding"][idx] if len(idx) else np.zeros((0, writer.manifest["embedding_dim"]), np.float32)
     name = writer.commit_shard(rows, vectors, volumes, errors)
-    summary["rows_added"] += len(rows)
-    summary["shards_added"].append(name)
+    summary.rows_added += len(rows)
+    summary.shards_added.append(name)
 
 
 def _py(v):
