@@ -14,7 +14,9 @@ Example:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -250,6 +252,55 @@ def initial_encoder_state(
         what = f"missing {missing[:3]}" if missing else f"shape mismatch at {wrong[:3]}"
         raise CTSearchInputError(path, f"weights do not fit a {config.backbone} encoder ({what})")
     return {k: state[k] for k in expected}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Where an encoder comes from, small enough to send to every worker that loads it.
+
+    ``kind``: ``run`` (a trained run directory, ``path``), ``random`` (a seeded full-depth random
+    network of ``config``) or ``imagenet`` (``config``'s backbone with local ImageNet ``weights``).
+
+    Example:
+        >>> spec = EncoderSpec.baseline("random", ModelConfig(backbone="tiny", image_size=32))
+        >>> encoder, config = spec.load()
+        >>> encoder(torch.zeros(1, 3, 32, 32)).shape, config.backbone
+        (torch.Size([1, 128]), 'tiny')
+    """
+
+    kind: Literal["run", "random", "imagenet"]
+    path: str | None = None
+    config: ModelConfig | None = None
+    seed: int = 0
+    weights: str | None = None
+
+    @classmethod
+    def run(cls, model_dir: str | os.PathLike) -> EncoderSpec:
+        """A trained run directory, checked here (loaded where the spec is used)."""
+        return cls("run", path=str(require_model_dir(model_dir)))
+
+    @classmethod
+    def baseline(cls, kind: str, config: ModelConfig, seed: int = 0, weights: str | None = None) -> EncoderSpec:
+        """An untrained baseline; ``imagenet`` finds its local weight file now, so a missing one fails early."""
+        if kind not in ("random", "imagenet"):
+            raise CTSearchInputError(None, f"--baseline must be random or imagenet, got {kind!r}")
+        if kind == "imagenet":
+            weights = str(find_imagenet_weights(config.backbone, weights))
+        return cls(kind, config=config, seed=seed, weights=weights)
+
+    def load(self, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:
+        """(encoder in eval mode on ``device``, its ModelConfig)."""
+        if self.kind == "run":
+            return load_encoder(self.path, device)
+        torch.manual_seed(self.seed)
+        encoder = build_encoder(self.config)
+        if self.kind == "random":
+            # A full-depth random network (torchvision's init), not SimSiam's zero-initialised residuals,
+            # which leave only the stem and collapse the embeddings (docs/synthetic.md).
+            set_residual_bn(encoder, 1.0)
+        else:
+            encoder.load_state_dict(initial_encoder_state("imagenet", self.config, self.weights))
+        return encoder.to(device).eval(), self.config
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ def evaluate_cmd(
     from ctsearch.config import ModelConfig
     from ctsearch.errors import CTSearchInputError
     from ctsearch.explain import ExplainOptions
-    from ctsearch.jobs.evaluate import evaluate
+    from ctsearch.jobs.evaluate import EvaluateOptions, evaluate
     from ctsearch.jobs.runtime import run_job
 
     base_cfg = None
@@ -48,12 +48,15 @@ def evaluate_cmd(
         if model:
             raise CTSearchInputError(None, "--backbone/--image-size are for baselines without --model (baselines follow the first run's config)")
         base_cfg = ModelConfig(backbone=backbone or "resnet50", image_size=image_size or 224).to_json()
-    res = run_job(
-        evaluate, dataset_dir, [str(m) for m in model], baselines=baseline, names=list(name) or None, k=k, relax_masks=relax_masks,
-        relax_options=ExplainOptions(batch_size=batch_size, seed=seed), baseline_config=base_cfg, seed=seed,
-        imagenet_weights=str(weights) if weights else None, gpus=gpus, workers=workers, address=address,
-        log=lambda msg: say(f"evaluating {msg}", quiet or json_out), callbacks=("log",),
+    options = EvaluateOptions(
+        k=k, relax_masks=relax_masks, relax_options=ExplainOptions(batch_size=batch_size, seed=seed),
+        baseline_config=base_cfg, seed=seed, imagenet_weights=str(weights) if weights else None, gpus=gpus,
+        workers=workers,
     )  # fmt: skip
+    res = run_job(
+        evaluate, dataset_dir, [str(m) for m in model], baselines=baseline, names=list(name) or None, options=options,
+        address=address, log=lambda msg: say(f"evaluating {msg}", quiet or json_out), callbacks=("log",),
+    ).to_json()  # fmt: skip
     if out is not None:
         from ctsearch.store import atomic_write_json
 

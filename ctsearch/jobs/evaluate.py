@@ -8,21 +8,24 @@ Runs of one configuration (same name: ``--name`` or their config) give mean ± s
 
 Example:
     >>> res = evaluate("prepared/", ["runs/a1", "runs/a2"], baselines=["imagenet"])  # doctest: +SKIP
-    >>> print(res["table"])                                                          # doctest: +SKIP
+    >>> print(res.table)                                                             # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from ctsearch.config import ModelConfig
 from ctsearch.errors import CTSearchInputError
 from ctsearch.explain import ExplainOptions
-from ctsearch.jobs.explain import baseline_spec, count_nodes, encoder_from_spec, explain_slices, run_spec
+from ctsearch.jobs.explain import count_nodes, explain_slices
 from ctsearch.metrics import METRICS, Ranking, percent_cell, shown_metrics
+from ctsearch.model import EncoderSpec
 from ctsearch.store import read_model_config, read_run_settings, read_slices, split_path
 
 
@@ -40,17 +43,17 @@ def run_name(model_dir: str | os.PathLike) -> str:
     return f"{init + ' + ' if init else ''}{what}, {backbone}"
 
 
-def embed_split(spec: dict, hu: np.ndarray, device: str) -> np.ndarray:
+def embed_split(spec: EncoderSpec, hu: np.ndarray, device: str) -> np.ndarray:
     import torch
 
     from ctsearch.model import embed
 
-    encoder, config = encoder_from_spec(spec, device)
+    encoder, config = spec.load(device)
     with torch.inference_mode():
         return embed(encoder, hu, config, device=device)
 
 
-def rr_of(spec: dict, test_path: Path, options: ExplainOptions, gpus: int, workers: int, address: str | None) -> dict:
+def rr_of(spec: EncoderSpec, test_path: Path, options: ExplainOptions, gpus: int, workers: int, address: str | None) -> dict:
     """Mean relevance-rank accuracy over the test split's liver slices (Ray job)."""
     scores, skipped, errors, nodes = [], 0, [], {}
     for b in explain_slices(test_path, spec, options, gpus=gpus, workers=workers, liver_only=True, address=address):
@@ -85,33 +88,61 @@ def markdown_table(rows: list[dict], k: int) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class EvaluateOptions:
+    """What ``ctsearch evaluate`` measures; where it runs (address) and its log are separate."""
+
+    k: int = 5  # K of MAP@K and of the k-NN vote
+    relax_masks: int = 3000  # RELAX masks per liver slice for RR; 0 skips RR
+    relax_options: ExplainOptions | None = None  # other RELAX settings (batch size, seed)
+    baseline_config: dict | None = None  # ModelConfig JSON of baselines (default: the first run's)
+    seed: int = 0  # of the random baseline
+    imagenet_weights: str | None = None  # local ImageNet file of the imagenet baseline
+    gpus: int = 0  # for the RELAX part, one actor each; 0: CPU actors
+    workers: int = 1  # CPU actors of the RELAX part
+
+
+@dataclass
+class EvaluateResult:
+    """Per-run and per-name results (``to_json`` is what --json prints and --out writes)."""
+
+    dataset: str
+    k: int
+    relax_masks: int
+    queries: int
+    database: int
+    liver_queries: int
+    runs: list[dict]  # one per run or baseline: name, source and each metric's value
+    rows: list[dict]  # one per name: n, sources and each metric's summary_stats
+    table: str  # the markdown table of the rows
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
 def evaluate(
     dataset_dir: str | os.PathLike,
     model_dirs: list[str | os.PathLike],
     baselines: list[str] | None = None,
     names: list[str] | None = None,
-    k: int = 5,
-    relax_masks: int = 3000,
-    relax_options: ExplainOptions | None = None,
-    baseline_config: dict | None = None,
-    seed: int = 0,
-    imagenet_weights: str | None = None,
-    gpus: int = 0,
-    workers: int = 1,
+    options: EvaluateOptions | None = None,
+    *,
     address: str | None = None,
-    log=lambda msg: None,
-) -> dict:
+    log: Callable[[str], None] = lambda msg: None,
+    **option_values,
+) -> EvaluateResult:
     """Evaluate runs and baselines on DATASET_DIR (test queries against the train database).
 
     Args:
         model_dirs: run directories; runs sharing a name are aggregated (mean ± std).
         baselines: any of "random" (untrained backbone, seeded) and "imagenet" (local weights).
         names: one name per run (default ``run_name``).
-        relax_masks: RELAX masks per liver slice for RR; 0 skips RR.
-        baseline_config: ModelConfig JSON for baselines (default: the first run's model.json).
+        options: what to measure (or its fields as keywords, e.g. ``relax_masks=0``).
     """
     import torch
 
+    o = replace(options or EvaluateOptions(), **option_values)
+    k = o.k
     baselines = list(baselines or [])
     if not model_dirs and not baselines:
         raise CTSearchInputError(None, "nothing to evaluate: give --model RUN_DIR and/or --baseline")
@@ -126,20 +157,23 @@ def evaluate(
     if not len(test):
         raise CTSearchInputError(test_path, "has no slices")
 
-    entries: list[tuple[str, str, dict]] = []  # (group name, source, spec)
+    entries: list[tuple[str, str, EncoderSpec]] = []  # (group name, source, spec)
     for i, d in enumerate(model_dirs):
-        entries.append((names[i] if names else run_name(d), str(d), run_spec(d)))
+        entries.append((names[i] if names else run_name(d), str(d), EncoderSpec.run(d)))
     if baselines:
-        cfg = baseline_config or (read_model_config(model_dirs[0]).to_json() if model_dirs else None)
+        cfg = ModelConfig.from_json(o.baseline_config) if o.baseline_config else None
+        cfg = cfg or (read_model_config(model_dirs[0]) if model_dirs else None)
         if cfg is None:
             raise CTSearchInputError(None, "baselines without --model need --backbone and --image-size")
         for b in baselines:
-            label = {"imagenet": "ImageNet only", "random": f"random init (seed {seed})"}.get(b, b)
-            entries.append((f"{label}, {cfg['backbone']}", f"baseline:{b}", baseline_spec(b, cfg, seed, imagenet_weights)))
+            label = {"imagenet": "ImageNet only", "random": f"random init (seed {o.seed})"}.get(b, b)
+            spec = EncoderSpec.baseline(b, cfg, o.seed, o.imagenet_weights)
+            entries.append((f"{label}, {cfg.backbone}", f"baseline:{b}", spec))
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    options = replace(relax_options or ExplainOptions(), num_masks=max(1, relax_masks), keep_maps=False, render_png=False)
-    options.check()
+    relax = replace(o.relax_options or ExplainOptions(), num_masks=max(1, o.relax_masks), keep_maps=False,
+                    render_png=False)  # fmt: skip
+    relax.check()
     per_run = []
     for name, source, spec in entries:
         log(f"{name}: {source}")
@@ -148,8 +182,8 @@ def evaluate(
         ranking = Ranking.compute(q, test.label, db, train.label, k)  # one neighbour search for every metric
         row = {"name": name, "source": source}
         row.update({m.key: m.score(ranking) if k >= m.needs_k else None for m in METRICS if m.score})
-        if relax_masks > 0:
-            row.update(rr_of(spec, test_path, options, gpus, workers, address))
+        if o.relax_masks > 0:
+            row.update(rr_of(spec, test_path, relax, o.gpus, o.workers, address))
         per_run.append(row)
 
     groups: dict[str, list[dict]] = {}
@@ -159,10 +193,9 @@ def evaluate(
     for name, rs in groups.items():
         row = {"name": name, "n": len(rs), "sources": [r["source"] for r in rs]}
         for m in METRICS:
-            measured = m.score is not None or relax_masks > 0
+            measured = m.score is not None or o.relax_masks > 0
             row[m.key] = summary_stats([r.get(m.key) for r in rs]) if measured else {"mean": None, "std": None, "values": []}
         rows.append(row)
-    return {
-        "dataset": str(dataset_dir), "k": k, "relax_masks": relax_masks, "queries": len(test), "database": len(train),
-        "liver_queries": int(np.sum(test.label == 1)), "runs": per_run, "rows": rows, "table": markdown_table(rows, k),
-    }  # fmt: skip
+    return EvaluateResult(dataset=str(dataset_dir), k=k, relax_masks=o.relax_masks, queries=len(test),
+                          database=len(train), liver_queries=int(np.sum(test.label == 1)), runs=per_run, rows=rows,
+                          table=markdown_table(rows, k))  # fmt: skip

@@ -32,6 +32,7 @@ import ray
 from ctsearch.errors import CTSearchInputError
 from ctsearch.explain import ExplainOptions
 from ctsearch.jobs.runtime import node_id, shared_value, start_ray
+from ctsearch.model import EncoderSpec
 from ctsearch.store import (
     SLICES_SCHEMA,
     atomic_write_bytes,
@@ -41,7 +42,6 @@ from ctsearch.store import (
     decode_pixels,
     errors_table,
     lock_dir,
-    require_model_dir,
     split_path,
 )
 
@@ -65,44 +65,6 @@ EXPLANATIONS_SCHEMA = pa.schema(
 )
 
 
-def run_spec(model_dir: str | os.PathLike) -> dict:
-    """Encoder spec of a trained run directory (checked here, loaded in the actors)."""
-    return {"kind": "run", "path": str(require_model_dir(model_dir))}
-
-
-def baseline_spec(kind: str, config: dict, seed: int = 0, weights: str | None = None) -> dict:
-    """Encoder spec of an untrained baseline: ``random`` (seeded init) or ``imagenet`` (local weights only)."""
-    if kind not in ("random", "imagenet"):
-        raise CTSearchInputError(None, f"--baseline must be random or imagenet, got {kind!r}")
-    if kind == "imagenet":
-        from ctsearch.config import ModelConfig
-        from ctsearch.model import find_imagenet_weights
-
-        weights = str(find_imagenet_weights(ModelConfig.from_json(config).backbone, weights))  # fails early if absent
-    return {"kind": kind, "config": config, "seed": seed, "weights": weights}
-
-
-def encoder_from_spec(spec: dict, device: str = "cpu"):
-    """(encoder in eval mode on ``device``, ModelConfig) from a run or baseline spec."""
-    import torch
-
-    from ctsearch.config import ModelConfig
-    from ctsearch.model import build_encoder, initial_encoder_state, load_encoder, set_residual_bn
-
-    if spec["kind"] == "run":
-        return load_encoder(spec["path"], device)
-    config = ModelConfig.from_json(spec["config"])
-    torch.manual_seed(int(spec.get("seed", 0)))
-    encoder = build_encoder(config)
-    if spec["kind"] == "random":
-        # A full-depth random network (torchvision's init), not SimSiam's zero-initialised residuals,
-        # which leave only the stem and collapse the embeddings (docs/synthetic.md).
-        set_residual_bn(encoder, 1.0)
-    if spec["kind"] == "imagenet":
-        encoder.load_state_dict(initial_encoder_state("imagenet", config, spec.get("weights")))
-    return encoder.to(device).eval(), config
-
-
 def slice_key(volume_id: str, slice_index: int) -> str:
     return f"{volume_id}:{int(slice_index)}"
 
@@ -115,13 +77,13 @@ def png_name(volume_id: str, slice_index: int) -> str:
 class Explainer:
     """Ray Data actor: decodes slices, runs RELAX on a batch of them, scores RR, renders overlays."""
 
-    def __init__(self, encoder_spec: dict, options: dict, torch_threads: int | None = None):
+    def __init__(self, encoder_spec: EncoderSpec, options: dict, torch_threads: int | None = None):
         import torch
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.encoder, self.config = encoder_from_spec(encoder_spec, self.device)
+        self.encoder, self.config = encoder_spec.load(self.device)
         self.opts = ExplainOptions(**options)
         self.relax_kwargs = self.opts.relax_kwargs(self.device)
 
@@ -202,7 +164,7 @@ def _drop_keys(batch: dict[str, np.ndarray], keys) -> dict[str, np.ndarray]:
 
 def explain_slices(
     path: Path,
-    encoder_spec: dict,
+    encoder_spec: EncoderSpec,
     options: ExplainOptions,
     gpus: int = 0,
     workers: int = 1,
@@ -274,7 +236,7 @@ def explain_dataset(
     options = options or ExplainOptions()
     options.check()
     path = split_path(dataset_dir, split)
-    spec = run_spec(model_dir)
+    spec = EncoderSpec.run(model_dir)
     out = Path(out_dir)
     # One writer per folder: two jobs would write the same parts and fold each other's files.
     with lock_dir(out, "`ctsearch explain`"):
