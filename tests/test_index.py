@@ -40,7 +40,7 @@ def _row_set(index_dir) -> set[tuple[str, int]]:
     idx = Index.open(index_dir)
     rows = set()
     for s in idx.shards:
-        t = pq.read_table(index_dir / "embeddings" / f"{s['name']}.parquet", columns=["volume_id", "slice_index"])
+        t = pq.read_table(index_dir / "embeddings" / f"{s.name}.parquet", columns=["volume_id", "slice_index"])
         pairs = list(zip(t.column("volume_id").to_pylist(), t.column("slice_index").to_pylist()))
         assert len(pairs) == len(set(pairs)), "duplicate rows inside a shard"
         assert not rows & set(pairs), "the same slice in two shards"

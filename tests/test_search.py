@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import SimulatedCrash, crash_index_writer
 
 from ctsearch.crossexam import best_by_volume, cross_exam
@@ -20,6 +21,7 @@ from ctsearch.index import (
     l2_normalize,
     merge_topk,
     search_shard,
+    torch_topk,
 )
 from ctsearch.model import ModelConfig
 
@@ -124,7 +126,7 @@ def test_self_search_and_row_metadata(tmp_path):
 def test_patient_filters_are_never_violated(tmp_path, threshold):
     db = clustered(4_000, 128, clusters=50, seed=5)
     idx = make_index(tmp_path / "i", db, rows_for(4_000), [2_000, 2_000], ann_threshold=threshold)
-    assert {s["kind"] for s in idx.shards} == ({"flat"} if threshold > 4_000 else {"ivfpq"})
+    assert {s.kind for s in idx.shards} == ({"flat"} if threshold > 4_000 else {"ivfpq"})
     q = db[:10]  # each query's own patient holds its best match
     res = idx.search(q, k=30, exclude_patient="p0")
     assert all(len(h) == 30 and all(x["patient_id"] != "p0" for x in h) for h in res.hits)
@@ -152,8 +154,8 @@ def test_compaction_merges_flat_shards_into_one_ann_shard(tmp_path):
     before = Index.open(tmp_path / "i").search(db[:50], k=5)
     name = w.compact()
     idx = Index.open(tmp_path / "i")
-    assert [s["name"] for s in idx.shards] == [name] and idx.shards[0]["kind"] == "ivfpq"
-    assert len(idx) == 3_000 and idx.shards[0]["volumes"] == 60
+    assert [s.name for s in idx.shards] == [name] and idx.shards[0].kind == "ivfpq"
+    assert len(idx) == 3_000 and idx.shards[0].volumes == 60
     assert sorted(f.name for f in (tmp_path / "i" / "embeddings").iterdir()) == [f"{name}.parquet"]
     after = idx.search(db[:50], k=5)
     key = lambda r: [{(h["volume_id"], h["slice_index"]) for h in q} for q in r.hits]  # noqa: E731
@@ -169,7 +171,7 @@ def test_a_reader_opened_before_compaction_searches_the_new_commit(tmp_path):
         reader = Index.open(tmp_path / "i")  # a long-lived reader: shard files load on first search
         w.compact()  # removes the three flat shards' files
     res = reader.search(db[:20], k=5)
-    assert [s["kind"] for s in reader.shards] == ["ivfpq"]
+    assert [s.kind for s in reader.shards] == ["ivfpq"]
     fresh = Index.open(tmp_path / "i").search(db[:20], k=5)
     assert np.array_equal(res.row, fresh.row) and np.allclose(res.scores, fresh.scores)
     assert reader.refresh() is False  # nothing new since
@@ -198,9 +200,10 @@ def test_torch_exact_search_matches_faiss(tmp_path):
     """The device='cuda' code path (torch matmul), run here on CPU tensors."""
     db = clustered(800, 128, clusters=20, seed=9)
     idx = make_index(tmp_path / "i", db, rows_for(800), [800])
-    q = db[:8]
-    s_f, i_f = search_shard(idx._index(idx.shards[0]), "flat", {}, None, q, 5, denied=np.arange(0, 800, 7))
-    s_t, i_t = idx._search_torch(idx.shards[0], q, 5, None, np.arange(0, 800, 7))
+    q, denied = db[:8], np.arange(0, 800, 7)
+    stored = idx.shard_vectors(idx.shards[0])  # what a GPU reader puts on the device
+    s_f, i_f = search_shard(build_faiss(stored, "flat")[0], "flat", {}, None, q, 5, denied=denied)
+    s_t, i_t = torch_topk(q, torch.from_numpy(np.ascontiguousarray(stored)), 5, None, denied)
     np.testing.assert_allclose(s_t, s_f, atol=1e-5)
     assert (i_t == i_f).all()
 
@@ -244,10 +247,6 @@ def test_cross_exam_finds_the_same_level_in_the_other_exam(tmp_path):
 
 def test_torch_topk_rescores_float16_candidates_in_float32():
     """A float16 matmul alone reorders near-ties; re-scoring its candidates in float32 restores them."""
-    import torch
-
-    from ctsearch.index import torch_topk
-
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(50, 256)).astype(np.float32)
     db = centres[rng.integers(0, 50, 20000)] + 0.05 * rng.normal(size=(20000, 256)).astype(np.float32)

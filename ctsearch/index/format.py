@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,38 @@ VOLUMES_SCHEMA = pa.schema(
         ("status", pa.string()),  # indexed | error | duplicate
     ]
 )
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One committed shard, as index.json lists it.
+
+    Example:
+        >>> s = ShardRecord.from_json({"name": "shard-00000", "kind": "flat", "rows": 4, "volumes": 1, "errors": 0, "params": {}})
+        >>> s.kind, s.to_json()["rows"]
+        ('flat', 4)
+    """
+
+    name: str
+    kind: str  # flat | ivfpq | hnsw (ctsearch.index.params.choose_kind)
+    rows: int
+    volumes: int
+    errors: int
+    params: dict = field(default_factory=dict)  # search parameters stored with the shard
+    merged_from: tuple[str, ...] | None = None  # shards a compaction merged into this one
+
+    @classmethod
+    def from_json(cls, d: dict) -> ShardRecord:
+        merged = d.get("merged_from")
+        return cls(d["name"], d["kind"], int(d["rows"]), int(d["volumes"]), int(d["errors"]), dict(d.get("params") or {}),
+                   tuple(merged) if merged is not None else None)  # fmt: skip
+
+    def to_json(self) -> dict:
+        d = {"name": self.name, "kind": self.kind, "rows": self.rows, "volumes": self.volumes, "errors": self.errors,
+             "params": self.params}  # fmt: skip
+        if self.merged_from is not None:
+            d["merged_from"] = list(self.merged_from)
+        return d
 
 
 def shard_files(root: Path, name: str) -> list[Path]:

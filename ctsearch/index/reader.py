@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from ctsearch.config import ModelConfig
 from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import NOT_PSEUDONYMISED, stored_id
-from ctsearch.index.format import META_COLUMNS, read_manifest
+from ctsearch.index.format import META_COLUMNS, ShardRecord, read_manifest
 from ctsearch.index.search import l2_normalize, merge_topk, search_shard, torch_topk
 
 
@@ -49,7 +49,7 @@ class Index:
 
     def __init__(self, root: Path, manifest: dict, device: str = "cpu"):
         self.root, self.manifest, self.device = root, manifest, device
-        self.shards = [s for s in manifest["shards"]]
+        self.shards = [ShardRecord.from_json(s) for s in manifest["shards"]]
         self._faiss: dict[str, faiss.Index] = {}
         self._torch: dict[str, object] = {}
 
@@ -86,30 +86,30 @@ class Index:
         return stored_id(patient, self.ids, id_salt, self.root)
 
     # --- per-shard data
-    def _index(self, s: dict) -> faiss.Index:
-        if s["name"] not in self._faiss:
-            path = self.root / "faiss" / f"{s['name']}.faiss"
+    def _index(self, s: ShardRecord) -> faiss.Index:
+        if s.name not in self._faiss:
+            path = self.root / "faiss" / f"{s.name}.faiss"
             if not path.is_file():  # FAISS would raise a bare RuntimeError
                 raise FileNotFoundError(path)
-            self._faiss[s["name"]] = faiss.read_index(str(path))
-        return self._faiss[s["name"]]
+            self._faiss[s.name] = faiss.read_index(str(path))
+        return self._faiss[s.name]
 
-    def shard_vectors(self, s: dict) -> np.ndarray:
+    def shard_vectors(self, s: ShardRecord) -> np.ndarray:
         """[n, d] stored vectors of a shard, without copying (FAISS flat storage or a memmap)."""
-        if s["kind"] == "ivfpq":
-            return np.load(self.root / "faiss" / f"{s['name']}.vectors.npy", mmap_mode="r")
+        if s.kind == "ivfpq":
+            return np.load(self.root / "faiss" / f"{s.name}.vectors.npy", mmap_mode="r")
         idx = self._index(s)
-        if s["kind"] == "hnsw":
+        if s.kind == "hnsw":
             idx = faiss.downcast_index(idx.storage)
         return faiss.rev_swig_ptr(idx.get_xb(), idx.ntotal * self.dim).reshape(idx.ntotal, self.dim)
 
-    def _column(self, s: dict, name: str) -> np.ndarray:
-        path = self.root / "embeddings" / f"{s['name']}.parquet"
+    def _column(self, s: ShardRecord, name: str) -> np.ndarray:
+        path = self.root / "embeddings" / f"{s.name}.parquet"
         return _read_column(str(path), path.stat().st_mtime_ns, name)
 
     def rows(self, shard: int, ids: np.ndarray) -> list[dict]:
         """Metadata of rows ``ids`` of shard number ``shard``, reading only the row groups they are in."""
-        p = self.root / "embeddings" / f"{self.shards[shard]['name']}.parquet"
+        p = self.root / "embeddings" / f"{self.shards[shard].name}.parquet"
         path, mtime = str(p), p.stat().st_mtime_ns
         starts = _row_group_starts(path, mtime)
         out = []
@@ -126,7 +126,7 @@ class Index:
         """The stored vector [d] and metadata of row ``volume_id:slice_index``."""
         found = []
         for j, s in enumerate(self.shards):
-            if not s["rows"]:
+            if not s.rows:
                 continue
             hit = np.flatnonzero((self._column(s, "volume_id") == volume_id) & (self._column(s, "slice_index") == slice_index))
             found += [(j, int(i)) for i in hit]
@@ -176,7 +176,7 @@ class Index:
         manifest = read_manifest(self.root)
         if manifest == self.manifest:
             return False
-        self.manifest, self.shards = manifest, list(manifest["shards"])
+        self.manifest, self.shards = manifest, [ShardRecord.from_json(s) for s in manifest["shards"]]
         self._faiss.clear()
         self._torch.clear()
         return True
@@ -185,7 +185,7 @@ class Index:
         all_s, all_i = [], []
         for s in self.shards:
             allowed = denied = None
-            if s["rows"] == 0:
+            if s.rows == 0:
                 sc, ii = np.full((len(q), 1), -np.inf, np.float32), np.full((len(q), 1), -1, np.int64)
             else:
                 if patient is not None:
@@ -197,8 +197,8 @@ class Index:
                 elif self.device != "cpu":
                     sc, ii = self._search_torch(s, q, k, allowed, denied)
                 else:
-                    exact = self.shard_vectors(s) if s["kind"] == "ivfpq" else None
-                    sc, ii = search_shard(self._index(s), s["kind"], s.get("params", {}), exact, q, k, allowed, denied, nprobe, refine)
+                    exact = self.shard_vectors(s) if s.kind == "ivfpq" else None
+                    sc, ii = search_shard(self._index(s), s.kind, s.params, exact, q, k, allowed, denied, nprobe, refine)
             all_s.append(sc)
             all_i.append(ii)
         scores, shard, row = merge_topk(all_s, all_i, k)
@@ -209,20 +209,20 @@ class Index:
                 if shard[qi, rank] < 0:
                     break
                 meta = self.rows(int(shard[qi, rank]), [row[qi, rank]])[0]
-                hq.append({"rank": rank + 1, "score": float(scores[qi, rank]), "shard": self.shards[shard[qi, rank]]["name"],
+                hq.append({"rank": rank + 1, "score": float(scores[qi, rank]), "shard": self.shards[shard[qi, rank]].name,
                            "row": int(row[qi, rank]), **meta})
             hits.append(hq)
         return SearchResult(scores, shard, row, hits)
 
-    def _search_torch(self, s: dict, q: np.ndarray, k: int, allowed, denied) -> tuple[np.ndarray, np.ndarray]:
+    def _search_torch(self, s: ShardRecord, q: np.ndarray, k: int, allowed, denied) -> tuple[np.ndarray, np.ndarray]:
         """Exact search on the GPU with a torch matmul (we ship faiss-cpu only: docs/scaling.md)."""
         import torch
 
-        if s["name"] not in self._torch:
+        if s.name not in self._torch:
             half = self.manifest["dtype"] == "float16"
             x = torch.from_numpy(np.ascontiguousarray(self.shard_vectors(s), dtype=np.float16 if half else np.float32))
-            self._torch[s["name"]] = x.to(self.device)
-        return torch_topk(q, self._torch[s["name"]], k, allowed, denied)
+            self._torch[s.name] = x.to(self.device)
+        return torch_topk(q, self._torch[s.name], k, allowed, denied)
 
 
 @lru_cache(maxsize=64)

@@ -43,6 +43,7 @@ from ctsearch.index.format import (
     META_COLUMNS,
     ROW_GROUP,
     VOLUMES_SCHEMA,
+    ShardRecord,
     embeddings_to_table,
     read_manifest,
     shard_files,
@@ -177,7 +178,7 @@ class IndexWriter:
     # --- bookkeeping
     def _remove_uncommitted(self) -> None:
         """Delete leftovers of a crashed run: temp files and files of shards not in index.json."""
-        keep = {p for s in self.manifest["shards"] for p in shard_files(self.root, s["name"])}
+        keep = {p for s in self.shards for p in shard_files(self.root, s.name)}
         for sub in ("embeddings", "faiss", "volumes", "errors"):
             for f in (self.root / sub).glob("*") if (self.root / sub).is_dir() else []:
                 if f.name.startswith("scan") and sub == "errors":
@@ -186,8 +187,8 @@ class IndexWriter:
                     f.unlink()
 
     def _load_volumes(self) -> None:
-        for s in self.manifest["shards"]:
-            t = pq.read_table(self.root / "volumes" / f"{s['name']}.parquet")
+        for s in self.shards:
+            t = pq.read_table(self.root / "volumes" / f"{s.name}.parquet")
             for r in t.to_pylist():
                 self._entries[r["entry"]] = (r["size"], r["mtime_ns"])
                 if r["status"] == "indexed":
@@ -210,8 +211,7 @@ class IndexWriter:
         name = f"shard-{self.manifest['next_shard']:05d}"
         vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.manifest["embedding_dim"])
         kind, params = self._write_shard_files(name, rows, vectors, volumes, errors)
-        self._commit(add=[{"name": name, "kind": kind, "rows": int(len(vectors)), "volumes": len(volumes),
-                           "errors": len(errors), "params": params}], remove=[])
+        self._commit(add=[ShardRecord(name, kind, int(len(vectors)), len(volumes), len(errors), params)], remove=[])
         for v in volumes:
             self._entries[v["entry"]] = (v["size"], v["mtime_ns"])
             if v["status"] == "indexed":
@@ -236,14 +236,20 @@ class IndexWriter:
         atomic_write_table(errors_table(errors), r / "errors" / f"{name}.parquet")
         return kind, params
 
-    def _commit(self, add: list[dict], remove: list[str]) -> None:
+    @property
+    def shards(self) -> list[ShardRecord]:
+        """The committed shards, in index.json's order."""
+        return [ShardRecord.from_json(s) for s in self.manifest["shards"]]
+
+    def _commit(self, add: list[ShardRecord], remove: list[str]) -> None:
         if self._lock is None:
             raise RuntimeError(f"IndexWriter for {self.root} is closed")
         m = self.manifest
-        m["shards"] = [s for s in m["shards"] if s["name"] not in remove] + add
+        shards = [s for s in self.shards if s.name not in remove] + add
+        m["shards"] = [s.to_json() for s in shards]
         m["next_shard"] += len(add)
-        m["rows"] = sum(s["rows"] for s in m["shards"])
-        m["volumes"] = sum(s["volumes"] for s in m["shards"])
+        m["rows"] = sum(s.rows for s in shards)
+        m["volumes"] = sum(s.volumes for s in shards)
         m["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self._write_errors()
         m["errors"] = pq.read_metadata(self.root / "errors.parquet").num_rows
@@ -263,7 +269,7 @@ class IndexWriter:
         atomic_write_json(self.manifest, self.root / INDEX_JSON)
 
     def _write_errors(self) -> None:
-        names = [s["name"] for s in self.manifest["shards"]]
+        names = [s.name for s in self.shards]
         parts = [self.root / "errors" / f"{n}.parquet" for n in names] + [self.root / "errors" / "scan.parquet"]
         rows = []
         for p in parts:
@@ -278,18 +284,15 @@ class IndexWriter:
         shard's name, or None when there was nothing to merge.
         """
         m = self.manifest
-        flats = [s for s in m["shards"] if s["kind"] == "flat" and s["rows"] > 0]
-        if len(flats) < 2 or sum(s["rows"] for s in flats) < m["ann_threshold"]:
+        flats = [s for s in self.shards if s.kind == "flat" and s.rows > 0]
+        if len(flats) < 2 or sum(s.rows for s in flats) < m["ann_threshold"]:
             return None
-        tables = [pq.read_table(self.root / "embeddings" / f"{s['name']}.parquet") for s in flats]
-        table = pa.concat_tables(tables)
-        vols = pa.concat_tables([pq.read_table(self.root / "volumes" / f"{s['name']}.parquet") for s in flats]).to_pylist()
-        errs = pa.concat_tables([pq.read_table(self.root / "errors" / f"{s['name']}.parquet") for s in flats]).to_pylist()
+        read = lambda sub: pa.concat_tables([pq.read_table(self.root / sub / f"{s.name}.parquet") for s in flats])  # noqa: E731
+        table, vols, errs = read("embeddings"), read("volumes").to_pylist(), read("errors").to_pylist()
         name = f"shard-{m['next_shard']:05d}"
         kind, params = self._write_shard_files(name, table.select(META_COLUMNS), table_vectors(table), vols, errs)
-        self._commit(add=[{"name": name, "kind": kind, "rows": table.num_rows, "volumes": len(vols), "errors": len(errs),
-                           "params": params, "merged_from": [s["name"] for s in flats]}],
-                     remove=[s["name"] for s in flats])
+        merged = tuple(s.name for s in flats)
+        self._commit(add=[ShardRecord(name, kind, table.num_rows, len(vols), len(errs), params, merged)], remove=list(merged))
         return name
 
 
