@@ -65,6 +65,20 @@ def slice_dataset(synth_archive, tmp_path_factory):
     return out
 
 
+def random_volume(shape=(6, 32, 32), seed=0, spacing=(2.5, 0.703125, 0.8), origin=(-180.5, -200.25, -333.0),
+                  hu_range=(-1024, 2500), **ids):
+    """A ``Volume`` of seeded random HU, the one small phantom of the I/O tests (ctsearch.synth makes
+    anatomical ones). Random pixels make any flip or transpose of the axes change the array, so it
+    cannot hide; ``ids`` override the default patient, study, series ids and exam date."""
+    import numpy as np
+
+    from ctsearch.io import Volume
+
+    hu = np.random.default_rng(seed).integers(*hu_range, size=shape).astype(np.int16)
+    ids = {"patient_id": "liver_7", "study_id": "liver_7", "series_id": "liver_7", "exam_date": "2021-03-04"} | ids
+    return Volume(hu=hu, spacing_mm=spacing, affine=Volume.affine_from(spacing, origin), **ids)
+
+
 def error_line(result) -> str:
     """The one ``error: ...`` line of a CLI result that failed on bad input (exit 1, no traceback).
 

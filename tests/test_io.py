@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from conftest import random_volume
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
@@ -28,11 +29,7 @@ ORIGIN = (-180.5, -200.25, -333.0)  # LPS x, y, z of voxel 0
 
 
 def make_volume(shape=(6, 32, 32), seed=0, **ids) -> Volume:
-    """Random HU: any flip or transpose of the axes changes the array, so it cannot hide."""
-    rng = np.random.default_rng(seed)
-    hu = rng.integers(-1024, 2500, size=shape).astype(np.int16)
-    ids = {"patient_id": "liver_7", "study_id": "liver_7", "series_id": "liver_7", "exam_date": "2021-03-04"} | ids
-    return Volume(hu=hu, spacing_mm=SPACING, affine=Volume.affine_from(SPACING, ORIGIN), **ids)
+    return random_volume(shape, seed, SPACING, ORIGIN, **ids)
 
 
 def flipped(vol: Volume, axes_zyx) -> Volume:

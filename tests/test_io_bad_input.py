@@ -10,16 +10,15 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from conftest import random_volume
 
 from ctsearch.errors import CTSearchInputError
 from ctsearch.io import Volume, read_volume, scan_archive, write_dicom_series, write_nifti
 
 
 def small_volume(shape=(4, 8, 8), seed=0, series_id="s") -> Volume:
-    hu = np.random.default_rng(seed).integers(-1000, 1500, size=shape).astype(np.int16)
-    sp = (3.0, 0.75, 0.75)
-    return Volume(hu=hu, spacing_mm=sp, affine=Volume.affine_from(sp, (0.0, 0.0, 0.0)),
-                  patient_id="p", study_id="st", series_id=series_id, exam_date="2020-01-01")
+    return random_volume(shape, seed, spacing=(3.0, 0.75, 0.75), origin=(0.0, 0.0, 0.0), hu_range=(-1000, 1500),
+                         patient_id="p", study_id="st", series_id=series_id, exam_date="2020-01-01")  # fmt: skip
 
 
 def nifti_bytes(tmp_path, shape=(4, 8, 8), suffix=".nii.gz") -> bytes:

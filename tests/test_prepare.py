@@ -6,10 +6,11 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+from conftest import random_volume
 from typer.testing import CliRunner
 
 from ctsearch.cli.main import app
-from ctsearch.io import Volume, write_nifti
+from ctsearch.io import write_nifti
 from ctsearch.prepare import prepare, select_slices
 from ctsearch.store import read_slices
 
@@ -20,12 +21,11 @@ def _decathlon(root, n_volumes: int, nz: int = 20, liver_z=(6, 14)):
     (root / "labelsTr").mkdir()
     (root / "dataset.json").write_text(json.dumps({"name": "tiny", "labels": {"0": "background", "1": "liver", "2": "cancer"}}))
     for case in range(n_volumes):
-        rng = np.random.default_rng(case)
-        hu = rng.integers(-1000, 400, size=(nz, 16, 16)).astype(np.int16)
-        label = np.zeros(hu.shape, np.uint8)
+        vol = random_volume((nz, 16, 16), case, (2.0, 0.8, 0.8), (0, 0, -20.0 * case), hu_range=(-1000, 400),
+                            patient_id="", study_id="", series_id="", exam_date=None)  # fmt: skip
+        label = np.zeros(vol.hu.shape, np.uint8)
         label[liver_z[0] : liver_z[1], 4:12, 4:12] = 1
         label[liver_z[0] + 2, 6:8, 6:8] = 2
-        vol = Volume(hu=hu, spacing_mm=(2.0, 0.8, 0.8), affine=Volume.affine_from((2.0, 0.8, 0.8), (0, 0, -20.0 * case)))
         write_nifti(vol, root / "imagesTr" / f"liver_{case}.nii.gz", label=label, label_path=root / "labelsTr" / f"liver_{case}.nii.gz")
     return root
 
