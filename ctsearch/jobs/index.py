@@ -78,11 +78,8 @@ def resolve_source(source: str | os.PathLike, id_salt: bytes | None = None) -> t
 
 
 def _as_dict(entry) -> dict:
-    if isinstance(entry, dict):
-        return entry
-    if hasattr(entry, "_asdict"):
-        return entry._asdict()
-    return {k: getattr(entry, k) for k in ("path", "format", "files", *ID_COLUMNS) if hasattr(entry, k)}
+    """A scan entry (ScanEntry) as the fields a volume task is made of."""
+    return {k: getattr(entry, k) for k in ("path", "format", "files", *ID_COLUMNS)}
 
 
 def _task(r: dict, base: Path | None, id_salt: bytes | None = None) -> dict:
