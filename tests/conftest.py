@@ -13,10 +13,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test that needs Ray (directly or through a fixture) is marked ``ray``:
-    ``pytest -m "not ray"`` is the fast loop."""
+    """Every test that needs Ray (the session's, through a fixture, or a cluster of its own) is
+    marked ``ray``: ``pytest -m "not ray"`` is the fast loop."""
     for item in items:
-        if "ray_session" in getattr(item, "fixturenames", ()):
+        if "ray_session" in getattr(item, "fixturenames", ()) or item.get_closest_marker("cluster"):
             item.add_marker(pytest.mark.ray)
 
 
