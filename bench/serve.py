@@ -5,7 +5,7 @@ An index of N synthetic slices (unit vectors around cluster centres, in shards o
 source paths) with an untrained encoder of the right width; the service runs on embedded Ray
 (one front replica holding every shard, or shard groups with --shards-per-replica) on 127.0.0.1,
 and clients keep their HTTP connection open. In process, a query is `Index.search` of the row's
-stored vector (the search alone) and `Index.embed_query("vol:slice")` + `Index.search` (what
+stored vector (the search alone) and `query.embed_query(index, "vol:slice")` + `Index.search` (what
 `ctsearch search` does per query once started). Target: server p50 <= 2 x search-alone p50 + 5 ms.
 
     .venv/bin/python bench/serve.py                       # 100k slices, D = 128 (the demo's tiny model)
@@ -97,6 +97,7 @@ def main() -> None:
     import ray
 
     from ctsearch.index import Index
+    from ctsearch.query import embed_query
     from ctsearch.serve.deploy import ServeOptions, start, stop
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ctsearch-bench-serve-"))
@@ -107,13 +108,13 @@ def main() -> None:
     queries = [refs[i] for i in rng.choice(len(refs), args.queries, replace=False)]
 
     index = Index.open(work / "idx")
-    vectors = {q: index.embed_query(q)[0] for q in queries}
+    vectors = {q: embed_query(index, q)[0] for q in queries}
 
     def search_only(q, state):
         index.search(vectors[q], k=args.k)
 
     def lookup_search(q, state):
-        index.search(index.embed_query(q)[0], k=args.k)
+        index.search(embed_query(index, q)[0], k=args.k)
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     start(ServeOptions(str(work / "idx"), port=args.port, replicas=args.replicas,

@@ -48,7 +48,7 @@ def embed_query(
         meta = {"volume_id": vol.series_id or p.name, "patient_id": vol.patient_id, "study_id": vol.study_id,
                 "series_id": vol.series_id, "exam_date": vol.exam_date, "slice_index": s,
                 "z_mm": float(vol.z_mm()[s]), "path": str(p)}  # fmt: skip
-        return v, _query_ids(index, meta, id_salt)
+        return v, query_ids(index, meta, id_salt)
     vid, sep, si = str(query).rpartition(":")
     if sep and vid and si.lstrip("-").isdigit():
         if slice_index is not None:
@@ -58,7 +58,9 @@ def embed_query(
     raise CTSearchInputError(query, "no such file or folder, and not a row reference volume_id:slice_index")
 
 
-def _query_ids(index: Index, meta: dict, id_salt: bytes | None) -> dict:
+def query_ids(index: Index, meta: dict, id_salt: bytes | None) -> dict:
+    """A file query's ids as ``index`` stores them: hashed with ``id_salt`` on a pseudonymised index
+    (which must be the index's salt), withheld there without one, else as given."""
     if not index.ids.get("pseudonymised"):
         return meta
     if id_salt is None:

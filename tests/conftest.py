@@ -111,9 +111,9 @@ def serve_index(serve_archive, model_dir, tmp_path_factory):
     import numpy as np
 
     from ctsearch.index import IndexWriter, l2_normalize
-    from ctsearch.store import content_hash, file_fingerprint
     from ctsearch.io import scan_archive
     from ctsearch.model import embed, load_encoder
+    from ctsearch.store import content_hash, file_fingerprint
 
     encoder, config = load_encoder(model_dir)
     entries, _ = scan_archive(serve_archive / "dicom")

@@ -90,11 +90,12 @@ def test_search_by_row_equals_index_search_and_names_the_dicom_file(server, cata
     import pydicom
 
     from ctsearch.index import Index
+    from ctsearch.query import embed_query
 
     e = first_exam(catalogue)
     res = get_json(server, f"/api/search?query={e['volume_id']}:20&k=4")
     index = Index.open(serve_index)
-    v, _ = index.embed_query(f"{e['volume_id']}:20")
+    v, _ = embed_query(index, f"{e['volume_id']}:20")
     expect = index.search(v, k=4).hits[0]
     keys = ("rank", "score", "volume_id", "patient_id", "slice_index", "z_mm", "path", "shard", "row")
     assert [{k: h[k] for k in keys} for h in res["hits"]] == [{k: h[k] for k in keys} for h in expect]
@@ -158,6 +159,7 @@ def test_explain_pair_is_a_png_of_overlays(server, catalogue):
 def test_upload_nifti_answers_like_search_of_the_file(server, serve_archive, serve_index):
     from ctsearch.index import Index
     from ctsearch.io import read_volume
+    from ctsearch.query import embed_query
 
     nifti = sorted((serve_archive / "nifti" / "imagesTr").glob("*.nii.gz"))[0]
     vol = read_volume(nifti)
@@ -165,7 +167,7 @@ def test_upload_nifti_answers_like_search_of_the_file(server, serve_archive, ser
     q = res["query"]
     assert q["upload"] and q["slice_index"] == 25 and q["n_slices"] == vol.hu.shape[0] and q["path"] is None
     index = Index.open(serve_index)
-    expect = index.search(index.embed_query(nifti, 25)[0], k=5).hits[0]  # `ctsearch search FILE --slice 25`
+    expect = index.search(embed_query(index, nifti, 25)[0], k=5).hits[0]  # `ctsearch search FILE --slice 25`
     assert [(h["volume_id"], h["slice_index"]) for h in res["hits"]] == [(h["volume_id"], h["slice_index"]) for h in expect]
     assert [h["score"] for h in res["hits"]] == pytest.approx([h["score"] for h in expect], abs=1e-6)
     assert max(h["score"] for h in res["hits"]) == pytest.approx(1.0, abs=1e-5)  # its DICOM copy is indexed
@@ -365,6 +367,7 @@ def test_sharded_deployment_returns_exactly_the_single_process_results(server, c
     """Shards spread over 2 group deployments ([0, 1], [2]); the front's merge equals Index.search hit for hit."""
     from ctsearch.crossexam import cross_exam
     from ctsearch.index import Index
+    from ctsearch.query import embed_query
     from ctsearch.serve.api import token_digest
     from ctsearch.serve.deploy import ServeOptions, start
 
@@ -380,7 +383,7 @@ def test_sharded_deployment_returns_exactly_the_single_process_results(server, c
     for p, e in ((0, 0), (1, 1), (2, 0)):
         ex = first_exam(catalogue, p, e)
         ref = f"{ex['volume_id']}:{10 + 11 * p}"
-        v, meta = index.embed_query(ref)
+        v, meta = embed_query(index, ref)
         for params, kw in (("", {}), (f"&exclude_patient={ex['patient_id']}", {"exclude_patient": ex["patient_id"]}),
                            (f"&patient={ex['patient_id']}", {"patient": ex["patient_id"]})):
             got = get_json(server, f"/api/search?query={ref}&k=7{params}")["hits"]

@@ -12,9 +12,9 @@ import time
 import urllib.request
 
 import pytest
+from conftest import error_line
 from typer.testing import CliRunner
 
-from conftest import error_line
 from ctsearch.cli.main import app
 
 

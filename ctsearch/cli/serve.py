@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from ctsearch.cli.common import ADDRESS_OPT, QUIET_OPT, SALT_OPT, handle_errors, say
+from ctsearch.cli.common import ADDRESS_OPT, QUIET_OPT, SALT_OPT, check_faiss_wheels, handle_errors, say
 from ctsearch.errors import CTSearchInputError
 
 MIN_TOKEN_CHARS = 16
@@ -65,6 +65,7 @@ def serve_cmd(
         token_sha256=token_digest(token) if token else None, id_salt=load_salt(id_salt_file), max_upload_mb=max_upload_mb,
     )  # fmt: skip
     options.check()
+    check_faiss_wheels()
     from ctsearch.index import Index
 
     Index.open(index_dir)  # not an index: one line now, not a failed replica later

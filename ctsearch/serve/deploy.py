@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from dataclasses import dataclass
 
@@ -170,7 +169,7 @@ def build(options: ServeOptions):
     from ctsearch.index import Index
 
     index = Index.open(options.index_dir)  # a wrong folder is a one-line error before any replica starts
-    names = [s["name"] for s in index.shards]
+    names = [s.name for s in index.shards]
     scaling = options.scaling()
     if options.shards_per_replica < 1:
         return Front.options(name="front", **scaling).bind(options)

@@ -52,7 +52,7 @@ class Query:
     upload: bytes | None = None
 
     @classmethod
-    def parse(cls, ref: str | None, slice_index: int | None = None, upload: bytes | None = None) -> "Query":
+    def parse(cls, ref: str | None, slice_index: int | None = None, upload: bytes | None = None) -> Query:
         """``ref`` = ``volume_id:slice_index`` (GET), or ``upload`` bytes and an optional slice (POST)."""
         if upload is not None:
             if ref:
@@ -213,6 +213,7 @@ class SearchService:
     def _resolve_upload(self, q: Query) -> Resolved:
         from ctsearch.index import l2_normalize
         from ctsearch.model import embed
+        from ctsearch.query import query_ids
 
         vol = self._uploads.get_or_make(upload_digest(q.upload), lambda: read_upload(q.upload, self.max_upload_bytes))
         n = vol.hu.shape[0]
@@ -224,7 +225,7 @@ class SearchService:
         meta = {"volume_id": vol.series_id or "upload", "patient_id": vol.patient_id, "study_id": vol.study_id,
                 "series_id": vol.series_id, "exam_date": vol.exam_date, "slice_index": s,
                 "z_mm": float(vol.z_mm()[s]), "path": None}  # fmt: skip
-        meta = self.index._query_ids(meta, self.id_salt)  # the same hashing as `ctsearch search FILE`
+        meta = query_ids(self.index, meta, self.id_salt)  # the same hashing as `ctsearch search FILE`
         return Resolved(vector, {**meta, "upload": True, "n_slices": n}, np.asarray(vol.hu[s]))
 
     # --------------------------------------------------------------------- search
@@ -323,9 +324,9 @@ class SearchService:
         return await asyncio.to_thread(self._figures.get_or_make, key, lambda: self._explain_png(r, rh, masks, seed))
 
     def _explain_png(self, q: Resolved, h: Resolved, masks: int, seed: int) -> bytes:
+        from ctsearch.preprocess import eval_transform
         from ctsearch.relax import relax
         from ctsearch.report import grid, overlay, png_bytes, slice_rgb
-        from ctsearch.views import eval_transform
 
         torch = self._torch
         with self._explaining:

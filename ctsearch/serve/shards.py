@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ctsearch.index import Index
+from ctsearch.index.format import ShardRecord
 
 # What the page and the API list per volume; the rows' other columns are per slice.
 CATALOGUE_KEYS = ("volume_id", "patient_id", "study_id", "series_id", "exam_date", "path")
@@ -102,28 +103,28 @@ class ShardGroup:
     def __init__(self, root: str | os.PathLike, names: list[str] | None = None, warm: bool = True):
         full = Index.open(root)
         keep = None if names is None else set(names)
-        shards = [s for s in full.shards if keep is None or s["name"] in keep]
+        shards = [s.to_json() for s in full.shards if keep is None or s.name in keep]
         self.index = _SnapshotIndex(full.root, {**full.manifest, "shards": shards})
         self._where: dict[tuple[str, int], list[tuple[int, int]]] | None = None
         if warm:
             for s in self.index.shards:
-                if s["rows"]:
+                if s.rows:
                     self.index.shard_vectors(s)
             self._positions()
 
     @property
     def names(self) -> list[str]:
-        return [s["name"] for s in self.index.shards]
+        return [s.name for s in self.index.shards]
 
-    def _table(self, shard: dict, columns: list[str]) -> pa.Table:
-        return pq.read_table(Path(self.index.root) / "embeddings" / f"{shard['name']}.parquet", columns=columns)
+    def _table(self, shard: ShardRecord, columns: list[str]) -> pa.Table:
+        return pq.read_table(Path(self.index.root) / "embeddings" / f"{shard.name}.parquet", columns=columns)
 
     def _positions(self) -> dict[tuple[str, int], list[tuple[int, int]]]:
         """(volume_id, slice_index) -> [(shard position, row)]: O(1) row references."""
         if self._where is None:
             where: dict[tuple[str, int], list[tuple[int, int]]] = {}
             for j, s in enumerate(self.index.shards):
-                if not s["rows"]:
+                if not s.rows:
                     continue
                 t = self._table(s, ["volume_id", "slice_index"])
                 for i, key in enumerate(zip(t.column(0).to_pylist(), t.column(1).to_pylist())):
@@ -154,7 +155,7 @@ class ShardGroup:
 
     def catalogue(self) -> list[dict]:
         """One dict per volume in this group: CATALOGUE_KEYS, n_slices, slice_min/max, z_min/max."""
-        parts = [self._table(s, [*CATALOGUE_KEYS, "slice_index", "z_mm"]) for s in self.index.shards if s["rows"]]
+        parts = [self._table(s, [*CATALOGUE_KEYS, "slice_index", "z_mm"]) for s in self.index.shards if s.rows]
         if not parts:
             return []
         t = pa.concat_tables(parts)
@@ -177,7 +178,7 @@ class ShardGroup:
         """(slice_index, z_mm) of every indexed slice of ``volume_id``, by slice index."""
         out = []
         for s in self.index.shards:
-            if not s["rows"]:
+            if not s.rows:
                 continue
             t = self._table(s, ["volume_id", "slice_index", "z_mm"])
             t = t.filter(pc.equal(t.column("volume_id"), volume_id))

@@ -55,7 +55,7 @@ def parse_window(text: str | None) -> Window:
 
 def thumbnail_png(hu: np.ndarray, window: Window, size: int = 256) -> bytes:
     """One HU slice [h, w] in ``window`` as a grey PNG whose long side is ``size`` pixels."""
-    from ctsearch.report import window_grey
+    from ctsearch.report.figures import window_grey
 
     img = Image.fromarray(window_grey(hu, window))
     h, w = hu.shape
