@@ -28,6 +28,7 @@ browser:
 	else echo "note: chromium / chromium-driver are not installed (not root): the browser test will be skipped"; fi
 
 test: install browser
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: install

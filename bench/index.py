@@ -35,9 +35,11 @@ def decode_only(source: Path, config: ModelConfig, batch_size: int) -> tuple[flo
     for j, t in enumerate(tasks):
         t.update(order=j, shard=0, size=0, mtime_ns=0)
     t0 = time.perf_counter()
-    ds = (ray.data.from_items(tasks, override_num_blocks=len(tasks))
-          .map_batches(read_volume_rows, batch_size=1, fn_kwargs={"known_ref": set()})
-          .map_batches(preprocess, batch_size=batch_size, fn_kwargs={"config": config.to_json()}))
+    ds = (
+        ray.data.from_items(tasks, override_num_blocks=len(tasks))
+        .map_batches(read_volume_rows, batch_size=1, fn_kwargs={"known_ref": set()})
+        .map_batches(preprocess, batch_size=batch_size, fn_kwargs={"config": config.to_json()})
+    )
     batches = [b["pixels"] for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy")]
     n = sum(len(b) for b in batches)
     return n / (time.perf_counter() - t0), batches
@@ -90,7 +92,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--volumes", type=int, default=10, help="synthetic volumes (~190 slices each); fewer lets start-up dominate")
+    ap.add_argument(
+        "--volumes",
+        type=int,
+        default=10,
+        help="synthetic volumes (~190 slices each); fewer lets start-up dominate",
+    )
     ap.add_argument("--size", type=int, default=256, help="synthetic slice side, pixels")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -109,16 +116,29 @@ def main() -> None:
         n = sum(len(b) for b in batches)
         bare = bare_model(tmp / "model", batches, args.device)
         t0 = time.perf_counter()
-        s = index_source(tmp / "arc" / "nifti", tmp / "model", tmp / "idx", gpus=1 if args.device == "cuda" else 0,
-                         batch_size=args.batch_size)
+        s = index_source(
+            tmp / "arc" / "nifti",
+            tmp / "model",
+            tmp / "idx",
+            gpus=1 if args.device == "cuda" else 0,
+            batch_size=args.batch_size,
+        )
         pipe = s.rows_added / (time.perf_counter() - t0)
         ray.shutdown()
-    print(f"machine: {os.cpu_count()} CPUs, device {args.device}, torch threads {torch.get_num_threads()}; "
-          f"{args.backbone} @ {args.image_size}px, {args.volumes} volumes, {n} slices of {args.size}px, batch {args.batch_size}")
-    print(f"decode, 1 core{one_core:8.1f} slices/s   (read_volume + eval_transform in-process, one thread, no Ray)")
-    print(f"decode-only   {dec:8.1f} slices/s   (the pipeline's CPU stages through Ray Data, incl. worker start-up)")
+    print(
+        f"machine: {os.cpu_count()} CPUs, device {args.device}, torch threads {torch.get_num_threads()}; "
+        f"{args.backbone} @ {args.image_size}px, {args.volumes} volumes, {n} slices of {args.size}px, batch {args.batch_size}"
+    )
+    print(
+        f"decode, 1 core{one_core:8.1f} slices/s   (read_volume + eval_transform in-process, one thread, no Ray)"
+    )
+    print(
+        f"decode-only   {dec:8.1f} slices/s   (the pipeline's CPU stages through Ray Data, incl. worker start-up)"
+    )
     print(f"bare model    {bare:8.1f} slices/s")
-    print(f"pipeline      {pipe:8.1f} slices/s   (end to end, incl. Ray start-up of the dataset, parquet + FAISS)")
+    print(
+        f"pipeline      {pipe:8.1f} slices/s   (end to end, incl. Ray start-up of the dataset, parquet + FAISS)"
+    )
     print(f"pipeline / bare model = {pipe / bare:.2f}   (target >= 0.8)")
     print(f"decode-only / bare model = {dec / bare:.2f}   (> 1: decoding keeps ahead of the model)")
 

@@ -55,9 +55,16 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--backbone", default=None, help="default: tiny on cpu, resnet50 on cuda")
     ap.add_argument("--size", type=int, default=None, help="image size in px (default 64 cpu, 224 cuda)")
-    ap.add_argument("--masks", type=int, default=None, help="masks per explanation (default 1000 cpu, 3000 cuda)")
+    ap.add_argument(
+        "--masks", type=int, default=None, help="masks per explanation (default 1000 cpu, 3000 cuda)"
+    )
     ap.add_argument("--images", type=int, default=None, help="slices explained (default 4 cpu, 8 cuda)")
-    ap.add_argument("--batch-size", type=int, default=None, help="relax() forward batch, all slices together (default 100 cpu, 1024 cuda)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="relax() forward batch, all slices together (default 100 cpu, 1024 cuda)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per method; the fastest counts")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
@@ -157,18 +164,28 @@ def main() -> None:
     if a.json:
         print(json.dumps(res, indent=2))
         return
-    print(f"device {res['device']} ({res['torch_threads']} threads), {backbone} at {size} px, "
-          f"{n_masks} masks, {n_img} slices, relax batch {bs}")
-    print(f"relax():             {res['relax_s_per_explanation']:.4f} s/explanation  "
-          f"({res['relax_explanations_per_s']:.2f} explanations/s)")
-    print(f"reference loop:      {res['reference_loop_s_per_explanation']:.4f} s/explanation  "
-          f"({res['reference_loop_explanations_per_s']:.2f} explanations/s)")
+    print(
+        f"device {res['device']} ({res['torch_threads']} threads), {backbone} at {size} px, "
+        f"{n_masks} masks, {n_img} slices, relax batch {bs}"
+    )
+    print(
+        f"relax():             {res['relax_s_per_explanation']:.4f} s/explanation  "
+        f"({res['relax_explanations_per_s']:.2f} explanations/s)"
+    )
+    print(
+        f"reference loop:      {res['reference_loop_s_per_explanation']:.4f} s/explanation  "
+        f"({res['reference_loop_explanations_per_s']:.2f} explanations/s)"
+    )
     print(f"speedup:             {res['speedup']:.2f}x")
-    print(f"max |diff| maps:     importance {res['max_abs_diff_importance']:.2e}, "
-          f"uncertainty {res['max_abs_diff_uncertainty']:.2e}")
-    print(f"breakdown per explanation: plain forward {res['plain_forward_s_per_explanation']:.4f} s, "
-          f"map update per-mask loop {res['update_per_mask_loop_s_per_explanation']:.4f} s vs batched "
-          f"{res['update_batched_s_per_explanation']:.4f} s ({res['update_speedup']:.1f}x)")
+    print(
+        f"max |diff| maps:     importance {res['max_abs_diff_importance']:.2e}, "
+        f"uncertainty {res['max_abs_diff_uncertainty']:.2e}"
+    )
+    print(
+        f"breakdown per explanation: plain forward {res['plain_forward_s_per_explanation']:.4f} s, "
+        f"map update per-mask loop {res['update_per_mask_loop_s_per_explanation']:.4f} s vs batched "
+        f"{res['update_batched_s_per_explanation']:.4f} s ({res['update_speedup']:.1f}x)"
+    )
 
 
 if __name__ == "__main__":

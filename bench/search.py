@@ -39,7 +39,9 @@ def clustered_memmap(path: Path, n: int, d: int, clusters: int, seed: int, sprea
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
     for a in range(0, n, CHUNK):
         b = min(n, a + CHUNK)
-        x = centres[rng.integers(0, clusters, b - a)] + spread * rng.standard_normal((b - a, d), dtype=np.float32) / np.sqrt(d)
+        x = centres[rng.integers(0, clusters, b - a)] + spread * rng.standard_normal(
+            (b - a, d), dtype=np.float32
+        ) / np.sqrt(d)
         out[a:b] = x / np.linalg.norm(x, axis=1, keepdims=True)
     out.flush()
     return np.load(path, mmap_mode="r")
@@ -83,8 +85,10 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def row(name: str, n: int, ms: np.ndarray, rec: float, base_p50: float) -> str:
-    return (f"{name:<22} n={n:>9,d}  p50 {np.percentile(ms, 50):8.2f} ms  p99 {np.percentile(ms, 99):8.2f} ms  "
-            f"recall@5 {rec:.3f}  speed-up vs numpy {base_p50 / np.percentile(ms, 50):7.1f}x")
+    return (
+        f"{name:<22} n={n:>9,d}  p50 {np.percentile(ms, 50):8.2f} ms  p99 {np.percentile(ms, 99):8.2f} ms  "
+        f"recall@5 {rec:.3f}  speed-up vs numpy {base_p50 / np.percentile(ms, 50):7.1f}x"
+    )
 
 
 def bench(n: int, args, work: Path) -> None:
@@ -95,8 +99,10 @@ def bench(n: int, args, work: Path) -> None:
     t_gen = time.perf_counter() - t
     t = time.perf_counter()
     _, truth = numpy_topk(db, q, k)
-    print(f"\n## n = {n:,}, D = {d}, {args.clusters} clusters, {args.queries} queries "
-          f"(data {t_gen:.0f} s, exact ground truth {time.perf_counter() - t:.0f} s)")
+    print(
+        f"\n## n = {n:,}, D = {d}, {args.clusters} clusters, {args.queries} queries "
+        f"(data {t_gen:.0f} s, exact ground truth {time.perf_counter() - t:.0f} s)"
+    )
     if n <= args.numpy_f32_max:  # the plain numpy way: float32 matrix in RAM, one matmul
         db32 = np.asarray(db, np.float32)
         name, fn = "numpy brute force f32", lambda x: np.argsort(-(x @ db32.T), axis=1)[:, :k]
@@ -116,7 +122,9 @@ def bench(n: int, args, work: Path) -> None:
     print(f"ivfpq build {time.perf_counter() - t:.0f} s, {ivfpq_params(n, d)}")
     for nprobe in args.nprobe or [params["nprobe"]]:
         for refine in args.refine or [params["refine"]]:
-            fn = lambda x, nprobe=nprobe, refine=refine: search_shard(ivf, "ivfpq", params, db, x, k, nprobe=nprobe, refine=refine)  # noqa: E731
+            fn = lambda x, nprobe=nprobe, refine=refine: search_shard(
+                ivf, "ivfpq", params, db, x, k, nprobe=nprobe, refine=refine
+            )  # noqa: E731
             ms = latencies(fn, q)
             print(row(f"ivfpq np={nprobe} rf={refine}", n, ms, recall(fn(q)[1], truth), b50))
             fn0 = lambda x, nprobe=nprobe: ivf.search(x, k, params=faiss.SearchParametersIVF(nprobe=nprobe))  # noqa: E731
@@ -141,11 +149,22 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--clusters", type=int, default=1000)
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--baseline-queries", type=int, default=10, help="single queries timed for numpy brute force")
-    ap.add_argument("--numpy-f32-max", type=int, default=200_000, help="numpy baseline on a float32 copy in RAM up to this size")
-    ap.add_argument("--flat-max", type=int, default=200_000, help="also time an exact FAISS flat index up to this size")
+    ap.add_argument(
+        "--baseline-queries", type=int, default=10, help="single queries timed for numpy brute force"
+    )
+    ap.add_argument(
+        "--numpy-f32-max",
+        type=int,
+        default=200_000,
+        help="numpy baseline on a float32 copy in RAM up to this size",
+    )
+    ap.add_argument(
+        "--flat-max", type=int, default=200_000, help="also time an exact FAISS flat index up to this size"
+    )
     ap.add_argument("--nprobe", type=int, nargs="*", help="IVF lists to probe (default: the index's rule)")
-    ap.add_argument("--refine", type=int, nargs="*", help="re-ranked candidates per hit (default: the index's rule)")
+    ap.add_argument(
+        "--refine", type=int, nargs="*", help="re-ranked candidates per hit (default: the index's rule)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="FAISS/BLAS threads (default: all cores)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--seed", type=int, default=0)
@@ -153,7 +172,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
-    print(f"machine: {os.cpu_count()} CPUs, faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), device {args.device}")
+    print(
+        f"machine: {os.cpu_count()} CPUs, faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), device {args.device}"
+    )
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for n in args.sizes:
             bench(n, args, Path(tmp))

@@ -43,13 +43,42 @@ def build_index(root: Path, n: int, d: int, shard_rows: int, seed: int = 0) -> l
     with IndexWriter.open(root / "idx", cfg, model) as w:
         for a in range(0, n, shard_rows):
             b = min(n, a + shard_rows)
-            x = centres[np.arange(a, b) // 100] + 0.5 * rng.standard_normal((b - a, d), dtype=np.float32) / np.sqrt(d)
-            rows = [dict(volume_id=f"vol{i // 100:05d}", patient_id=f"p{i // 500:04d}", study_id=f"st{i // 100:05d}",
-                         series_id=f"se{i // 100:05d}", exam_date="2020-01-01", slice_index=i % 100, z_mm=2.5 * (i % 100),
-                         path=f"/nonexistent/vol{i // 100:05d}.nii.gz") for i in range(a, b)]
+            x = centres[np.arange(a, b) // 100] + 0.5 * rng.standard_normal(
+                (b - a, d), dtype=np.float32
+            ) / np.sqrt(d)
+            rows = [
+                dict(
+                    volume_id=f"vol{i // 100:05d}",
+                    patient_id=f"p{i // 500:04d}",
+                    study_id=f"st{i // 100:05d}",
+                    series_id=f"se{i // 100:05d}",
+                    exam_date="2020-01-01",
+                    slice_index=i % 100,
+                    z_mm=2.5 * (i % 100),
+                    path=f"/nonexistent/vol{i // 100:05d}.nii.gz",
+                )
+                for i in range(a, b)
+            ]
             vols = sorted({r["volume_id"] for r in rows})
-            w.commit_shard(rows, l2_normalize(x), [dict(entry=v, path=v, volume_id=v, series_id=v, content_hash=v, size=1,
-                                                        mtime_ns=0, n_slices=100, status="indexed") for v in vols], errors=[])
+            w.commit_shard(
+                rows,
+                l2_normalize(x),
+                [
+                    dict(
+                        entry=v,
+                        path=v,
+                        volume_id=v,
+                        series_id=v,
+                        content_hash=v,
+                        size=1,
+                        mtime_ns=0,
+                        n_slices=100,
+                        status="indexed",
+                    )
+                    for v in vols
+                ],
+                errors=[],
+            )
             refs += [f"{r['volume_id']}:{r['slice_index']}" for r in rows]
     return refs
 
@@ -103,7 +132,9 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ctsearch-bench-serve-"))
     t = time.time()
     refs = build_index(work, args.slices, args.dim, args.shard_rows)
-    print(f"index: {args.slices} slices, D = {args.dim}, {-(-args.slices // args.shard_rows)} shards, built in {time.time() - t:.0f} s")
+    print(
+        f"index: {args.slices} slices, D = {args.dim}, {-(-args.slices // args.shard_rows)} shards, built in {time.time() - t:.0f} s"
+    )
     rng = np.random.default_rng(1)
     queries = [refs[i] for i in rng.choice(len(refs), args.queries, replace=False)]
 
@@ -117,11 +148,20 @@ def main() -> None:
         index.search(embed_query(index, q)[0], k=args.k)
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    start(ServeOptions(str(work / "idx"), port=args.port, replicas=args.replicas,
-                       shards_per_replica=args.shards_per_replica, cpus_per_replica=1))
+    start(
+        ServeOptions(
+            str(work / "idx"),
+            port=args.port,
+            replicas=args.replicas,
+            shards_per_replica=args.shards_per_replica,
+            cpus_per_replica=1,
+        )
+    )
 
     def http_query(q, state):
-        c = state.get("c") or state.setdefault("c", http.client.HTTPConnection("127.0.0.1", args.port, timeout=60))
+        c = state.get("c") or state.setdefault(
+            "c", http.client.HTTPConnection("127.0.0.1", args.port, timeout=60)
+        )
         c.request("GET", f"/api/search?query={q}&k={args.k}")
         r = c.getresponse()
         body = r.read()
@@ -133,18 +173,26 @@ def main() -> None:
             run_clients(1, queries[:50], fn)
         got = json.loads(urlopen_json(args.port, f"/api/search?query={queries[0]}&k={args.k}"))["hits"]
         expect = index.search(vectors[queries[0]], k=args.k).hits[0]
-        assert [(h["volume_id"], h["slice_index"]) for h in got] == [(h["volume_id"], h["slice_index"]) for h in expect]
-        print(f"FAISS threads: {faiss.omp_get_max_threads()}; {args.queries} warm queries per row, k = {args.k}\n")
-        print("| clients | in-process search p50 / p99 ms | in-process lookup+search p50 / p99 ms | serve p50 / p99 ms | "
-              "serve p50 / (2 x search p50 + 5 ms) | search q/s | lookup+search q/s | serve q/s | serve / search q/s |")
+        assert [(h["volume_id"], h["slice_index"]) for h in got] == [
+            (h["volume_id"], h["slice_index"]) for h in expect
+        ]
+        print(
+            f"FAISS threads: {faiss.omp_get_max_threads()}; {args.queries} warm queries per row, k = {args.k}\n"
+        )
+        print(
+            "| clients | in-process search p50 / p99 ms | in-process lookup+search p50 / p99 ms | serve p50 / p99 ms | "
+            "serve p50 / (2 x search p50 + 5 ms) | search q/s | lookup+search q/s | serve q/s | serve / search q/s |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for clients in (1, 2, 4):
             a, qa = run_clients(clients, queries, search_only)
             b, qb = run_clients(clients, queries, lookup_search)
             s, qs = run_clients(clients, queries, http_query)
             target = 2 * pct(a, 50) + 5
-            print(f"| {clients} | {pct(a, 50):.2f} / {pct(a, 99):.2f} | {pct(b, 50):.2f} / {pct(b, 99):.2f} | "
-                  f"{pct(s, 50):.2f} / {pct(s, 99):.2f} | {pct(s, 50) / target:.2f} | {qa:.0f} | {qb:.0f} | {qs:.0f} | {qs / qa:.2f} |")
+            print(
+                f"| {clients} | {pct(a, 50):.2f} / {pct(a, 99):.2f} | {pct(b, 50):.2f} / {pct(b, 99):.2f} | "
+                f"{pct(s, 50):.2f} / {pct(s, 99):.2f} | {pct(s, 50) / target:.2f} | {qa:.0f} | {qb:.0f} | {qs:.0f} | {qs / qa:.2f} |"
+            )
     finally:
         stop()
         ray.shutdown()

@@ -32,9 +32,15 @@ def make_dataset(out: str, n: int, size: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for name, count in (("train", n), ("test", 8)):
         hu = rng.integers(-300, 400, (count, size, size)).astype(np.int16)
-        s = SliceSet(hu=hu, mask=np.zeros_like(hu, np.uint8), label=(np.arange(count) % 2).astype(np.int8),
-                     volume_id=np.array(["v"] * count, object), patient_id=np.array(["p"] * count, object),
-                     slice_index=np.arange(count, dtype=np.int32), z_mm=np.zeros(count))  # fmt: skip
+        s = SliceSet(
+            hu=hu,
+            mask=np.zeros_like(hu, np.uint8),
+            label=(np.arange(count) % 2).astype(np.int8),
+            volume_id=np.array(["v"] * count, object),
+            patient_id=np.array(["p"] * count, object),
+            slice_index=np.arange(count, dtype=np.int32),
+            z_mm=np.zeros(count),
+        )
         write_slices(s, os.path.join(out, f"{name}.parquet"))
 
 
@@ -78,11 +84,24 @@ def ray_loop(dataset: str, args, gpus: float) -> tuple[float, float]:
     from ctsearch.jobs.train import TrainOptions, read_metrics, train
 
     if not ray.is_initialized():
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(
+            num_cpus=max(4, os.cpu_count() or 1),
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="ERROR",
+        )
     out = tempfile.mkdtemp(prefix="bench-train-")
-    opts = TrainOptions(backbone=args.backbone, image_size=args.image_size, init="random", epochs=args.epochs,
-                        batch_size=args.batch_size, eval_every=0, cpus_per_worker=args.threads,
-                        gpus_per_worker=gpus, max_failures=0)  # fmt: skip
+    opts = TrainOptions(
+        backbone=args.backbone,
+        image_size=args.image_size,
+        init="random",
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        eval_every=0,
+        cpus_per_worker=args.threads,
+        gpus_per_worker=gpus,
+        max_failures=0,
+    )
     train(dataset, out, opts)
     rows = read_metrics(out)
     images = sum(r["images"] for r in rows[1:])
@@ -98,7 +117,12 @@ def gpu_step(args, batch: int) -> float:
     cfg = ModelConfig(backbone=args.backbone, image_size=args.image_size)
     model = SimSiam(cfg).cuda().to(memory_format=torch.channels_last)
     opt = build_optimizer(model, batch_size=batch)
-    x1, x2 = (torch.rand(batch, 3, args.image_size, args.image_size, device="cuda").contiguous(memory_format=torch.channels_last) for _ in range(2))
+    x1, x2 = (
+        torch.rand(batch, 3, args.image_size, args.image_size, device="cuda").contiguous(
+            memory_format=torch.channels_last
+        )
+        for _ in range(2)
+    )
     for _ in range(3):
         train_step(model, opt, x1, x2, torch.bfloat16)
     torch.cuda.synchronize()
@@ -117,7 +141,9 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=None, help="default: 96 on CPU, 224 on CUDA")
     ap.add_argument("--slice-size", type=int, default=128, help="side of the stored synthetic slices")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--slices", type=int, default=None, help="training slices (default: 4 batches on CPU, 16 on CUDA)")
+    ap.add_argument(
+        "--slices", type=int, default=None, help="training slices (default: 4 batches on CPU, 16 on CUDA)"
+    )
     ap.add_argument("--epochs", type=int, default=3, help="epochs per loop; the first is warm-up")
     ap.add_argument("--threads", type=int, default=1, help="torch threads = CPUs of the Ray worker")
     ap.add_argument("--seconds", type=float, default=8.0, help="CUDA: seconds per step measurement")
@@ -126,8 +152,13 @@ def main() -> None:
     args.backbone = args.backbone or ("resnet50" if cuda else "resnet18")
     args.image_size = args.image_size or (224 if cuda else 96)
     args.slices = args.slices or args.batch_size * (16 if cuda else 4)
-    result: dict = {"device": args.device, "backbone": args.backbone, "image_size": args.image_size,
-                    "batch_size": args.batch_size, "threads": args.threads}  # fmt: skip
+    result: dict = {
+        "device": args.device,
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+    }
     if cuda:
         result["gpu"] = torch.cuda.get_device_name()
         for batch in (32, 256):
@@ -141,8 +172,11 @@ def main() -> None:
         bare_after = bare_loop(d, args, "cuda" if cuda else "cpu")
     bare = (bare + bare_after) / 2
     result.update(
-        bare_images_per_s=round(bare, 2), ray_images_per_s=round(ray_rate, 2), ratio=round(ray_rate / bare, 3),
-        ray_step_loop_images_per_s=round(ray_in_loop, 2), step_loop_ratio=round(ray_in_loop / bare, 3),
+        bare_images_per_s=round(bare, 2),
+        ray_images_per_s=round(ray_rate, 2),
+        ratio=round(ray_rate / bare, 3),
+        ray_step_loop_images_per_s=round(ray_in_loop, 2),
+        step_loop_ratio=round(ray_in_loop / bare, 3),
         slices_per_epoch=args.slices,
     )
     print(json.dumps(result))

@@ -100,8 +100,12 @@ def _tiny_resnet():
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone("resnet50", 2048, _torchvision_resnet("resnet50"), _resnet_residual_bns, "resnet50-0676ba61.pth"),
-        Backbone("resnet18", 512, _torchvision_resnet("resnet18"), _resnet_residual_bns, "resnet18-f37072fd.pth"),
+        Backbone(
+            "resnet50", 2048, _torchvision_resnet("resnet50"), _resnet_residual_bns, "resnet50-0676ba61.pth"
+        ),
+        Backbone(
+            "resnet18", 512, _torchvision_resnet("resnet18"), _resnet_residual_bns, "resnet18-f37072fd.pth"
+        ),
         Backbone("tiny", 128, _tiny_resnet, _resnet_residual_bns, note="tests"),
     )
 }

@@ -17,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def best_by_volume(query: np.ndarray, vectors: np.ndarray, volume: np.ndarray, z_mm: np.ndarray, per_volume: int = 3) -> list[dict]:
+def best_by_volume(
+    query: np.ndarray, vectors: np.ndarray, volume: np.ndarray, z_mm: np.ndarray, per_volume: int = 3
+) -> list[dict]:
     """The ``per_volume`` most similar rows of each volume, ordered by z within the volume.
 
     Args:
@@ -36,11 +38,20 @@ def best_by_volume(query: np.ndarray, vectors: np.ndarray, volume: np.ndarray, z
         rows = np.flatnonzero(volume == key)
         top = rows[np.argsort(-scores[rows], kind="stable")[:per_volume]]
         by_z = top[np.argsort(z_mm[top], kind="stable")]
-        out.append({"volume": key.item() if isinstance(key, np.generic) else key, "rows": by_z.astype(np.int64), "scores": scores[by_z], "best": int(top[0])})
+        out.append(
+            {
+                "volume": key.item() if isinstance(key, np.generic) else key,
+                "rows": by_z.astype(np.int64),
+                "scores": scores[by_z],
+                "best": int(top[0]),
+            }
+        )
     return out
 
 
-def cross_exam(index, query: np.ndarray, patient_id: str, exclude_volume: str | None = None, per_exam: int = 3) -> list[dict]:
+def cross_exam(
+    index, query: np.ndarray, patient_id: str, exclude_volume: str | None = None, per_exam: int = 3
+) -> list[dict]:
     """Best-matching slices of each of ``patient_id``'s series in ``index`` (ctsearch.index.Index).
 
     Returns one dict per series, ordered by exam date then study: volume_id, study_id,
@@ -68,12 +79,22 @@ def cross_exam(index, query: np.ndarray, patient_id: str, exclude_volume: str | 
         first = metas[rows[0]]
 
         def hit(i, s):
-            return {"slice_index": metas[i]["slice_index"], "z_mm": metas[i]["z_mm"], "score": float(s), "path": metas[i]["path"]}
+            return {
+                "slice_index": metas[i]["slice_index"],
+                "z_mm": metas[i]["z_mm"],
+                "score": float(s),
+                "path": metas[i]["path"],
+            }
 
         best = idx[m["best"]]
-        exams.append({
-            "volume_id": first["volume_id"], "study_id": first["study_id"], "series_id": first["series_id"],
-            "exam_date": first["exam_date"], "best": hit(best, vectors[best] @ q),
-            "matches": [hit(i, s) for i, s in zip(rows, m["scores"])],
-        })
+        exams.append(
+            {
+                "volume_id": first["volume_id"],
+                "study_id": first["study_id"],
+                "series_id": first["series_id"],
+                "exam_date": first["exam_date"],
+                "best": hit(best, vectors[best] @ q),
+                "matches": [hit(i, s) for i, s in zip(rows, m["scores"])],
+            }
+        )
     return sorted(exams, key=lambda e: (e["exam_date"] or "", e["study_id"] or "", e["volume_id"]))

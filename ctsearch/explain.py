@@ -50,18 +50,30 @@ class ExplainOptions:
     render_png: bool = True
 
     def check(self) -> None:
-        if self.num_masks < 1 or self.slices_per_call < 1 or (self.batch_size is not None and self.batch_size < 1):
+        if (
+            self.num_masks < 1
+            or self.slices_per_call < 1
+            or (self.batch_size is not None and self.batch_size < 1)
+        ):
             raise CTSearchInputError(None, "--masks, --batch-size and --slices-per-call must be at least 1")
         if not 0.0 < self.p < 1.0 or self.grid < 2:
-            raise CTSearchInputError(None, "mask keep probability must be in (0, 1) and the grid at least 2 cells")
+            raise CTSearchInputError(
+                None, "mask keep probability must be in (0, 1) and the grid at least 2 cells"
+            )
         if self.tolerance is not None and self.tolerance <= 0:
             raise CTSearchInputError(None, "--tolerance must be positive")
 
     def relax_kwargs(self, device: str) -> dict:
         """The keyword arguments of ``ctsearch.relax.relax`` these options stand for, on ``device``."""
-        return {"num_masks": self.num_masks, "batch_size": self.batch_size or default_batch_size(device),
-                "grid": self.grid, "p": self.p, "seed": self.seed, "tolerance": self.tolerance,
-                "check_every": self.check_every}  # fmt: skip
+        return {
+            "num_masks": self.num_masks,
+            "batch_size": self.batch_size or default_batch_size(device),
+            "grid": self.grid,
+            "p": self.p,
+            "seed": self.seed,
+            "tolerance": self.tolerance,
+            "check_every": self.check_every,
+        }
 
 
 # What `ctsearch report` needs of each slice: where it lies (z_mm) and which examination it is from.
@@ -100,16 +112,24 @@ def explain_query(
 
     options = options or ExplainOptions()
     index = Index.open(index_dir)
-    patient, exclude_patient = index.patient_key(patient, id_salt), index.patient_key(exclude_patient, id_salt)
+    patient, exclude_patient = (
+        index.patient_key(patient, id_salt),
+        index.patient_key(exclude_patient, id_salt),
+    )
     vector, qmeta = embed_query(index, query, slice_index, id_salt)
     if not qmeta.get("path"):
         raise CTSearchInputError(query, "the index row has no source path, so its pixels cannot be explained")
     res = index.search(vector, k=k + 1, patient=patient, exclude_patient=exclude_patient)
-    same = lambda h: h.get("volume_id") == qmeta.get("volume_id") and int(h.get("slice_index", -1)) == int(qmeta["slice_index"])  # noqa: E731
+    same = lambda h: (
+        h.get("volume_id") == qmeta.get("volume_id")
+        and int(h.get("slice_index", -1)) == int(qmeta["slice_index"])
+    )  # noqa: E731
     hits = [h for h in res.hits[0] if not same(h)][:k]
     for h in hits:
         if not h.get("path"):
-            raise CTSearchInputError(index_dir, f"hit {h.get('volume_id')}:{h.get('slice_index')} has no source path")
+            raise CTSearchInputError(
+                index_dir, f"hit {h.get('volume_id')}:{h.get('slice_index')} has no source path"
+            )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder, config = load_encoder(index.model_dir, device)
     volumes: dict = {}
@@ -122,9 +142,13 @@ def explain_query(
     n = len(hits)
     arrays = {"importance": own.importance, "uncertainty": own.uncertainty}
     if n:
-        arrays["pair_query_importance"] = relax(encoder, x[:1].expand(n, -1, -1, -1), target=h[1:], **kw).importance
+        arrays["pair_query_importance"] = relax(
+            encoder, x[:1].expand(n, -1, -1, -1), target=h[1:], **kw
+        ).importance
         arrays["pair_hit_importance"] = relax(encoder, x[1:], target=h[:1].expand(n, -1), **kw).importance
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{qmeta['volume_id']}_{qmeta['slice_index']}")
+    safe = "".join(
+        c if c.isalnum() or c in "-_." else "_" for c in f"{qmeta['volume_id']}_{qmeta['slice_index']}"
+    )
     out = Path(out or f"explain-{safe}")
     meta = [{key: qmeta.get(key) for key in SLICE_KEYS}]
     meta += [{key: hh.get(key) for key in ("rank", "score", *SLICE_KEYS)} for hh in hits]
@@ -133,8 +157,13 @@ def explain_query(
     atomic_write_bytes(buf.getvalue(), out / "maps.npz")
     # Always drawn: --no-png is about the dataset job's per-slice overlays.
     atomic_write_bytes(png_bytes(query_figure(hus, hits, arrays, config.image_size)), out / "explanation.png")
-    return {"query": meta[0], "hits": meta[1:], "masks_used": own.masks_used, "figure": str(out / "explanation.png"),
-            "maps": str(out / "maps.npz")}  # fmt: skip
+    return {
+        "query": meta[0],
+        "hits": meta[1:],
+        "masks_used": own.masks_used,
+        "figure": str(out / "explanation.png"),
+        "maps": str(out / "maps.npz"),
+    }
 
 
 def _slice_hu(path: str, slice_index: int, volumes: dict) -> np.ndarray:

@@ -75,8 +75,11 @@ def load_salt(path: str | os.PathLike | None) -> bytes | None:
     if not salt:
         raise CTSearchInputError(path, "the salt file is empty")
     if len(salt) < MIN_SALT_BYTES:
-        raise CTSearchInputError(path, f"the salt has {len(salt)} bytes; use at least {MIN_SALT_BYTES} random bytes "
-                                       "(e.g. `openssl rand -hex 32 > salt`): a short salt is guessable")
+        raise CTSearchInputError(
+            path,
+            f"the salt has {len(salt)} bytes; use at least {MIN_SALT_BYTES} random bytes "
+            "(e.g. `openssl rand -hex 32 > salt`): a short salt is guessable",
+        )
     return salt
 
 
@@ -129,17 +132,28 @@ def check_same_salt(recorded: dict | None, salt: bytes | None, where: str | os.P
     if _pseudonymised(recorded):
         fp = recorded.get("salt_fingerprint", "?")
         if salt is None:
-            raise CTSearchInputError(where, f"its ids are pseudonymised (salt fingerprint {fp}); pass the same "
-                                            f"--id-salt-file (or ${SALT_ENV}) {fix}")
+            raise CTSearchInputError(
+                where,
+                f"its ids are pseudonymised (salt fingerprint {fp}); pass the same "
+                f"--id-salt-file (or ${SALT_ENV}) {fix}",
+            )
         if salt_fingerprint(salt) != fp:
-            raise CTSearchInputError(where, f"its ids were pseudonymised with another salt (fingerprint {fp}, yours "
-                                            f"{salt_fingerprint(salt)}); the ids would not link: use that salt {fix}")
+            raise CTSearchInputError(
+                where,
+                f"its ids were pseudonymised with another salt (fingerprint {fp}, yours "
+                f"{salt_fingerprint(salt)}); the ids would not link: use that salt {fix}",
+            )
     elif salt is not None:
-        raise CTSearchInputError(where, "its ids are kept as given, so ids hashed with --id-salt-file would not link "
-                                        f"to them: drop --id-salt-file (and ${SALT_ENV}) {fix}")
+        raise CTSearchInputError(
+            where,
+            "its ids are kept as given, so ids hashed with --id-salt-file would not link "
+            f"to them: drop --id-salt-file (and ${SALT_ENV}) {fix}",
+        )
 
 
-def stored_id(value: str | None, recorded: dict | None, salt: bytes | None, where: str | os.PathLike) -> str | None:
+def stored_id(
+    value: str | None, recorded: dict | None, salt: bytes | None, where: str | os.PathLike
+) -> str | None:
     """A user-given id (``--patient P``) as the outputs store it: a pseudonym or an original id.
 
     On pseudonymised outputs a pseudonym is taken as it is and an original id is hashed, which
@@ -148,7 +162,10 @@ def stored_id(value: str | None, recorded: dict | None, salt: bytes | None, wher
     if value is None or not _pseudonymised(recorded) or is_pseudonym(value):
         return value
     if salt is None:
-        raise CTSearchInputError(where, f"its ids are pseudonymised: give the pseudonym (p-...) of {value!r}, or pass "
-                                        f"--id-salt-file (or ${SALT_ENV}) to hash it")
+        raise CTSearchInputError(
+            where,
+            f"its ids are pseudonymised: give the pseudonym (p-...) of {value!r}, or pass "
+            f"--id-salt-file (or ${SALT_ENV}) to hash it",
+        )
     check_same_salt(recorded, salt, where, "to hash it")
     return pseudonymise(value, salt)

@@ -184,7 +184,9 @@ def percent_cell(stat: dict | None, decimals: int) -> str:
     if mean is None or not math.isfinite(mean):
         return "n/a"
     std = stat.get("std")
-    return f"{100 * mean:.{decimals}f}" + (f" ± {100 * std:.{decimals}f}" if std is not None and math.isfinite(std) else "")
+    return f"{100 * mean:.{decimals}f}" + (
+        f" ± {100 * std:.{decimals}f}" if std is not None and math.isfinite(std) else ""
+    )
 
 
 def upsample_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -215,7 +217,9 @@ def relevance_rank_accuracy(
     importance = np.asarray(importance)
     masks = np.asarray(masks)
     if importance.ndim != 3 or masks.ndim != 3 or importance.shape[0] != masks.shape[0]:
-        raise ValueError(f"need importance [n, h, w] and masks [n, H, W], got {importance.shape} and {masks.shape}")
+        raise ValueError(
+            f"need importance [n, h, w] and masks [n, H, W], got {importance.shape} and {masks.shape}"
+        )
     n, H, W = masks.shape
     flat_masks = masks.reshape(n, -1) != 0
     m = flat_masks.sum(axis=1)

@@ -67,7 +67,9 @@ def save_encoder(encoder: nn.Module, config: ModelConfig, out_dir: str | os.Path
     return out
 
 
-def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:
+def load_encoder(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ModelConfig]:
     """Load an encoder from a run directory (or the folder holding model.json), in eval mode."""
     from safetensors.torch import load_file
 
@@ -164,10 +166,14 @@ def find_imagenet_weights(backbone: str, weights: str | os.PathLike | None = Non
     if weights is not None:
         p = Path(weights)
         if not p.is_file():
-            raise CTSearchInputError(p, "no such weight file (pass a torchvision ImageNet .pth for --weights)")
+            raise CTSearchInputError(
+                p, "no such weight file (pass a torchvision ImageNet .pth for --weights)"
+            )
         return p
     if backbone not in IMAGENET_FILES:
-        raise CTSearchInputError(None, f"--init imagenet needs {' or '.join(IMAGENET_FILES)}, not backbone {backbone!r}")
+        raise CTSearchInputError(
+            None, f"--init imagenet needs {' or '.join(IMAGENET_FILES)}, not backbone {backbone!r}"
+        )
     cache = torch_cache_dir()
     exact = cache / IMAGENET_FILES[backbone]
     if exact.is_file():
@@ -240,10 +246,15 @@ def initial_encoder_state(
             if (path / MODEL_JSON).is_file():
                 other = read_model_config(path).backbone
                 if other != config.backbone:
-                    raise CTSearchInputError(path, f"holds a {other} encoder, but --backbone is {config.backbone}")
+                    raise CTSearchInputError(
+                        path, f"holds a {other} encoder, but --backbone is {config.backbone}"
+                    )
             path = path / ENCODER_FILE
         if not path.is_file():
-            raise CTSearchInputError(path, "no such run directory or weight file for --init (expected imagenet, random, a run dir or a file)")
+            raise CTSearchInputError(
+                path,
+                "no such run directory or weight file for --init (expected imagenet, random, a run dir or a file)",
+            )
     state = _encoder_state(read_weights(path), get_backbone(config.backbone).classifier)
     expected = build_encoder(config).state_dict()
     missing = sorted(set(expected) - set(state))
@@ -280,7 +291,9 @@ class EncoderSpec:
         return cls("run", path=str(require_model_dir(model_dir)))
 
     @classmethod
-    def baseline(cls, kind: str, config: ModelConfig, seed: int = 0, weights: str | None = None) -> EncoderSpec:
+    def baseline(
+        cls, kind: str, config: ModelConfig, seed: int = 0, weights: str | None = None
+    ) -> EncoderSpec:
         """An untrained baseline; ``imagenet`` finds its local weight file now, so a missing one fails early."""
         if kind not in ("random", "imagenet"):
             raise CTSearchInputError(None, f"--baseline must be random or imagenet, got {kind!r}")
@@ -304,7 +317,9 @@ class EncoderSpec:
 
 
 @torch.no_grad()
-def embed(encoder: nn.Module, hu, config: ModelConfig, batch_size: int = 64, device: str | torch.device = "cpu"):
+def embed(
+    encoder: nn.Module, hu, config: ModelConfig, batch_size: int = 64, device: str | torch.device = "cpu"
+):
     """HU slices [n, y, x] -> float32 numpy embeddings [n, D] through ``eval_transform``.
 
     The encoder's train/eval mode is restored afterwards, so this can run mid-training.

@@ -42,7 +42,9 @@ from ctsearch.store import (
 PROTOCOLS = ("decathlon",)
 
 
-def select_slices(label: np.ndarray, per_volume: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def select_slices(
+    label: np.ndarray, per_volume: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Pick slice indices with and without liver.
 
     Args:
@@ -84,14 +86,20 @@ def _slice_set(vol, entry: ScanEntry, label: np.ndarray, idx: np.ndarray) -> Sli
     )
 
 
-def _cut(entry: ScanEntry, per_volume: int, seed: int, every_slice: bool = False) -> tuple[SliceSet, dict, SliceSet | None]:
+def _cut(
+    entry: ScanEntry, per_volume: int, seed: int, every_slice: bool = False
+) -> tuple[SliceSet, dict, SliceSet | None]:
     vol = entry.read()
     label = entry.read_label(vol)
     rng = np.random.default_rng([seed, entry.case_number if entry.case_number is not None else 0])
     liver, other = select_slices(label, per_volume, rng)
     slices = _slice_set(vol, entry, label, np.concatenate([liver, other]))
-    record = {"volume_id": entry.volume_id, "case_number": entry.case_number,
-              "liver": liver.tolist(), "non_liver": other.tolist()}
+    record = {
+        "volume_id": entry.volume_id,
+        "case_number": entry.case_number,
+        "liver": liver.tolist(),
+        "non_liver": other.tolist(),
+    }
     everything = _slice_set(vol, entry, label, np.arange(vol.hu.shape[0])) if every_slice else None
     return slices, record, everything
 
@@ -101,13 +109,17 @@ def _final_ids(entries: list[ScanEntry], salt: bytes | None) -> list[ScanEntry]:
     if salt is None:
         return entries
     keys = ("volume_id", "patient_id", "study_id", "series_id")
-    return [dataclasses.replace(e, **pseudonymise_ids({k: getattr(e, k) for k in keys}, salt)) for e in entries]
+    return [
+        dataclasses.replace(e, **pseudonymise_ids({k: getattr(e, k) for k in keys}, salt)) for e in entries
+    ]
 
 
 def _concat(parts: list[SliceSet]) -> SliceSet:
     shapes = {p.hu.shape[1:] for p in parts}
     if len(shapes) > 1:
-        raise CTSearchInputError(None, f"volumes have different slice sizes {sorted(shapes)}; the slice protocol needs one size")
+        raise CTSearchInputError(
+            None, f"volumes have different slice sizes {sorted(shapes)}; the slice protocol needs one size"
+        )
     fields = SliceSet.__dataclass_fields__
     return SliceSet(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in fields})
 
@@ -157,13 +169,17 @@ def prepare(
 
     if protocol == "decathlon":
         if not ordered:
-            raise CTSearchInputError(archive, "no labelled volumes found: the decathlon protocol needs imagesTr/ with labelsTr/")
+            raise CTSearchInputError(
+                archive, "no labelled volumes found: the decathlon protocol needs imagesTr/ with labelsTr/"
+            )
         parts: dict[str, list[SliceSet]] = {"train": [], "test": [], "train_all": []}
         records: list[dict] = []
         for i, entry in enumerate(progress(ordered, len(ordered), "cutting slices")):
             split = "train" if i < train_volumes else "test"
             try:
-                slices, record, everything = _cut(entry, per_volume, seed, all_train_slices and split == "train")
+                slices, record, everything = _cut(
+                    entry, per_volume, seed, all_train_slices and split == "train"
+                )
             except CTSearchInputError as e:
                 errors.append({"path": entry.path, "stage": "protocol", "error": e.problem})
                 continue
@@ -180,10 +196,16 @@ def prepare(
             summary[f"{split}_slices"] = int(sum(len(p) for p in split_parts))
         short = [r["volume_id"] for r in records if r["short"]]
         summary["short_volumes"] = short
-        meta = {"protocol": protocol, "per_volume": per_volume, "train_volumes": train_volumes, "seed": seed,
-                "all_train_slices": all_train_slices,
-                "rule": "uniform without replacement within liver / non-liver slices, rng seeded by (seed, case_number)",
-                "ids": ids, "volumes": records}
+        meta = {
+            "protocol": protocol,
+            "per_volume": per_volume,
+            "train_volumes": train_volumes,
+            "seed": seed,
+            "all_train_slices": all_train_slices,
+            "rule": "uniform without replacement within liver / non-liver slices, rng seeded by (seed, case_number)",
+            "ids": ids,
+            "volumes": records,
+        }
         atomic_write_json(meta, out / "protocol.json")
 
     atomic_write_table(errors_table(errors), out / "errors.parquet")

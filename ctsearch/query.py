@@ -42,12 +42,21 @@ def embed_query(
         n = vol.hu.shape[0]
         s = n // 2 if slice_index is None else int(slice_index)
         if not 0 <= s < n:
-            raise CTSearchInputError(p, f"--slice {s} is out of range: the volume has {n} slices (0..{n - 1})")
+            raise CTSearchInputError(
+                p, f"--slice {s} is out of range: the volume has {n} slices (0..{n - 1})"
+            )
         encoder, config = load_encoder(index.model_dir)
         v = l2_normalize(embed(encoder, vol.hu[s : s + 1], config))[0]
-        meta = {"volume_id": vol.series_id or p.name, "patient_id": vol.patient_id, "study_id": vol.study_id,
-                "series_id": vol.series_id, "exam_date": vol.exam_date, "slice_index": s,
-                "z_mm": float(vol.z_mm()[s]), "path": str(p)}  # fmt: skip
+        meta = {
+            "volume_id": vol.series_id or p.name,
+            "patient_id": vol.patient_id,
+            "study_id": vol.study_id,
+            "series_id": vol.series_id,
+            "exam_date": vol.exam_date,
+            "slice_index": s,
+            "z_mm": float(vol.z_mm()[s]),
+            "path": str(p),
+        }
         return v, query_ids(index, meta, id_salt)
     vid, sep, si = str(query).rpartition(":")
     if sep and vid and si.lstrip("-").isdigit():

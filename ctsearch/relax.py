@@ -65,7 +65,9 @@ class MaskSampler:
 
     def sample(self, start: int, stop: int, device: torch.device | str = "cpu") -> torch.Tensor:
         cells = self.cells[start:stop].to(device)
-        up = F.interpolate(cells, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        up = F.interpolate(
+            cells, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+        )
         up = F.pad(up, (self.pad,) * 4, mode="reflect")[:, 0]
         sh = self.shifts[start:stop].to(device)
         ar = torch.arange(self.size, device=device)
@@ -217,7 +219,9 @@ def relax(
     return RelaxResult(importance=imp, uncertainty=unc, masks_used=used)
 
 
-def u_relax(importance: np.ndarray, uncertainty: np.ndarray, gamma: float = 1.0, average: str = "mean") -> np.ndarray:
+def u_relax(
+    importance: np.ndarray, uncertainty: np.ndarray, gamma: float = 1.0, average: str = "mean"
+) -> np.ndarray:
     """U-RELAX: importance kept only where uncertainty < gamma * mean (or median) uncertainty.
 
     importance, uncertainty: [S, S] or [n, S, S]; the average is taken per map.
@@ -234,7 +238,9 @@ def u_relax(importance: np.ndarray, uncertainty: np.ndarray, gamma: float = 1.0,
 
 
 @torch.no_grad()
-def relax_per_mask(encoder: nn.Module, image: torch.Tensor, masks: torch.Tensor, batch_size: int = 100) -> RelaxResult:
+def relax_per_mask(
+    encoder: nn.Module, image: torch.Tensor, masks: torch.Tensor, batch_size: int = 100
+) -> RelaxResult:
     """The reference's algorithm, kept as the cross-check for ``relax``: West's running update
     of R and U, one mask at a time in a Python loop, plain memory format, batches of 100.
     image [3, S, S], masks [N, S, S].
@@ -254,4 +260,6 @@ def relax_per_mask(encoder: nn.Module, image: torch.Tensor, masks: torch.Tensor,
             r_prev = r.clone()
             r = r + mi * (s - r) / w
             u = u + (s - r) * (s - r_prev) * mi
-    return RelaxResult(importance=r.cpu().numpy(), uncertainty=(u / (w - 1)).cpu().numpy(), masks_used=masks.shape[0])
+    return RelaxResult(
+        importance=r.cpu().numpy(), uncertainty=(u / (w - 1)).cpu().numpy(), masks_used=masks.shape[0]
+    )

@@ -50,7 +50,9 @@ class OptimConfig:
         return self.base_lr * self.batch_size / 256
 
 
-def build_optimizer(model: nn.Module, batch_size: int = 32, config: OptimConfig | None = None) -> torch.optim.SGD:
+def build_optimizer(
+    model: nn.Module, batch_size: int = 32, config: OptimConfig | None = None
+) -> torch.optim.SGD:
     """SGD over the trainable parameters; the predictor is its own group so its lr can stay fixed."""
     config = config or OptimConfig(batch_size=batch_size)
     predictor = getattr(model, "module", model).predictor
@@ -60,7 +62,9 @@ def build_optimizer(model: nn.Module, batch_size: int = 32, config: OptimConfig 
         {"params": [p for p in params if id(p) not in pred_ids], "fix_lr": False},
         {"params": [p for p in params if id(p) in pred_ids], "fix_lr": config.fix_pred_lr},
     ]
-    return torch.optim.SGD(groups, lr=config.init_lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        groups, lr=config.init_lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
 
 
 def lr_at(epoch: int, config: OptimConfig) -> float:
@@ -93,7 +97,9 @@ def train_step(
     the inputs' device; the loss itself is always computed in float32.
     """
     device_type = x1.device.type
-    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    with torch.autocast(
+        device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+    ):
         p1, p2, z1, z2 = model(x1, x2)
     loss = simsiam_loss(p1, p2, z1, z2)
     optimizer.zero_grad(set_to_none=True)

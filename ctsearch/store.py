@@ -180,7 +180,10 @@ def require_model_dir(path: str | os.PathLike) -> Path:
     if p.is_file() and p.name == MODEL_JSON:
         p = p.parent
     if not (p / MODEL_JSON).is_file() or not (p / ENCODER_FILE).is_file():
-        raise CTSearchInputError(p, f"not a model directory: expected {MODEL_JSON} and {ENCODER_FILE} (written by `ctsearch train`)")
+        raise CTSearchInputError(
+            p,
+            f"not a model directory: expected {MODEL_JSON} and {ENCODER_FILE} (written by `ctsearch train`)",
+        )
     return p
 
 
@@ -244,8 +247,11 @@ def lock_dir(root: str | os.PathLike, job: str) -> IO[str]:
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise CTSearchInputError(root, f"another {job} is writing to this folder ({holder}); "
-                                       "wait for it to finish or choose another output folder") from None
+        raise CTSearchInputError(
+            root,
+            f"another {job} is writing to this folder ({holder}); "
+            "wait for it to finish or choose another output folder",
+        ) from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {os.uname().nodename}")
@@ -267,7 +273,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def errors_table(rows: list[dict]) -> pa.Table:
     """rows of {path, stage, error} -> a table with ERRORS_SCHEMA."""
-    return pa.Table.from_pylist([{k: r.get(k) for k in ERRORS_SCHEMA.names} for r in rows], schema=ERRORS_SCHEMA)
+    return pa.Table.from_pylist(
+        [{k: r.get(k) for k in ERRORS_SCHEMA.names} for r in rows], schema=ERRORS_SCHEMA
+    )
 
 
 def slices_table(s: SliceSet) -> pa.Table:
@@ -335,7 +343,9 @@ def split_path(dataset_dir: str | os.PathLike, split: str) -> Path:
     """
     path = Path(dataset_dir) / f"{split}.parquet"
     if not Path(dataset_dir).is_dir():
-        raise CTSearchInputError(dataset_dir, "no such dataset folder (run `ctsearch prepare --protocol decathlon` first)")
+        raise CTSearchInputError(
+            dataset_dir, "no such dataset folder (run `ctsearch prepare --protocol decathlon` first)"
+        )
     if not path.is_file():
         raise CTSearchInputError(path, f"no {split} split in this dataset")
     _require_slice_columns(path, _read_parquet(path, pq.read_schema).names)
@@ -346,7 +356,9 @@ def read_slices(path: str | os.PathLike) -> SliceSet:
     """Read a slice-dataset parquet file into numpy arrays (all slices must share one size)."""
     path = Path(path)
     if not path.is_file():
-        raise CTSearchInputError(path, "no such slice dataset (run `ctsearch prepare --protocol decathlon` first)")
+        raise CTSearchInputError(
+            path, "no such slice dataset (run `ctsearch prepare --protocol decathlon` first)"
+        )
     t = _read_parquet(path, pq.read_table)
     _require_slice_columns(path, t.column_names)
     n = t.num_rows
@@ -393,5 +405,7 @@ EMBEDDING_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
     """EMBEDDING_META_SCHEMA + ``embedding: fixed_size_list<dtype>[dim]``."""
     if dtype not in EMBEDDING_DTYPES:
-        raise CTSearchInputError(None, f"embedding dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {dtype!r}")
+        raise CTSearchInputError(
+            None, f"embedding dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {dtype!r}"
+        )
     return EMBEDDING_META_SCHEMA.append(pa.field("embedding", pa.list_(EMBEDDING_DTYPES[dtype], int(dim))))

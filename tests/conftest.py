@@ -27,7 +27,9 @@ def ray_session():
 
     if not ray.is_initialized():
         # address="local": never the test cluster that tests/local_cluster.py may have started.
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(
+            address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR"
+        )
     yield ray
     ray.shutdown()
 
@@ -65,8 +67,14 @@ def slice_dataset(synth_archive, tmp_path_factory):
     return out
 
 
-def random_volume(shape=(6, 32, 32), seed=0, spacing=(2.5, 0.703125, 0.8), origin=(-180.5, -200.25, -333.0),
-                  hu_range=(-1024, 2500), **ids):
+def random_volume(
+    shape=(6, 32, 32),
+    seed=0,
+    spacing=(2.5, 0.703125, 0.8),
+    origin=(-180.5, -200.25, -333.0),
+    hu_range=(-1024, 2500),
+    **ids,
+):
     """A ``Volume`` of seeded random HU, the one small phantom of the I/O tests (ctsearch.synth makes
     anatomical ones). Random pixels make any flip or transpose of the axes change the array, so it
     cannot hide; ``ids`` override the default patient, study, series ids and exam date."""
@@ -75,7 +83,12 @@ def random_volume(shape=(6, 32, 32), seed=0, spacing=(2.5, 0.703125, 0.8), origi
     from ctsearch.io import Volume
 
     hu = np.random.default_rng(seed).integers(*hu_range, size=shape).astype(np.int16)
-    ids = {"patient_id": "liver_7", "study_id": "liver_7", "series_id": "liver_7", "exam_date": "2021-03-04"} | ids
+    ids = {
+        "patient_id": "liver_7",
+        "study_id": "liver_7",
+        "series_id": "liver_7",
+        "exam_date": "2021-03-04",
+    } | ids
     return Volume(hu=hu, spacing_mm=spacing, affine=Volume.affine_from(spacing, origin), **ids)
 
 
@@ -125,12 +138,33 @@ def serve_index(serve_archive, model_dir, tmp_path_factory):
                 vol = e.read()
                 vectors.append(l2_normalize(embed(encoder, vol.hu, config)))
                 z = vol.z_mm()
-                rows += [dict(volume_id=e.volume_id, patient_id=e.patient_id, study_id=e.study_id, series_id=e.series_id,
-                              exam_date=e.exam_date, slice_index=k, z_mm=float(z[k]), path=e.path) for k in range(vol.hu.shape[0])]
+                rows += [
+                    dict(
+                        volume_id=e.volume_id,
+                        patient_id=e.patient_id,
+                        study_id=e.study_id,
+                        series_id=e.series_id,
+                        exam_date=e.exam_date,
+                        slice_index=k,
+                        z_mm=float(z[k]),
+                        path=e.path,
+                    )
+                    for k in range(vol.hu.shape[0])
+                ]
                 size, mtime = file_fingerprint(e.path)
-                volumes.append(dict(entry=f"{e.path}#{e.series_id}", path=e.path, volume_id=e.volume_id, series_id=e.series_id,
-                                    content_hash=content_hash(e.path), size=size, mtime_ns=mtime, n_slices=vol.hu.shape[0],
-                                    status="indexed"))
+                volumes.append(
+                    dict(
+                        entry=f"{e.path}#{e.series_id}",
+                        path=e.path,
+                        volume_id=e.volume_id,
+                        series_id=e.series_id,
+                        content_hash=content_hash(e.path),
+                        size=size,
+                        mtime_ns=mtime,
+                        n_slices=vol.hu.shape[0],
+                        status="indexed",
+                    )
+                )
             w.commit_shard(rows, np.concatenate(vectors), volumes, errors=[])
     return out
 

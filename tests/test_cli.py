@@ -25,7 +25,9 @@ def test_background_prints_go_to_stderr_and_json_stays_parseable():
     # Ray's log threads print raylet warnings to whatever sys.stdout is at that moment (CI broke on
     # "(raylet) WARNING: 8 PYTHON worker processes have been started" ahead of --json output).
     def command() -> None:
-        t = threading.Thread(target=lambda: print("(raylet) WARNING: worker processes started", file=sys.stdout))
+        t = threading.Thread(
+            target=lambda: print("(raylet) WARNING: worker processes started", file=sys.stdout)
+        )
         t.start()
         t.join()
         emit_json({"ok": True})

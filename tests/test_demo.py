@@ -13,9 +13,23 @@ from ctsearch.cli.main import app
 
 def test_demo_plan_keeps_test_patients_out_of_training(tmp_path):
     steps = demo_steps(tmp_path, volumes=8, size=64, epochs=2, backbone="tiny", seed=0, masks=10)
-    assert [s[0] for s in steps] == ["synth", "prepare", "train", "train", "index", "search", "search", "explain", "evaluate", "report"]
+    assert [s[0] for s in steps] == [
+        "synth",
+        "prepare",
+        "train",
+        "train",
+        "index",
+        "search",
+        "search",
+        "explain",
+        "evaluate",
+        "report",
+    ]
     assert steps[-1] == ["report", str(tmp_path), "--out", str(tmp_path / "report.html")]
-    assert steps[-2][-2:] == ["--out", str(tmp_path / "evaluation.json")]  # the report reads what evaluate wrote
+    assert steps[-2][-2:] == [
+        "--out",
+        str(tmp_path / "evaluation.json"),
+    ]  # the report reads what evaluate wrote
     prepare = steps[1]
     train_volumes = int(prepare[prepare.index("--train-volumes") + 1])
     assert train_volumes == 12  # 6 of 8 patients x 2 exams: both exams of a patient stay on one side
@@ -25,8 +39,23 @@ def test_demo_plan_keeps_test_patients_out_of_training(tmp_path):
 
 def test_demo_runs_end_to_end(tmp_path, ray_session):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", str(out), "--volumes", "4", "--size", "32", "--epochs", "1",
-                                      "--backbone", "tiny", "--masks", "50"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "demo",
+            str(out),
+            "--volumes",
+            "4",
+            "--size",
+            "32",
+            "--epochs",
+            "1",
+            "--backbone",
+            "tiny",
+            "--masks",
+            "50",
+        ],
+    )
     assert result.exit_code == 0, result.output
     index = json.loads((out / "index" / "index.json").read_text())
     assert index["rows"] > 0
@@ -42,4 +71,6 @@ def test_demo_runs_end_to_end(tmp_path, ray_session):
     assert page.tags.count("svg") == 4  # loss and retrieval curves of both runs
     assert any(t == "img" and k == "src" and v.startswith("data:image/png;base64,") for t, k, v in page.attrs)
     assert "Archive and index" in text
-    assert not any(n in text for n in ("No evaluation result", "No training run", "No explain folder", "No index or"))
+    assert not any(
+        n in text for n in ("No evaluation result", "No training run", "No explain folder", "No index or")
+    )

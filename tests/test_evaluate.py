@@ -22,8 +22,22 @@ def test_evaluate_cli_table_and_json(slice_dataset, ray_session, tmp_path):
     for s in (1, 2):
         torch.manual_seed(s)
         runs.append(save_encoder(build_encoder(cfg).eval(), cfg, tmp_path / f"r{s}"))
-    args = ["evaluate", str(slice_dataset), "--model", str(runs[0]), "--model", str(runs[1]), "--name", "tiny", "--name",
-            "tiny", "--baseline", "random", "--relax-masks", "12"]
+    args = [
+        "evaluate",
+        str(slice_dataset),
+        "--model",
+        str(runs[0]),
+        "--model",
+        str(runs[1]),
+        "--name",
+        "tiny",
+        "--name",
+        "tiny",
+        "--baseline",
+        "random",
+        "--relax-masks",
+        "12",
+    ]
     r = CliRunner().invoke(app, [*args, "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
@@ -49,8 +63,22 @@ def test_evaluate_cli_table_and_json(slice_dataset, ray_session, tmp_path):
 
 
 def test_table_formatting():
-    rows = [{"name": "a", "n": 2, "map": summary_stats([0.9, 0.88]), "acc": summary_stats([0.8, 0.9]), "rr": summary_stats([0.1, 0.2])},
-            {"name": "b", "n": 1, "map": summary_stats([0.5]), "acc": summary_stats([0.5]), "rr": summary_stats([float("nan")])}]
+    rows = [
+        {
+            "name": "a",
+            "n": 2,
+            "map": summary_stats([0.9, 0.88]),
+            "acc": summary_stats([0.8, 0.9]),
+            "rr": summary_stats([0.1, 0.2]),
+        },
+        {
+            "name": "b",
+            "n": 1,
+            "map": summary_stats([0.5]),
+            "acc": summary_stats([0.5]),
+            "rr": summary_stats([float("nan")]),
+        },
+    ]
     t = markdown_table(rows, 5).splitlines()
     assert t[2] == "| a | 2 | 89.0 ± 1.4 | 85.0 ± 7.1 | 15.00 ± 7.07 |"
     assert t[3] == "| b | 1 | 50.0 | 50.0 | n/a |"
@@ -65,7 +93,9 @@ def test_evaluate_errors(slice_dataset, tmp_path):
     assert r.exit_code == 1 and "no train split" in r.output
 
 
-def test_imagenet_baseline_from_a_local_file_is_evaluated_with_those_weights(slice_dataset, ray_session, tmp_path):
+def test_imagenet_baseline_from_a_local_file_is_evaluated_with_those_weights(
+    slice_dataset, ray_session, tmp_path
+):
     from torchvision.models import resnet18
 
     from ctsearch.model import initial_encoder_state
@@ -73,8 +103,24 @@ def test_imagenet_baseline_from_a_local_file_is_evaluated_with_those_weights(sli
     torch.manual_seed(4)
     weights = tmp_path / "resnet18-imagenet.pth"
     torch.save(resnet18().state_dict(), weights)  # stands in for torchvision's file: same keys and shapes
-    r = CliRunner().invoke(app, ["evaluate", str(slice_dataset), "--baseline", "imagenet", "--weights", str(weights),
-                                 "--backbone", "resnet18", "--image-size", "64", "--relax-masks", "0", "--json"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(slice_dataset),
+            "--baseline",
+            "imagenet",
+            "--weights",
+            str(weights),
+            "--backbone",
+            "resnet18",
+            "--image-size",
+            "64",
+            "--relax-masks",
+            "0",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     row = json.loads(r.stdout)["runs"][0]
     cfg = ModelConfig(backbone="resnet18", image_size=64)

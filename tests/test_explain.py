@@ -19,8 +19,20 @@ def test_explain_dataset_writes_maps_overlays_and_rr(slice_dataset, model_dir, r
     from ctsearch.jobs.explain import read_explanations
 
     out = tmp_path / "expl"
-    r = CliRunner().invoke(app, ["explain", str(slice_dataset), "--model", str(model_dir), "--masks", "24",
-                                 "--out", str(out), "--json"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "explain",
+            str(slice_dataset),
+            "--model",
+            str(model_dir),
+            "--masks",
+            "24",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     test = read_slices(slice_dataset / "test.parquet")
@@ -48,7 +60,9 @@ def test_explain_dataset_bad_rows_go_to_errors(slice_dataset, model_dir, ray_ses
     hu[0] = hu[0][:10]  # truncated pixels
     bad = tmp_path / "bad"
     bad.mkdir()
-    pq.write_table(t.set_column(t.schema.get_field_index("hu"), "hu", [hu]).cast(t.schema), bad / "test.parquet")
+    pq.write_table(
+        t.set_column(t.schema.get_field_index("hu"), "hu", [hu]).cast(t.schema), bad / "test.parquet"
+    )
     s = explain_dataset(bad, model_dir, tmp_path / "o", options=ExplainOptions(num_masks=8, render_png=False))
     errs = pq.read_table(tmp_path / "o" / "errors.parquet").to_pylist()
     assert s["errors"] == 1 and s["slices"] == t.num_rows - 1
@@ -67,8 +81,23 @@ def test_explain_query_and_top_k(synth_archive, model_dir, ray_session, tmp_path
     index_source(synth_archive / "nifti", model_dir, idx)
     vol = sorted((synth_archive / "nifti" / "imagesTr").glob("*.nii*"))[0]
     out = tmp_path / "q"
-    r = CliRunner().invoke(app, ["explain", str(idx), str(vol), "--slice", "20", "-k", "2", "--masks", "16",
-                                 "--out", str(out), "--json"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "explain",
+            str(idx),
+            str(vol),
+            "--slice",
+            "20",
+            "-k",
+            "2",
+            "--masks",
+            "16",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert len(res["hits"]) == 2 and res["query"]["slice_index"] == 20
@@ -81,14 +110,34 @@ def test_explain_query_and_top_k(synth_archive, model_dir, ray_session, tmp_path
     # The query's own slice in another volume of its patient is the natural top hit; excluding the
     # patient makes the explanation about other people's anatomy.
     own = res["query"]["patient_id"]
-    r = CliRunner().invoke(app, ["explain", str(idx), str(vol), "--slice", "20", "-k", "2", "--masks", "8",
-                                 "--exclude-patient", own, "--no-png", "--out", str(tmp_path / "q2"), "--json"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "explain",
+            str(idx),
+            str(vol),
+            "--slice",
+            "20",
+            "-k",
+            "2",
+            "--masks",
+            "8",
+            "--exclude-patient",
+            own,
+            "--no-png",
+            "--out",
+            str(tmp_path / "q2"),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     hits = json.loads(r.stdout)["hits"]
     assert len(hits) == 2 and all(h["patient_id"] != own for h in hits)
 
 
-def test_explain_dataset_killed_and_rerun_finishes_without_redoing(slice_dataset, model_dir, ray_session, tmp_path, monkeypatch):
+def test_explain_dataset_killed_and_rerun_finishes_without_redoing(
+    slice_dataset, model_dir, ray_session, tmp_path, monkeypatch
+):
     from ctsearch.jobs import explain as job
 
     opts = lambda: job.ExplainOptions(num_masks=8, render_png=False)  # noqa: E731
@@ -110,7 +159,9 @@ def test_explain_dataset_killed_and_rerun_finishes_without_redoing(slice_dataset
 
     monkeypatch.setattr(job._PartWriter, "flush", flush)
     progress = []
-    s = job.explain_dataset(slice_dataset, model_dir, out, options=opts(), on_slice=lambda d, t: progress.append((d, t)))
+    s = job.explain_dataset(
+        slice_dataset, model_dir, out, options=opts(), on_slice=lambda d, t: progress.append((d, t))
+    )
     n = pq.read_metadata(slice_dataset / "test.parquet").num_rows
     assert s["resumed_with"] == committed and s["slices"] == n and s["errors"] == 0
     assert progress[0] == (committed, n) and progress[-1] == (n, n)
@@ -119,7 +170,9 @@ def test_explain_dataset_killed_and_rerun_finishes_without_redoing(slice_dataset
     keys = list(zip(resumed["volume_id"], resumed["slice_index"]))
     assert len(set(keys)) == n
 
-    job.explain_dataset(slice_dataset, model_dir, tmp_path / "w", options=opts())  # the same job, never killed
+    job.explain_dataset(
+        slice_dataset, model_dir, tmp_path / "w", options=opts()
+    )  # the same job, never killed
     whole = job.read_explanations(tmp_path / "w" / "explanations.parquet")
     assert list(zip(whole["volume_id"], whole["slice_index"])) == keys
     np.testing.assert_allclose(resumed["importance"], whole["importance"], atol=1e-5)
@@ -127,7 +180,9 @@ def test_explain_dataset_killed_and_rerun_finishes_without_redoing(slice_dataset
     again = job.explain_dataset(slice_dataset, model_dir, out, options=opts())  # complete: nothing left to do
     assert again["resumed_with"] == n and again["slices"] == n
     with pytest.raises(CTSearchInputError, match="another relax"):
-        job.explain_dataset(slice_dataset, model_dir, out, options=job.ExplainOptions(num_masks=16, render_png=False))
+        job.explain_dataset(
+            slice_dataset, model_dir, out, options=job.ExplainOptions(num_masks=16, render_png=False)
+        )
     moved = tmp_path / "moved"  # the same dataset file under another folder, with one slice fewer
     moved.mkdir()
     t = pq.read_table(slice_dataset / "test.parquet")

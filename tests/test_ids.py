@@ -43,12 +43,23 @@ def test_pseudonymise_is_keyed_hmac_sha256():
 
 def test_pseudonymise_ids_hashes_ids_and_uid_named_volumes_only():
     uid = "1.2.826.0.1.3680043.8.498.1"
-    row = {"volume_id": uid, "patient_id": "P1", "study_id": "1.2.3", "series_id": uid, "exam_date": "2020-01-02",
-           "slice_index": 4, "path": "/a/b"}
+    row = {
+        "volume_id": uid,
+        "patient_id": "P1",
+        "study_id": "1.2.3",
+        "series_id": uid,
+        "exam_date": "2020-01-02",
+        "slice_index": 4,
+        "path": "/a/b",
+    }
     out = pseudonymise_ids(row, SALT)
     assert out["volume_id"] == out["series_id"] == pseudonymise(uid, SALT)
     assert out["patient_id"] == pseudonymise("P1", SALT) and out["study_id"] == pseudonymise("1.2.3", SALT)
-    assert {k: out[k] for k in ("exam_date", "slice_index", "path")} == {"exam_date": "2020-01-02", "slice_index": 4, "path": "/a/b"}
+    assert {k: out[k] for k in ("exam_date", "slice_index", "path")} == {
+        "exam_date": "2020-01-02",
+        "slice_index": 4,
+        "path": "/a/b",
+    }
     nifti = pseudonymise_ids({"volume_id": "liver_3", "series_id": "liver_3"}, SALT)
     assert nifti["volume_id"] == "liver_3" and is_pseudonym(nifti["series_id"])
     assert pseudonymise_ids(row, None) == row
@@ -59,13 +70,21 @@ def test_load_salt_and_its_errors(tmp_path):
     good.write_bytes(SALT + b"\n")
     assert load_salt(good) == SALT  # one trailing newline stripped
     assert salt_fingerprint(SALT) == hashlib.sha256(SALT).hexdigest()[:12]
-    assert ids_block(SALT) == {"pseudonymised": True, "scheme": "hmac-sha256-64", "salt_fingerprint": salt_fingerprint(SALT)}
+    assert ids_block(SALT) == {
+        "pseudonymised": True,
+        "scheme": "hmac-sha256-64",
+        "salt_fingerprint": salt_fingerprint(SALT),
+    }
     (tmp_path / "empty").write_bytes(b"\n")
     (tmp_path / "short").write_bytes(b"abc123\n")
     for name, problem in [("missing", "no such salt file"), ("empty", "empty"), ("short", "guessable")]:
         with pytest.raises(CTSearchInputError) as e:
             load_salt(tmp_path / name)
-        assert str(e.value).startswith(str(tmp_path / name)) and problem in str(e.value) and "\n" not in str(e.value)
+        assert (
+            str(e.value).startswith(str(tmp_path / name))
+            and problem in str(e.value)
+            and "\n" not in str(e.value)
+        )
     with pytest.raises(CTSearchInputError, match="cannot read"):
         load_salt(tmp_path)  # a folder: unreadable as a file
 
@@ -98,8 +117,15 @@ def _leaks(folder: Path, originals: set[str]) -> list[str]:
 
 def test_prepare_with_salt_writes_no_original_id_and_keeps_the_split(synth_archive, slice_dataset, tmp_path):
     out = tmp_path / "prepared"
-    summary = prepare(synth_archive / "nifti", out, protocol="decathlon", per_volume=5, train_volumes=6, seed=0,
-                      id_salt=SALT)
+    summary = prepare(
+        synth_archive / "nifti",
+        out,
+        protocol="decathlon",
+        per_volume=5,
+        train_volumes=6,
+        seed=0,
+        id_salt=SALT,
+    )
     originals = _original_ids(slice_dataset / "manifest.parquet")
     assert len(originals) == 8 and "synth-0000" in originals  # the 8 patients
     assert _leaks(slice_dataset, originals), "the check must see ids in an unsalted output"
@@ -116,14 +142,19 @@ def test_prepare_with_salt_writes_no_original_id_and_keeps_the_split(synth_archi
         assert b.patient_id.tolist() == [pseudonymise(p, SALT) for p in a.patient_id]
     m = pq.read_table(out / "manifest.parquet")
     assert json.loads(m.schema.metadata[b"ctsearch.ids"]) == ids_block(SALT)
-    assert all(is_pseudonym(v) for c in ("patient_id", "study_id", "series_id") for v in m.column(c).to_pylist())
+    assert all(
+        is_pseudonym(v) for c in ("patient_id", "study_id", "series_id") for v in m.column(c).to_pylist()
+    )
 
 
 def test_prepare_cli_hashes_dicom_uids_with_the_salt_file_from_the_environment(synth_archive, tmp_path):
     salt_file = tmp_path / "salt"
     salt_file.write_bytes(SALT)
-    r = CliRunner().invoke(app, ["prepare", str(synth_archive / "dicom"), str(tmp_path / "out"), "--json"],
-                           env={"CTSEARCH_ID_SALT_FILE": str(salt_file)})
+    r = CliRunner().invoke(
+        app,
+        ["prepare", str(synth_archive / "dicom"), str(tmp_path / "out"), "--json"],
+        env={"CTSEARCH_ID_SALT_FILE": str(salt_file)},
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["ids"] == ids_block(SALT)
     rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
@@ -135,8 +166,16 @@ def test_prepare_cli_hashes_dicom_uids_with_the_salt_file_from_the_environment(s
 
     uids = {u for e in scan_archive(synth_archive / "dicom")[0] for u in (e.study_id, e.series_id)}
     assert len(uids) == 16 and _leaks(tmp_path / "out", uids) == []
-    r = CliRunner().invoke(app, ["prepare", str(synth_archive / "dicom"), str(tmp_path / "o2"), "--id-salt-file",
-                                 str(tmp_path / "nope")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "prepare",
+            str(synth_archive / "dicom"),
+            str(tmp_path / "o2"),
+            "--id-salt-file",
+            str(tmp_path / "nope"),
+        ],
+    )
     assert r.exit_code == 1 and "nope: no such salt file" in r.output
 
 
@@ -181,7 +220,10 @@ def test_index_with_salt_stores_pseudonyms_only(salted_index, two_exam_archive):
     idx = Index.open(salted_index)
     assert idx.ids == ids_block(SALT)
     rows = pq.read_table(salted_index / "embeddings").to_pylist()
-    assert {r["patient_id"] for r in rows} == {pseudonymise("synth-0000", SALT), pseudonymise("synth-0001", SALT)}
+    assert {r["patient_id"] for r in rows} == {
+        pseudonymise("synth-0000", SALT),
+        pseudonymise("synth-0001", SALT),
+    }
     assert {r["volume_id"] for r in rows} == {f"liver_{i}" for i in range(4)}
     from ctsearch.io import scan_archive
 
@@ -198,10 +240,22 @@ def test_exclude_patient_takes_the_original_id_or_the_pseudonym(salted_index, sa
         assert hits and all(h["patient_id"] != p0 for h in hits)
         only = _search(salted_index, "liver_2:20", "-k", "400", "--patient", value, *extra)
         assert only and all(h["patient_id"] == p0 for h in only)
-    r = CliRunner().invoke(app, ["search", str(salted_index), "liver_0:20", "--exclude-patient", "synth-0000"])
+    r = CliRunner().invoke(
+        app, ["search", str(salted_index), "liver_0:20", "--exclude-patient", "synth-0000"]
+    )
     assert r.exit_code == 1 and "--id-salt-file" in r.output and "pseudonym" in r.output
-    r = CliRunner().invoke(app, ["search", str(salted_index), "liver_0:20", "--exclude-patient", "synth-0000",
-                                 "--id-salt-file", str(salt_files[1])])
+    r = CliRunner().invoke(
+        app,
+        [
+            "search",
+            str(salted_index),
+            "liver_0:20",
+            "--exclude-patient",
+            "synth-0000",
+            "--id-salt-file",
+            str(salt_files[1]),
+        ],
+    )
     assert r.exit_code == 1 and "another salt" in r.output
 
 
@@ -247,32 +301,60 @@ def test_a_pseudonymised_manifest_needs_its_own_salt(tmp_path, two_exam_archive)
         with pytest.raises(CTSearchInputError, match=problem):
             resolve_source(manifest, salt)
     tasks, _ = resolve_source(manifest, SALT)
-    assert {t["patient_id"] for t in tasks} == {pseudonymise("synth-0000", SALT), pseudonymise("synth-0001", SALT)}
+    assert {t["patient_id"] for t in tasks} == {
+        pseudonymise("synth-0000", SALT),
+        pseudonymise("synth-0001", SALT),
+    }
 
 
-def test_explain_on_a_salted_index_hashes_the_query_and_takes_the_original_id(salted_index, two_exam_archive,
-                                                                              salt_files, tmp_path):
+def test_explain_on_a_salted_index_hashes_the_query_and_takes_the_original_id(
+    salted_index, two_exam_archive, salt_files, tmp_path
+):
     query = two_exam_archive / "imagesTr" / "liver_0.nii.gz"
-    r = CliRunner().invoke(app, ["explain", str(salted_index), str(query), "--slice", "20", "-k", "2", "--masks", "8",
-                                 "--exclude-patient", "synth-0000", "--id-salt-file", str(salt_files[0]), "--no-png",
-                                 "--out", str(tmp_path / "q"), "--json"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "explain",
+            str(salted_index),
+            str(query),
+            "--slice",
+            "20",
+            "-k",
+            "2",
+            "--masks",
+            "8",
+            "--exclude-patient",
+            "synth-0000",
+            "--id-salt-file",
+            str(salt_files[0]),
+            "--no-png",
+            "--out",
+            str(tmp_path / "q"),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     p0 = pseudonymise("synth-0000", SALT)
     assert res["query"]["patient_id"] == p0
-    assert len(res["hits"]) == 2 and all(h["patient_id"] == pseudonymise("synth-0001", SALT) for h in res["hits"])
+    assert len(res["hits"]) == 2 and all(
+        h["patient_id"] == pseudonymise("synth-0001", SALT) for h in res["hits"]
+    )
     assert b"synth-0000" not in (tmp_path / "q" / "maps.npz").read_bytes()
 
 
-def test_a_pseudonymised_dicom_manifest_indexes_with_its_salt(synth_archive, model_dir, ray_session, tmp_path):
+def test_a_pseudonymised_dicom_manifest_indexes_with_its_salt(
+    synth_archive, model_dir, ray_session, tmp_path
+):
     """The manifest names each DICOM series by its pseudonym; the index job finds the series by it."""
     from ctsearch.io import scan_archive
     from ctsearch.jobs.index import index_source
 
     prepare(synth_archive / "dicom", tmp_path / "p", id_salt=SALT)
     out = tmp_path / "idx"
-    summary = index_source(tmp_path / "p" / "manifest.parquet", model_dir, out, shard_volumes=4, batch_size=64,
-                           id_salt=SALT)
+    summary = index_source(
+        tmp_path / "p" / "manifest.parquet", model_dir, out, shard_volumes=4, batch_size=64, id_salt=SALT
+    )
     assert summary.volumes_indexed == 8 and summary.volumes_failed == 0, summary
     entries = scan_archive(synth_archive / "dicom")[0]
     rows = pq.read_table(out / "embeddings", columns=["volume_id", "series_id", "patient_id"]).to_pylist()

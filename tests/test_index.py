@@ -40,7 +40,9 @@ def _row_set(index_dir) -> set[tuple[str, int]]:
     idx = Index.open(index_dir)
     rows = set()
     for s in idx.shards:
-        t = pq.read_table(index_dir / "embeddings" / f"{s.name}.parquet", columns=["volume_id", "slice_index"])
+        t = pq.read_table(
+            index_dir / "embeddings" / f"{s.name}.parquet", columns=["volume_id", "slice_index"]
+        )
         pairs = list(zip(t.column("volume_id").to_pylist(), t.column("slice_index").to_pylist()))
         assert len(pairs) == len(set(pairs)), "duplicate rows inside a shard"
         assert not rows & set(pairs), "the same slice in two shards"
@@ -52,7 +54,9 @@ def _embeddings(index_dir) -> dict:
     out = {}
     for f in sorted((index_dir / "embeddings").glob("*.parquet")):
         t = pq.read_table(f)
-        for key, v in zip(zip(t.column("volume_id").to_pylist(), t.column("slice_index").to_pylist()), table_vectors(t)):
+        for key, v in zip(
+            zip(t.column("volume_id").to_pylist(), t.column("slice_index").to_pylist()), table_vectors(t)
+        ):
             out[key] = v
     return out
 
@@ -149,7 +153,9 @@ def test_exclude_patient_never_returns_that_patient(built):
 
 
 @pytest.mark.parametrize("crash", ["commit:1", "files:2"])
-def test_killed_run_then_rerun_gives_the_clean_row_set(built, archive, model_dir, tmp_path, monkeypatch, crash):
+def test_killed_run_then_rerun_gives_the_clean_row_set(
+    built, archive, model_dir, tmp_path, monkeypatch, crash
+):
     clean_dir, _ = built
     out = tmp_path / "index"
     point, n = crash.split(":")
@@ -220,5 +226,6 @@ def test_cli_index_of_nothing_usable_fails_with_one_line(model_dir, ray_session,
     out = tmp_path / "index"
     r = CliRunner().invoke(app, ["index", str(bad), "--model", str(model_dir), "--out", str(out), "--json"])
     assert r.stdout == "" and error_line(r) == (
-        f"error: {bad}: no volume could be indexed (1 failed, 0 unreadable files; see {out / 'errors.parquet'})")
+        f"error: {bad}: no volume could be indexed (1 failed, 0 unreadable files; see {out / 'errors.parquet'})"
+    )
     assert pq.read_table(out / "errors.parquet").column("path").to_pylist() == [str(bad)]

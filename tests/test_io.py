@@ -41,8 +41,15 @@ def flipped(vol: Volume, axes_zyx) -> Volume:
         n = vol.hu.shape[ax]
         affine[:3, 3] += affine[:3, col] * (n - 1)
         affine[:3, col] *= -1
-    return Volume(hu=np.ascontiguousarray(hu), spacing_mm=vol.spacing_mm, affine=affine, patient_id=vol.patient_id,
-                  study_id=vol.study_id, series_id=vol.series_id, exam_date=vol.exam_date)
+    return Volume(
+        hu=np.ascontiguousarray(hu),
+        spacing_mm=vol.spacing_mm,
+        affine=affine,
+        patient_id=vol.patient_id,
+        study_id=vol.study_id,
+        series_id=vol.series_id,
+        exam_date=vol.exam_date,
+    )
 
 
 def assert_same_scan(a: Volume, b: Volume):
@@ -81,8 +88,14 @@ def test_transposed_in_plane_dicom_reads_canonical(tmp_path):
     """Rows running along x instead of y (ImageOrientationPatient 0,1,0,1,0,0)."""
     vol = make_volume(shape=(4, 10, 14))
     a = vol.affine
-    swapped = Volume(hu=np.ascontiguousarray(vol.hu.transpose(0, 2, 1)), spacing_mm=vol.spacing_mm,
-                     affine=a[:, [1, 0, 2, 3]], patient_id="p", study_id="s", series_id="t")
+    swapped = Volume(
+        hu=np.ascontiguousarray(vol.hu.transpose(0, 2, 1)),
+        spacing_mm=vol.spacing_mm,
+        affine=a[:, [1, 0, 2, 3]],
+        patient_id="p",
+        study_id="s",
+        series_id="t",
+    )
     files = write_dicom_series(swapped, tmp_path / "dcm")
     iop = [float(v) for v in pydicom.dcmread(files[0]).ImageOrientationPatient]
     assert iop == [0, 1, 0, 1, 0, 0]
@@ -270,8 +283,15 @@ def test_scan_archive_written_by_another_tool(tmp_path):
     rng = np.random.default_rng(0)
     vols = {}
     for case in (0, 1, 10):
-        vol = even(make_volume(shape=(4 + case % 3, 16, 12), seed=case, patient_id=f"liver_{case}",
-                               study_id=f"liver_{case}", series_id=f"liver_{case}"))
+        vol = even(
+            make_volume(
+                shape=(4 + case % 3, 16, 12),
+                seed=case,
+                patient_id=f"liver_{case}",
+                study_id=f"liver_{case}",
+                series_id=f"liver_{case}",
+            )
+        )
         vols[case] = vol
         label = (vol.hu > 0).astype(np.uint8)
         name = f"liver_{case}.nii.gz"
@@ -333,7 +353,9 @@ def test_scan_archive_written_by_another_tool(tmp_path):
 def test_scan_single_nifti_file_and_missing_root(tmp_path):
     write_nifti(make_volume(shape=(2, 4, 4)), tmp_path / "liver_3.nii")
     entries, errors = scan_archive(tmp_path / "liver_3.nii")
-    assert [(e.volume_id, e.case_number, e.shape) for e in entries] == [("liver_3", 3, (2, 4, 4))] and errors == []
+    assert [(e.volume_id, e.case_number, e.shape) for e in entries] == [
+        ("liver_3", 3, (2, 4, 4))
+    ] and errors == []
     with pytest.raises(CTSearchInputError, match="no such file"):
         scan_archive(tmp_path / "nope")
 
@@ -379,10 +401,21 @@ def test_decathlon_dataset_json_ids_and_sidecar_override(tmp_path):
     hu = np.zeros((4, 8, 8), np.int16)
     for case in (0, 1):
         vol = Volume(hu=hu, spacing_mm=(1.0, 1.0, 1.0), affine=Volume.affine_from((1, 1, 1), (0, 0, 0)))
-        write_nifti(vol, tmp_path / "imagesTr" / f"liver_{case}.nii.gz", label=np.zeros(hu.shape, np.uint8),
-                    label_path=tmp_path / "labelsTr" / f"liver_{case}.nii.gz")
-    training = [{"image": f"./imagesTr/liver_{c}.nii.gz", "label": f"./labelsTr/liver_{c}.nii.gz",
-                 "patient_id": "P7", "exam_date": f"201{c}-01-02"} for c in (0, 1)]
+        write_nifti(
+            vol,
+            tmp_path / "imagesTr" / f"liver_{case}.nii.gz",
+            label=np.zeros(hu.shape, np.uint8),
+            label_path=tmp_path / "labelsTr" / f"liver_{case}.nii.gz",
+        )
+    training = [
+        {
+            "image": f"./imagesTr/liver_{c}.nii.gz",
+            "label": f"./labelsTr/liver_{c}.nii.gz",
+            "patient_id": "P7",
+            "exam_date": f"201{c}-01-02",
+        }
+        for c in (0, 1)
+    ]
     (tmp_path / "dataset.json").write_text(json.dumps({"training": training, "test": []}))
     (tmp_path / "imagesTr" / "liver_1.json").write_text(json.dumps({"patient_id": "P8"}))
     entries, errors = scan_archive(tmp_path)

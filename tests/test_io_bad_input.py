@@ -17,8 +17,17 @@ from ctsearch.io import Volume, read_volume, scan_archive, write_dicom_series, w
 
 
 def small_volume(shape=(4, 8, 8), seed=0, series_id="s") -> Volume:
-    return random_volume(shape, seed, spacing=(3.0, 0.75, 0.75), origin=(0.0, 0.0, 0.0), hu_range=(-1000, 1500),
-                         patient_id="p", study_id="st", series_id=series_id, exam_date="2020-01-01")  # fmt: skip
+    return random_volume(
+        shape,
+        seed,
+        spacing=(3.0, 0.75, 0.75),
+        origin=(0.0, 0.0, 0.0),
+        hu_range=(-1000, 1500),
+        patient_id="p",
+        study_id="st",
+        series_id=series_id,
+        exam_date="2020-01-01",
+    )
 
 
 def nifti_bytes(tmp_path, shape=(4, 8, 8), suffix=".nii.gz") -> bytes:
@@ -35,7 +44,7 @@ def series(tmp_path, name="dcm", **kw):
 
 def header_with_dims(tmp_path, dims, suffix):
     """A valid NIfTI header whose dims claim ``dims`` voxels, followed by 512 bytes of data."""
-    raw = bytearray(nifti_bytes(tmp_path, suffix=".nii"))[:352 + 512]
+    raw = bytearray(nifti_bytes(tmp_path, suffix=".nii"))[: 352 + 512]
     struct.pack_into("<8h", raw, 40, 3, *dims, 1, 1, 1, 1)
     return gzip.compress(bytes(raw)) if suffix == ".nii.gz" else bytes(raw)
 
@@ -179,7 +188,9 @@ def non_ct(t):
 def dicm_then_garbage(t):
     series(t)
     p = t / "in" / "dcm" / "garbage"
-    p.write_bytes(b"\0" * 128 + b"DICM" + bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)))
+    p.write_bytes(
+        b"\0" * 128 + b"DICM" + bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8))
+    )
     return p.parent, p, "", ""
 
 
@@ -195,11 +206,28 @@ def empty_folder(t):
 
 
 CASES = [
-    truncated_gzip_data, truncated_gzip_header, empty_nifti, empty_dicom_in_series, text_named_dcm,
-    text_named_nii, huge_dims, huge_dims_gz, plausible_dims_short_file, plausible_dims_short_gz,
-    two_d_nifti, inconsistent_sizes, duplicate_positions, missing_slice, missing_pixel_data,
-    truncated_dicom, rows_claim_too_big, missing_position, non_ct, dicm_then_garbage,
-    single_dicom_file, empty_folder,
+    truncated_gzip_data,
+    truncated_gzip_header,
+    empty_nifti,
+    empty_dicom_in_series,
+    text_named_dcm,
+    text_named_nii,
+    huge_dims,
+    huge_dims_gz,
+    plausible_dims_short_file,
+    plausible_dims_short_gz,
+    two_d_nifti,
+    inconsistent_sizes,
+    duplicate_positions,
+    missing_slice,
+    missing_pixel_data,
+    truncated_dicom,
+    rows_claim_too_big,
+    missing_position,
+    non_ct,
+    dicm_then_garbage,
+    single_dicom_file,
+    empty_folder,
 ]
 
 

@@ -28,7 +28,12 @@ def import_graph() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names if a.name in modules}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module in modules:
+            elif (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.level == 0
+                and node.module in modules
+            ):
                 subs = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
                 deps |= subs or {node.module}
         graph[name] = deps - {name}
@@ -73,7 +78,9 @@ def test_no_import_cycle_in_the_package():
 def test_library_never_imports_jobs_or_cli():
     graph = import_graph()
     library = [m for m in graph if not m.startswith(("ctsearch.jobs", "ctsearch.cli", "ctsearch.__main__"))]
-    wrong = {m: sorted(d for d in graph[m] if d.startswith(("ctsearch.jobs", "ctsearch.cli"))) for m in library}
+    wrong = {
+        m: sorted(d for d in graph[m] if d.startswith(("ctsearch.jobs", "ctsearch.cli"))) for m in library
+    }
     assert not {m: d for m, d in wrong.items() if d}
 
 

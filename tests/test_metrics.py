@@ -87,8 +87,12 @@ def _brute_rr(imp, mask):
     import torch
     import torch.nn.functional as F
 
-    up = F.interpolate(torch.tensor(imp, dtype=torch.float32)[None, None], size=mask.shape, mode="bilinear",
-                       align_corners=False)[0, 0].numpy()
+    up = F.interpolate(
+        torch.tensor(imp, dtype=torch.float32)[None, None],
+        size=mask.shape,
+        mode="bilinear",
+        align_corners=False,
+    )[0, 0].numpy()
     m = int(mask.sum())
     flat = np.abs(up).ravel()
     top = sorted(range(flat.size), key=lambda i: (-flat[i], i))[:m]

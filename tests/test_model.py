@@ -31,11 +31,16 @@ def test_simsiam_heads_follow_reference_dims():
     m = SimSiam(ModelConfig(backbone="resnet50"))
     linears = [lin for lin in m.projector if isinstance(lin, torch.nn.Linear)]
     assert [(lin.in_features, lin.out_features, lin.bias is not None) for lin in linears] == [
-        (2048, 2048, False), (2048, 2048, False), (2048, 2048, True)
-    ]  # fmt: skip
+        (2048, 2048, False),
+        (2048, 2048, False),
+        (2048, 2048, True),
+    ]
     assert m.projector[-1].affine is False
     pred = [lin for lin in m.predictor if isinstance(lin, torch.nn.Linear)]
-    assert [(lin.in_features, lin.out_features, lin.bias is not None) for lin in pred] == [(2048, 512, False), (512, 2048, True)]
+    assert [(lin.in_features, lin.out_features, lin.bias is not None) for lin in pred] == [
+        (2048, 512, False),
+        (512, 2048, True),
+    ]
 
 
 def test_simsiam_forward_stops_gradient_on_targets():
@@ -62,7 +67,9 @@ def test_one_step_changes_weights_and_loss_is_finite():
     loss = train_step(m, opt, x1, x2)
     assert np.isfinite(loss) and -1.0 <= loss <= 1.0
     after = m.state_dict()
-    changed = [k for k in before if before[k].dtype.is_floating_point and not torch.equal(before[k], after[k])]
+    changed = [
+        k for k in before if before[k].dtype.is_floating_point and not torch.equal(before[k], after[k])
+    ]
     assert any(k.startswith("encoder.conv1") for k in changed)
     assert any(k.startswith("predictor.") for k in changed)
     assert torch.equal(before["projector.6.bias"], after["projector.6.bias"])  # frozen, as in SimSiam
@@ -78,7 +85,9 @@ def test_lr_schedules_and_fixed_predictor_lr():
     opt = build_optimizer(m, config=cos)
     set_lr(opt, 5, cos)
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.025), pytest.approx(0.05)]
-    assert sum(p.numel() for p in opt.param_groups[1]["params"]) == sum(p.numel() for p in m.predictor.parameters())
+    assert sum(p.numel() for p in opt.param_groups[1]["params"]) == sum(
+        p.numel() for p in m.predictor.parameters()
+    )
 
 
 def test_view_windows_and_rescale():
@@ -146,7 +155,9 @@ def test_imagenet_weights_from_torch_cache_and_file(tmp_path, monkeypatch):
     enc.load_state_dict(state)  # strict: every key fits
     other = tmp_path / "other.pth"
     torch.save({"state_dict": {f"module.encoder.{k}": v for k, v in tv.state_dict().items()}}, other)
-    assert torch.equal(initial_encoder_state("imagenet", cfg, weights=other)["layer4.1.bn2.weight"], tv.layer4[1].bn2.weight)
+    assert torch.equal(
+        initial_encoder_state("imagenet", cfg, weights=other)["layer4.1.bn2.weight"], tv.layer4[1].bn2.weight
+    )
     assert initial_encoder_state("random", cfg) is None
 
 

@@ -29,10 +29,28 @@ def test_faiss_cpu_beside_faiss_gpu_is_refused_with_a_fix():
 
 
 def test_library_modules_import_without_ray():
-    modules = ["ctsearch", "ctsearch.io", "ctsearch.hu", "ctsearch.config", "ctsearch.backbones", "ctsearch.preprocess",
-               "ctsearch.views", "ctsearch.model", "ctsearch.ssl", "ctsearch.explain", "ctsearch.query", "ctsearch.report",
-               "ctsearch.store", "ctsearch.index", "ctsearch.relax", "ctsearch.metrics", "ctsearch.crossexam",
-               "ctsearch.prepare", "ctsearch.synth", "ctsearch.cli.main"]
+    modules = [
+        "ctsearch",
+        "ctsearch.io",
+        "ctsearch.hu",
+        "ctsearch.config",
+        "ctsearch.backbones",
+        "ctsearch.preprocess",
+        "ctsearch.views",
+        "ctsearch.model",
+        "ctsearch.ssl",
+        "ctsearch.explain",
+        "ctsearch.query",
+        "ctsearch.report",
+        "ctsearch.store",
+        "ctsearch.index",
+        "ctsearch.relax",
+        "ctsearch.metrics",
+        "ctsearch.crossexam",
+        "ctsearch.prepare",
+        "ctsearch.synth",
+        "ctsearch.cli.main",
+    ]
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr

@@ -19,14 +19,30 @@ def _decathlon(root, n_volumes: int, nz: int = 20, liver_z=(6, 14)):
     """A minimal Decathlon-layout archive: liver (label 1, tumour 2) on slices liver_z[0]..liver_z[1]-1."""
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
-    (root / "dataset.json").write_text(json.dumps({"name": "tiny", "labels": {"0": "background", "1": "liver", "2": "cancer"}}))
+    (root / "dataset.json").write_text(
+        json.dumps({"name": "tiny", "labels": {"0": "background", "1": "liver", "2": "cancer"}})
+    )
     for case in range(n_volumes):
-        vol = random_volume((nz, 16, 16), case, (2.0, 0.8, 0.8), (0, 0, -20.0 * case), hu_range=(-1000, 400),
-                            patient_id="", study_id="", series_id="", exam_date=None)  # fmt: skip
+        vol = random_volume(
+            (nz, 16, 16),
+            case,
+            (2.0, 0.8, 0.8),
+            (0, 0, -20.0 * case),
+            hu_range=(-1000, 400),
+            patient_id="",
+            study_id="",
+            series_id="",
+            exam_date=None,
+        )
         label = np.zeros(vol.hu.shape, np.uint8)
         label[liver_z[0] : liver_z[1], 4:12, 4:12] = 1
         label[liver_z[0] + 2, 6:8, 6:8] = 2
-        write_nifti(vol, root / "imagesTr" / f"liver_{case}.nii.gz", label=label, label_path=root / "labelsTr" / f"liver_{case}.nii.gz")
+        write_nifti(
+            vol,
+            root / "imagesTr" / f"liver_{case}.nii.gz",
+            label=label,
+            label_path=root / "labelsTr" / f"liver_{case}.nii.gz",
+        )
     return root
 
 
@@ -44,7 +60,10 @@ def test_protocol_split_counts_and_masks(tmp_path):
     summary = prepare(archive, tmp_path / "out", protocol="decathlon", per_volume=3, train_volumes=5, seed=1)
     assert summary["volumes"] == 7 and summary["errors"] == 0
     assert (summary["train_volumes"], summary["test_volumes"]) == (5, 2)
-    train, test = read_slices(tmp_path / "out" / "train.parquet"), read_slices(tmp_path / "out" / "test.parquet")
+    train, test = (
+        read_slices(tmp_path / "out" / "train.parquet"),
+        read_slices(tmp_path / "out" / "test.parquet"),
+    )
     assert (len(train), len(test)) == (30, 12)
     assert sorted(set(train.volume_id)) == [f"liver_{i}" for i in range(5)]
     assert sorted(set(test.volume_id)) == ["liver_5", "liver_6"]
@@ -78,8 +97,21 @@ def test_bad_files_land_in_errors_and_the_rest_is_prepared(tmp_path):
     archive = _decathlon(tmp_path / "arch", n_volumes=3)
     (archive / "imagesTr" / "liver_9.nii.gz").write_bytes(b"\x1f\x8b\x08\x00broken")
     (archive / "notes.dcm").write_text("not a dicom file")
-    result = CliRunner().invoke(app, ["prepare", str(archive), str(tmp_path / "out"), "--protocol", "decathlon",
-                                      "--per-volume", "2", "--train-volumes", "2", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "prepare",
+            str(archive),
+            str(tmp_path / "out"),
+            "--protocol",
+            "decathlon",
+            "--per-volume",
+            "2",
+            "--train-volumes",
+            "2",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["volumes"] == 3 and summary["train_slices"] == 8 and summary["test_slices"] == 4
@@ -92,7 +124,11 @@ def test_bad_files_land_in_errors_and_the_rest_is_prepared(tmp_path):
 def test_cli_user_errors_are_one_line(tmp_path):
     runner = CliRunner()
     missing = runner.invoke(app, ["prepare", str(tmp_path / "nowhere"), str(tmp_path / "out")])
-    assert missing.exit_code == 1 and "no such archive folder" in missing.output and "Traceback" not in missing.output
+    assert (
+        missing.exit_code == 1
+        and "no such archive folder" in missing.output
+        and "Traceback" not in missing.output
+    )
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "x.nii").write_bytes(b"")
     empty = runner.invoke(app, ["prepare", str(tmp_path / "empty"), str(tmp_path / "out2")])

@@ -44,7 +44,9 @@ class Page(HTMLParser):
         self.attrs += [(tag, k, v or "") for k, v in attrs]
 
     def handle_endtag(self, tag):
-        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes <{self.stack[-1] if self.stack else None}>"
+        assert self.stack and self.stack[-1] == tag, (
+            f"</{tag}> closes <{self.stack[-1] if self.stack else None}>"
+        )
         self.stack.pop()
 
     def handle_data(self, data):
@@ -65,11 +67,30 @@ def parse_page(path: Path) -> Page:
 def _run_dir(root: Path, name: str, views: str) -> Path:
     run = root / "runs" / name
     run.mkdir(parents=True)
-    atomic_write_json({"options": {"views": views, "backbone": "tiny", "epochs": 3, "batch_size": 32, "base_lr": 0.5,
-                                   "init": "random", "seed": 0},
-                       "model": {"backbone": "tiny", "image_size": 64, "views": views, "rescale": "own",
-                                 "wide": [-1000, 1000], "narrow": [-50, 250]}, "lr": 0.0625, "dataset": "prepared"},
-                      run / "config.json")  # fmt: skip
+    atomic_write_json(
+        {
+            "options": {
+                "views": views,
+                "backbone": "tiny",
+                "epochs": 3,
+                "batch_size": 32,
+                "base_lr": 0.5,
+                "init": "random",
+                "seed": 0,
+            },
+            "model": {
+                "backbone": "tiny",
+                "image_size": 64,
+                "views": views,
+                "rescale": "own",
+                "wide": [-1000, 1000],
+                "narrow": [-50, 250],
+            },
+            "lr": 0.0625,
+            "dataset": "prepared",
+        },
+        run / "config.json",
+    )
     rows = [{"epoch": 0, "map_at_5": 0.70, "knn_accuracy": 0.72, "embedding_std": 0.08}]
     rows += [{"epoch": e, "loss": -0.2 * e, "lr": 0.0625} for e in (1, 2)]
     rows += [{"epoch": 3, "loss": -0.7, "map_at_5": 0.81, "knn_accuracy": 0.84, "embedding_std": 0.07}]
@@ -80,13 +101,32 @@ def _run_dir(root: Path, name: str, views: str) -> Path:
 def _explain_dir(root: Path) -> Path:
     out = root / "explain"
     out.mkdir(parents=True)
-    meta = [{"volume_id": "vol-q", "patient_id": NASTY, "slice_index": 7, "z_mm": -12.5, "path": "/a/q.nii.gz"}]
-    meta += [{"rank": i + 1, "score": 0.9 - 0.1 * i, "volume_id": f"vol-{i}", "patient_id": f"p{i}", "exam_date": "20200101",
-              "slice_index": i, "z_mm": float(i), "path": f"/a/{i}.nii.gz"} for i in range(2)]  # fmt: skip
+    meta = [
+        {"volume_id": "vol-q", "patient_id": NASTY, "slice_index": 7, "z_mm": -12.5, "path": "/a/q.nii.gz"}
+    ]
+    meta += [
+        {
+            "rank": i + 1,
+            "score": 0.9 - 0.1 * i,
+            "volume_id": f"vol-{i}",
+            "patient_id": f"p{i}",
+            "exam_date": "20200101",
+            "slice_index": i,
+            "z_mm": float(i),
+            "path": f"/a/{i}.nii.gz",
+        }
+        for i in range(2)
+    ]
     maps = np.zeros((3, 8, 8), np.float32)
     buf = io.BytesIO()
-    np.savez_compressed(buf, importance=maps, uncertainty=maps, pair_query_importance=maps[:2],
-                        pair_hit_importance=maps[:2], meta=np.asarray(json.dumps(meta)))  # fmt: skip
+    np.savez_compressed(
+        buf,
+        importance=maps,
+        uncertainty=maps,
+        pair_query_importance=maps[:2],
+        pair_hit_importance=maps[:2],
+        meta=np.asarray(json.dumps(meta)),
+    )
     (out / "maps.npz").write_bytes(buf.getvalue())
     tile = slice_rgb(np.zeros((16, 16), np.int16), 16)
     (out / "explanation.png").write_bytes(png_bytes(grid([[tile, tile, tile]])))
@@ -96,20 +136,49 @@ def _explain_dir(root: Path) -> Path:
 def _index_dir(root: Path) -> Path:
     out = root / "index"
     out.mkdir(parents=True)
-    atomic_write_json({"rows": 512, "volumes": 8, "errors": 1, "shards": [{"name": "s0"}], "embedding_dim": 128,
-                       "model": {"config": {"backbone": "tiny", "views": "clinical"}}}, out / "index.json")  # fmt: skip
-    atomic_write_table(errors_table([{"path": "/a/broken.dcm", "stage": "read", "error": "not a DICOM file"}]), out / "errors.parquet")
+    atomic_write_json(
+        {
+            "rows": 512,
+            "volumes": 8,
+            "errors": 1,
+            "shards": [{"name": "s0"}],
+            "embedding_dim": 128,
+            "model": {"config": {"backbone": "tiny", "views": "clinical"}},
+        },
+        out / "index.json",
+    )
+    atomic_write_table(
+        errors_table([{"path": "/a/broken.dcm", "stage": "read", "error": "not a DICOM file"}]),
+        out / "errors.parquet",
+    )
     return out
 
 
 def _evaluation(root: Path) -> Path:
     stat = lambda m, s: {"mean": m, "std": s, "values": []}  # noqa: E731
-    res = {"k": 5, "relax_masks": 100, "queries": 10, "database": 30, "liver_queries": 4, "rows": [
-        {"name": "random init + SimSiam (HU clipping), tiny", "n": 2, "map": stat(0.891, 0.013), "acc": stat(0.906, 0.014),
-         "rr": stat(0.162, 0.031)},
-        {"name": "random init (seed 0), tiny", "n": 1, "map": stat(0.794, None), "acc": stat(0.803, None),
-         "rr": stat(float("nan"), None)},
-    ]}  # fmt: skip
+    res = {
+        "k": 5,
+        "relax_masks": 100,
+        "queries": 10,
+        "database": 30,
+        "liver_queries": 4,
+        "rows": [
+            {
+                "name": "random init + SimSiam (HU clipping), tiny",
+                "n": 2,
+                "map": stat(0.891, 0.013),
+                "acc": stat(0.906, 0.014),
+                "rr": stat(0.162, 0.031),
+            },
+            {
+                "name": "random init (seed 0), tiny",
+                "n": 1,
+                "map": stat(0.794, None),
+                "acc": stat(0.803, None),
+                "rr": stat(float("nan"), None),
+            },
+        ],
+    }
     atomic_write_json(res, root / "evaluation.json")
     return root / "evaluation.json"
 
@@ -125,7 +194,9 @@ def demo_like(tmp_path):
 
 
 def test_line_chart_is_valid_svg_with_one_marker_per_point():
-    svg = line_chart_svg({"a<b": [(0, 1.0), (5, 3.0), (10, float("nan"))], "c": [(5, 2.0)]}, "t & t", "epoch", "y")
+    svg = line_chart_svg(
+        {"a<b": [(0, 1.0), (5, 3.0), (10, float("nan"))], "c": [(5, 2.0)]}, "t & t", "epoch", "y"
+    )
     root = ET.fromstring(svg)  # well-formed XML, so the escaping held
     ns = "{http://www.w3.org/2000/svg}"
     assert len(root.findall(f"{ns}circle")) == 3  # the NaN is left out
@@ -158,7 +229,11 @@ def test_report_of_demo_folder_holds_every_section(demo_like):
     assert summary["out"] == str(demo_like / "report.html")  # one demo folder: the page goes into it
     page = parse_page(demo_like / "report.html")
     text = " ".join(page.text)
-    assert "random init + SimSiam (HU clipping), tiny" in text and "89.1 ± 1.3" in text and "16.20 ± 3.10" in text
+    assert (
+        "random init + SimSiam (HU clipping), tiny" in text
+        and "89.1 ± 1.3" in text
+        and "16.20 ± 3.10" in text
+    )
     assert "79.4" in text and "n/a" in text  # one run: no ±; NaN RR: not measured
     assert page.tags.count("svg") == 4  # two charts per run
     pngs = [v for t, k, v in page.attrs if t == "img" and k == "src"]
@@ -170,11 +245,17 @@ def test_report_of_demo_folder_holds_every_section(demo_like):
 
 def test_missing_parts_become_notes_not_errors(tmp_path, demo_like):
     out = tmp_path / "one-run.html"
-    result = CliRunner().invoke(app, ["report", str(demo_like / "runs" / "standard"), "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        app, ["report", str(demo_like / "runs" / "standard"), "--out", str(out), "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["sections"] == ["training"]
     text = " ".join(parse_page(out).text)
-    assert "No evaluation result" in text and "No explain folder" in text and "No index or prepared dataset" in text
+    assert (
+        "No evaluation result" in text
+        and "No explain folder" in text
+        and "No index or prepared dataset" in text
+    )
 
 
 def test_broken_inputs_are_one_line_errors(tmp_path, demo_like):
@@ -184,7 +265,9 @@ def test_broken_inputs_are_one_line_errors(tmp_path, demo_like):
     assert result.exit_code == 1
     assert f"{bad}: is not a readable evaluation result" in result.output
     (demo_like / "runs" / "standard" / "metrics.jsonl").write_text('{"epoch": 1}\n{oops\n')
-    result = CliRunner().invoke(app, ["report", str(demo_like / "runs" / "standard"), "--out", str(tmp_path / "r.html")])
+    result = CliRunner().invoke(
+        app, ["report", str(demo_like / "runs" / "standard"), "--out", str(tmp_path / "r.html")]
+    )
     assert result.exit_code == 1 and "line 2 is not JSON" in result.output
     assert not (tmp_path / "r.html").exists()
 
@@ -192,8 +275,24 @@ def test_broken_inputs_are_one_line_errors(tmp_path, demo_like):
 def test_evaluate_out_feeds_the_report(tmp_path, slice_dataset):
     """The real chain: evaluate --out writes the JSON the report reads; prepare's folder gives the archive summary."""
     ev = tmp_path / "ev" / "evaluation.json"
-    result = CliRunner().invoke(app, ["evaluate", str(slice_dataset), "--baseline", "random", "--backbone", "tiny",
-                                      "--image-size", "32", "--relax-masks", "0", "--out", str(ev), "--quiet"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(slice_dataset),
+            "--baseline",
+            "random",
+            "--backbone",
+            "tiny",
+            "--image-size",
+            "32",
+            "--relax-masks",
+            "0",
+            "--out",
+            str(ev),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(ev.read_text())["rows"][0]["name"] == "random init (seed 0), tiny"
     out = tmp_path / "r.html"
@@ -211,13 +310,18 @@ def test_dataset_mode_explain_folder_shows_counts_and_liver_overlays_first(tmp_p
 
     folder = tmp_path / "explanations" / "test"
     (folder / "overlays").mkdir(parents=True)
-    atomic_write_json({"split": "test", "model": "runs/a", "slices": 3, "errors": 0, "rr_mean": 0.4321, "rr_slices": 1}, folder / "explain.json")
+    atomic_write_json(
+        {"split": "test", "model": "runs/a", "slices": 3, "errors": 0, "rr_mean": 0.4321, "rr_slices": 1},
+        folder / "explain.json",
+    )
     tile = slice_rgb(np.zeros((16, 16), np.int16), 16)
     rows = []
     for i, label in enumerate([0, 0, 1]):
         png = f"overlays/v_{i}.png"
         (folder / png).write_bytes(png_bytes(grid([[tile]])))
-        rows.append({"volume_id": "v", "slice_index": i, "label": label, "rr": 0.4321 if label else None, "png": png})
+        rows.append(
+            {"volume_id": "v", "slice_index": i, "label": label, "rr": 0.4321 if label else None, "png": png}
+        )
     pq.write_table(pa.Table.from_pylist(rows), folder / "explanations.parquet")
     out = tmp_path / "r.html"
     result = CliRunner().invoke(app, ["report", str(folder), "--out", str(out), "--json"])
@@ -227,4 +331,8 @@ def test_dataset_mode_explain_folder_shows_counts_and_liver_overlays_first(tmp_p
     text = " ".join(page.text)
     assert "0.4321" in text
     captions = [v for t, k, v in page.attrs if t == "img" and k == "alt"]
-    assert captions == ["v slice 2, RR 0.432", "v slice 0", "v slice 1"]  # the liver slice, which has an RR, first
+    assert captions == [
+        "v slice 2, RR 0.432",
+        "v slice 0",
+        "v slice 1",
+    ]  # the liver slice, which has an RR, first

@@ -56,14 +56,37 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def rows_for(n: int, patient_of=lambda i: f"p{i % 7}", volume_of=lambda i: f"v{i // 50}") -> list[dict]:
-    return [dict(volume_id=volume_of(i), patient_id=patient_of(i), study_id=f"s{i // 50}", series_id=volume_of(i),
-                 exam_date=None, slice_index=i % 50, z_mm=float(i % 50) * 2.5, path=f"{volume_of(i)}.nii.gz") for i in range(n)]
+    return [
+        dict(
+            volume_id=volume_of(i),
+            patient_id=patient_of(i),
+            study_id=f"s{i // 50}",
+            series_id=volume_of(i),
+            exam_date=None,
+            slice_index=i % 50,
+            z_mm=float(i % 50) * 2.5,
+            path=f"{volume_of(i)}.nii.gz",
+        )
+        for i in range(n)
+    ]
 
 
 def volumes_for(rows: list[dict]) -> list[dict]:
     vids = sorted({r["volume_id"] for r in rows})
-    return [dict(entry=v, path=f"{v}.nii.gz", volume_id=v, series_id=v, content_hash=v, size=1, mtime_ns=0,
-                 n_slices=sum(r["volume_id"] == v for r in rows), status="indexed") for v in vids]
+    return [
+        dict(
+            entry=v,
+            path=f"{v}.nii.gz",
+            volume_id=v,
+            series_id=v,
+            content_hash=v,
+            size=1,
+            mtime_ns=0,
+            n_slices=sum(r["volume_id"] == v for r in rows),
+            status="indexed",
+        )
+        for v in vids
+    ]
 
 
 def make_index(path, vectors, rows, shard_sizes, **kw) -> Index:
@@ -103,8 +126,11 @@ def test_merge_across_shards_equals_one_exact_search(tmp_path):
 
 
 def test_merge_topk_pads_missing_hits():
-    s, sh, ii = merge_topk([np.array([[0.9, -np.inf]], np.float32), np.array([[0.95]], np.float32)],
-                           [np.array([[4, -1]]), np.array([[2]])], k=4)
+    s, sh, ii = merge_topk(
+        [np.array([[0.9, -np.inf]], np.float32), np.array([[0.95]], np.float32)],
+        [np.array([[4, -1]]), np.array([[2]])],
+        k=4,
+    )
     assert sh.tolist() == [[1, 0, -1, -1]] and ii.tolist() == [[2, 4, -1, -1]]
     assert np.isneginf(s[0, 2:]).all()
 
@@ -141,8 +167,9 @@ def test_float16_index_scores_close_to_float32(tmp_path):
     b = make_index(tmp_path / "b", db, rows_for(500), [500], dtype="float16")
     q = db[:5]
     np.testing.assert_allclose(a.search(q, 5).scores, b.search(q, 5).scores, atol=2e-3)
-    assert (tmp_path / "b" / "embeddings" / "shard-00000.parquet").stat().st_size < \
-        0.6 * (tmp_path / "a" / "embeddings" / "shard-00000.parquet").stat().st_size
+    assert (tmp_path / "b" / "embeddings" / "shard-00000.parquet").stat().st_size < 0.6 * (
+        tmp_path / "a" / "embeddings" / "shard-00000.parquet"
+    ).stat().st_size
 
 
 def test_compaction_merges_flat_shards_into_one_ann_shard(tmp_path):
@@ -167,7 +194,9 @@ def test_a_reader_opened_before_compaction_searches_the_new_commit(tmp_path):
     rows = rows_for(3_000)
     with IndexWriter.open(tmp_path / "i", CFG, ann_threshold=2_500) as w:
         for a in range(0, 3_000, 1_000):
-            w.commit_shard(rows[a : a + 1_000], db[a : a + 1_000], volumes_for(rows[a : a + 1_000]), errors=[])
+            w.commit_shard(
+                rows[a : a + 1_000], db[a : a + 1_000], volumes_for(rows[a : a + 1_000]), errors=[]
+            )
         reader = Index.open(tmp_path / "i")  # a long-lived reader: shard files load on first search
         w.compact()  # removes the three flat shards' files
     res = reader.search(db[:20], k=5)
@@ -231,12 +260,47 @@ def test_cross_exam_finds_the_same_level_in_the_other_exam(tmp_path):
     e1 = l2_normalize(anatomy[:30] + 0.1 * rng.standard_normal((30, 128)) / np.sqrt(128))
     e2 = l2_normalize(anatomy[3:33] + 0.1 * rng.standard_normal((30, 128)) / np.sqrt(128))
     other = clustered(30, 128, 3, seed=2)
-    rows = ([dict(volume_id="e1", patient_id="p", study_id="s1", series_id="e1", exam_date="2020-01-01", slice_index=i,
-                  z_mm=2.0 * i, path="e1") for i in range(30)]
-            + [dict(volume_id="e2", patient_id="p", study_id="s2", series_id="e2", exam_date="2021-01-01", slice_index=i,
-                    z_mm=2.0 * i + 100, path="e2") for i in range(30)]
-            + [dict(volume_id="o", patient_id="q", study_id="s3", series_id="o", exam_date=None, slice_index=i,
-                    z_mm=0.0, path="o") for i in range(30)])
+    rows = (
+        [
+            dict(
+                volume_id="e1",
+                patient_id="p",
+                study_id="s1",
+                series_id="e1",
+                exam_date="2020-01-01",
+                slice_index=i,
+                z_mm=2.0 * i,
+                path="e1",
+            )
+            for i in range(30)
+        ]
+        + [
+            dict(
+                volume_id="e2",
+                patient_id="p",
+                study_id="s2",
+                series_id="e2",
+                exam_date="2021-01-01",
+                slice_index=i,
+                z_mm=2.0 * i + 100,
+                path="e2",
+            )
+            for i in range(30)
+        ]
+        + [
+            dict(
+                volume_id="o",
+                patient_id="q",
+                study_id="s3",
+                series_id="o",
+                exam_date=None,
+                slice_index=i,
+                z_mm=0.0,
+                path="o",
+            )
+            for i in range(30)
+        ]
+    )
     idx = make_index(tmp_path / "i", np.concatenate([e1, e2, other]), rows, [45, 45])
     exams = cross_exam(idx, e1[10], "p", exclude_volume="e1", per_exam=3)
     assert [e["volume_id"] for e in exams] == ["e2"]
@@ -266,7 +330,9 @@ def test_one_writer_at_a_time_and_the_lock_dies_with_the_writer(tmp_path):
     db = clustered(100, 128, clusters=5, seed=10)
     rows = rows_for(100)
     w = IndexWriter.open(tmp_path / "i", CFG)
-    with pytest.raises(CTSearchInputError, match=f"another `ctsearch index` is writing to this folder \\(pid {os.getpid()}"):
+    with pytest.raises(
+        CTSearchInputError, match=f"another `ctsearch index` is writing to this folder \\(pid {os.getpid()}"
+    ):
         IndexWriter.open(tmp_path / "i", CFG)
     w.commit_shard(rows, db, volumes_for(rows), errors=[])  # the refused writer deleted nothing
     w.close()
@@ -275,7 +341,9 @@ def test_one_writer_at_a_time_and_the_lock_dies_with_the_writer(tmp_path):
     with IndexWriter.open(tmp_path / "i", CFG) as w2:
         assert len(Index.open(tmp_path / "i")) == 100 and w2.manifest["shards"][0]["name"] == "shard-00000"
     # A process killed while writing leaves its lock file but not its lock.
-    code = (f"from ctsearch.index import IndexWriter; from ctsearch.model import ModelConfig; import os; "
-            f"IndexWriter.open({str(tmp_path / 'i')!r}, ModelConfig(backbone='tiny', image_size=64)); os._exit(9)")
+    code = (
+        f"from ctsearch.index import IndexWriter; from ctsearch.model import ModelConfig; import os; "
+        f"IndexWriter.open({str(tmp_path / 'i')!r}, ModelConfig(backbone='tiny', image_size=64)); os._exit(9)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9
     IndexWriter.open(tmp_path / "i", CFG).close()

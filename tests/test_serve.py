@@ -24,7 +24,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def call(base: str, path: str, token: str | None = TOKEN, data: bytes | None = None) -> tuple[int, dict, bytes]:
+def call(
+    base: str, path: str, token: str | None = TOKEN, data: bytes | None = None
+) -> tuple[int, dict, bytes]:
     """(status, headers, body) of GET (or POST with ``data``) base + path."""
     req = urllib.request.Request(base + path, data=data, method="POST" if data is not None else "GET")
     if token is not None:
@@ -57,8 +59,13 @@ def server(ray_session, serve_index):
     from ctsearch.serve.api import token_digest
     from ctsearch.serve.deploy import ServeOptions, start, stop
 
-    opts = ServeOptions(str(serve_index), port=free_port(), token_sha256=token_digest(TOKEN), max_upload_mb=1,
-                        cpus_per_replica=0.5)
+    opts = ServeOptions(
+        str(serve_index),
+        port=free_port(),
+        token_sha256=token_digest(TOKEN),
+        max_upload_mb=1,
+        cpus_per_replica=0.5,
+    )
     base = start(opts).rstrip("/")
     yield base
     stop()
@@ -136,7 +143,9 @@ def test_thumbnails_in_each_window(server, catalogue):
     e = first_exam(catalogue)
     pictures = {}
     for window in ("wide", "narrow", "liver", "40,400"):
-        status, headers, body = call(server, f"/api/thumbnail?volume_id={e['volume_id']}&slice=30&window={window}&size=128")
+        status, headers, body = call(
+            server, f"/api/thumbnail?volume_id={e['volume_id']}&slice=30&window={window}&size=128"
+        )
         assert status == 200 and headers["content-type"] == "image/png"
         img = Image.open(io.BytesIO(body))
         assert img.size == (128, 128)
@@ -149,8 +158,12 @@ def test_explain_pair_is_a_png_of_overlays(server, catalogue):
     from PIL import Image
 
     e = first_exam(catalogue)
-    hit = get_json(server, f"/api/search?query={e['volume_id']}:30&k=2&exclude_patient={e['patient_id']}")["hits"][0]
-    status, headers, body = call(server, f"/api/explain?query={e['volume_id']}:30&hit={hit['volume_id']}:{hit['slice_index']}&masks=40")
+    hit = get_json(server, f"/api/search?query={e['volume_id']}:30&k=2&exclude_patient={e['patient_id']}")[
+        "hits"
+    ][0]
+    status, headers, body = call(
+        server, f"/api/explain?query={e['volume_id']}:30&hit={hit['volume_id']}:{hit['slice_index']}&masks=40"
+    )
     assert status == 200 and headers["content-type"] == "image/png"
     w, h = Image.open(io.BytesIO(body)).size
     assert w > 2 * 256 and h > 3 * 256  # 2 columns (query, hit) x 3 rows (slices, own maps, pair maps)
@@ -168,7 +181,9 @@ def test_upload_nifti_answers_like_search_of_the_file(server, serve_archive, ser
     assert q["upload"] and q["slice_index"] == 25 and q["n_slices"] == vol.hu.shape[0] and q["path"] is None
     index = Index.open(serve_index)
     expect = index.search(embed_query(index, nifti, 25)[0], k=5).hits[0]  # `ctsearch search FILE --slice 25`
-    assert [(h["volume_id"], h["slice_index"]) for h in res["hits"]] == [(h["volume_id"], h["slice_index"]) for h in expect]
+    assert [(h["volume_id"], h["slice_index"]) for h in res["hits"]] == [
+        (h["volume_id"], h["slice_index"]) for h in expect
+    ]
     assert [h["score"] for h in res["hits"]] == pytest.approx([h["score"] for h in expect], abs=1e-6)
     assert max(h["score"] for h in res["hits"]) == pytest.approx(1.0, abs=1e-5)  # its DICOM copy is indexed
     status, headers, body = call(server, "/api/thumbnail?slice=25&window=liver", data=nifti.read_bytes())
@@ -210,7 +225,9 @@ def test_bad_requests_get_one_line_4xx(server, catalogue):
     for path, status, words in cases:
         s, _, body = call(server, path)
         assert words in one_line_error(s, body, status), path
-    assert "out of range" in one_line_error(*call(server, "/api/search?slice=999", data=_tiny_nifti())[::2], 400)
+    assert "out of range" in one_line_error(
+        *call(server, "/api/search?slice=999", data=_tiny_nifti())[::2], 400
+    )
     err = one_line_error(*call(server, "/api/search", data=b"\x1f\x8b" + b"garbage" * 100)[::2], 400)
     assert err.startswith("upload:")
     err = one_line_error(*call(server, "/api/search", data=b"hello, this is not a scan" * 20)[::2], 400)
@@ -225,8 +242,11 @@ def _tiny_nifti() -> bytes:
     from ctsearch.io import Volume, write_nifti
 
     with tempfile.TemporaryDirectory() as d:
-        vol = Volume(hu=np.zeros((3, 64, 64), np.int16), spacing_mm=(2.0, 1.0, 1.0),
-                     affine=Volume.affine_from((2.0, 1.0, 1.0), (0, 0, 0)))
+        vol = Volume(
+            hu=np.zeros((3, 64, 64), np.int16),
+            spacing_mm=(2.0, 1.0, 1.0),
+            affine=Volume.affine_from((2.0, 1.0, 1.0), (0, 0, 0)),
+        )
         write_nifti(vol, Path(d) / "t.nii.gz")
         return (Path(d) / "t.nii.gz").read_bytes()
 
@@ -239,7 +259,9 @@ def test_token_required_and_checked(server):
     assert call(server, "/api/search?query=x:1", token=None)[0] == 401
     # The page itself holds no patient data: it loads, and asks for the token.
     status, headers, body = call(server, "/", token=None)
-    assert status == 200 and b'id="auth"' in body and "default-src 'self'" in headers["content-security-policy"]
+    assert (
+        status == 200 and b'id="auth"' in body and "default-src 'self'" in headers["content-security-policy"]
+    )
 
 
 def test_no_identifying_dicom_field_in_answers_or_logs(server, ray_session, tmp_path):
@@ -248,8 +270,14 @@ def test_no_identifying_dicom_field_in_answers_or_logs(server, ray_session, tmp_
 
     from ctsearch.io import Volume, write_dicom_series
 
-    vol = Volume(hu=np.full((2, 64, 64), 40, np.int16), spacing_mm=(2.0, 1.0, 1.0),
-                 affine=Volume.affine_from((2.0, 1.0, 1.0), (0, 0, 0)), patient_id="PID-7", study_id="s", series_id="se")
+    vol = Volume(
+        hu=np.full((2, 64, 64), 40, np.int16),
+        spacing_mm=(2.0, 1.0, 1.0),
+        affine=Volume.affine_from((2.0, 1.0, 1.0), (0, 0, 0)),
+        patient_id="PID-7",
+        study_id="s",
+        series_id="se",
+    )
     f = write_dicom_series(vol, tmp_path)[0]
     ds = pydicom.dcmread(f)
     ds.PatientName, ds.PatientBirthDate = "Doe^Janet-Xq", "19411207"
@@ -281,10 +309,14 @@ def _browser_or_skip():
     import shutil
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None)
+    driver = shutil.which("chromedriver") or (
+        "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None
+    )
     if not chromium or not driver:
-        pytest.skip("needs Debian's chromium and chromium-driver packages (apt-get install chromium chromium-driver; "
-                    "`make test` installs them when run as root)")
+        pytest.skip(
+            "needs Debian's chromium and chromium-driver packages (apt-get install chromium chromium-driver; "
+            "`make test` installs them when run as root)"
+        )
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -292,8 +324,18 @@ def _browser_or_skip():
         pytest.skip("needs the selenium package (pip install -e '.[test]')")
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
-    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-dev-shm-usage",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,1000"):
+    for a in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1000",
+    ):
         opts.add_argument(a)
     import tempfile
 
@@ -330,8 +372,13 @@ def test_page_in_headless_chromium(server, catalogue):
         browser.find_element(By.ID, "search").click()
 
         def loaded(selector):
-            return lambda b: all(b.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
-                                 for i in b.find_elements(By.CSS_SELECTOR, selector)) and b.find_elements(By.CSS_SELECTOR, selector)
+            return lambda b: (
+                all(
+                    b.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
+                    for i in b.find_elements(By.CSS_SELECTOR, selector)
+                )
+                and b.find_elements(By.CSS_SELECTOR, selector)
+            )
 
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results .hit")) == 3)
         wait.until(loaded("#results .hit img"))
@@ -373,23 +420,47 @@ def test_sharded_deployment_returns_exactly_the_single_process_results(server, c
 
     port = int(server.rsplit(":", 1)[1])
     # The same app name: Serve replaces the single-process front by the sharded application.
-    start(ServeOptions(str(serve_index), port=port, token_sha256=token_digest(TOKEN), shards_per_replica=2,
-                       cpus_per_replica=0.5))
+    start(
+        ServeOptions(
+            str(serve_index),
+            port=port,
+            token_sha256=token_digest(TOKEN),
+            shards_per_replica=2,
+            cpus_per_replica=0.5,
+        )
+    )
     info = get_json(server, "/api/info")
     assert info["shard_groups"] == 2
     index = Index.open(serve_index)
-    keys = ("rank", "score", "volume_id", "patient_id", "study_id", "series_id", "exam_date", "slice_index", "z_mm",
-            "path", "shard", "row")
+    keys = (
+        "rank",
+        "score",
+        "volume_id",
+        "patient_id",
+        "study_id",
+        "series_id",
+        "exam_date",
+        "slice_index",
+        "z_mm",
+        "path",
+        "shard",
+        "row",
+    )
     for p, e in ((0, 0), (1, 1), (2, 0)):
         ex = first_exam(catalogue, p, e)
         ref = f"{ex['volume_id']}:{10 + 11 * p}"
         v, meta = embed_query(index, ref)
-        for params, kw in (("", {}), (f"&exclude_patient={ex['patient_id']}", {"exclude_patient": ex["patient_id"]}),
-                           (f"&patient={ex['patient_id']}", {"patient": ex["patient_id"]})):
+        for params, kw in (
+            ("", {}),
+            (f"&exclude_patient={ex['patient_id']}", {"exclude_patient": ex["patient_id"]}),
+            (f"&patient={ex['patient_id']}", {"patient": ex["patient_id"]}),
+        ):
             got = get_json(server, f"/api/search?query={ref}&k=7{params}")["hits"]
             expect = index.search(v, k=7, **kw).hits[0]
             assert [{k: h[k] for k in keys} for h in got] == [{k: h[k] for k in keys} for h in expect]
         got = get_json(server, f"/api/crossexam?query={ref}&per_exam=4")["exams"]
-        assert got == json.loads(json.dumps(cross_exam(index, v, meta["patient_id"], exclude_volume=ex["volume_id"], per_exam=4)))
+        assert got == json.loads(
+            json.dumps(cross_exam(index, v, meta["patient_id"], exclude_volume=ex["volume_id"], per_exam=4))
+        )
     s, _, body = call(server, "/api/search?query=nope:1")
     assert "unknown volume" in one_line_error(s, body, 404)

@@ -27,9 +27,15 @@ def test_refuses_a_non_loopback_host_without_a_token(serve_index):
 def test_refuses_bad_token_files_and_options(serve_index, tmp_path):
     short = tmp_path / "short"
     short.write_text("abc\n")
-    assert "at least 16" in error_line(CliRunner().invoke(app, ["serve", str(serve_index), "--token-file", str(short)]))
-    assert "token file" in error_line(CliRunner().invoke(app, ["serve", str(serve_index), "--token-file", str(tmp_path / "none")]))
-    assert "--max-replicas" in error_line(CliRunner().invoke(app, ["serve", str(serve_index), "--replicas", "3", "--max-replicas", "2"]))
+    assert "at least 16" in error_line(
+        CliRunner().invoke(app, ["serve", str(serve_index), "--token-file", str(short)])
+    )
+    assert "token file" in error_line(
+        CliRunner().invoke(app, ["serve", str(serve_index), "--token-file", str(tmp_path / "none")])
+    )
+    assert "--max-replicas" in error_line(
+        CliRunner().invoke(app, ["serve", str(serve_index), "--replicas", "3", "--max-replicas", "2"])
+    )
     assert "not an index directory" in error_line(CliRunner().invoke(app, ["serve", str(tmp_path)]))
 
 
@@ -49,9 +55,25 @@ def test_serve_process_answers_and_stops_on_sigterm(serve_index, ray_session, tm
         port = s.getsockname()[1]
     address = ray_session.get_runtime_context().gcs_address
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "ctsearch", "serve", str(serve_index), "--port", str(port),
-                             "--address", address, "--cpus-per-replica", "0.5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ctsearch",
+            "serve",
+            str(serve_index),
+            "--port",
+            str(port),
+            "--address",
+            address,
+            "--cpus-per-replica",
+            "0.5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -59,7 +81,9 @@ def test_serve_process_answers_and_stops_on_sigterm(serve_index, ray_session, tm
             if "ctsearch serve: http://127.0.0.1" in line or (not line and proc.poll() is not None):
                 break
         assert proc.poll() is None, proc.stderr.read()
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=60) as r:  # no token on loopback
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/api/health", timeout=60
+        ) as r:  # no token on loopback
             assert json.loads(r.read()) == {"status": "ok"}
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
@@ -75,8 +99,14 @@ def test_serve_process_answers_and_stops_on_sigterm(serve_index, ray_session, tm
 
 def test_service_modules_import_without_ray():
     """Only ctsearch.serve.deploy needs Ray: the API, service and shard groups run without it."""
-    modules = ["ctsearch.serve", "ctsearch.serve.shards", "ctsearch.serve.sources", "ctsearch.serve.service",
-               "ctsearch.serve.api", "ctsearch.cli.serve"]
+    modules = [
+        "ctsearch.serve",
+        "ctsearch.serve.shards",
+        "ctsearch.serve.sources",
+        "ctsearch.serve.service",
+        "ctsearch.serve.api",
+        "ctsearch.cli.serve",
+    ]
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr

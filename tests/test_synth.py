@@ -60,7 +60,9 @@ def test_liver_z_range_contiguous_with_slices_on_both_sides(phantoms):
     for vol, label in phantoms:
         rows = _liver_rows(label)
         assert rows.size >= 5
-        assert np.array_equal(rows, np.arange(rows[0], rows[-1] + 1)), "liver slices must be one contiguous run"
+        assert np.array_equal(rows, np.arange(rows[0], rows[-1] + 1)), (
+            "liver slices must be one contiguous run"
+        )
         # Negatives from both sides: pelvis/lower abdomen below, thorax above.
         assert rows[0] > 0 and rows[-1] < label.shape[0] - 1
         extent = (rows[-1] - rows[0] + 1) * vol.spacing_mm[0]
@@ -83,7 +85,12 @@ def test_tumours_inside_liver_and_hypodense(phantoms):
             tum, liv = label[k] == TUMOUR, label[k] > 0
             ys, xs = np.nonzero(tum)
             ly, lx = np.nonzero(liv)
-            assert ys.min() >= ly.min() and ys.max() <= ly.max() and xs.min() >= lx.min() and xs.max() <= lx.max()
+            assert (
+                ys.min() >= ly.min()
+                and ys.max() <= ly.max()
+                and xs.min() >= lx.min()
+                and xs.max() <= lx.max()
+            )
             # Every tumour pixel touches liver (or more tumour): lesions are embedded, not floating.
             grown = np.zeros_like(liv)
             grown[1:-1, 1:-1] = liv[:-2, 1:-1] | liv[2:, 1:-1] | liv[1:-1, :-2] | liv[1:-1, 2:]
@@ -152,7 +159,22 @@ def test_cli_writes_decathlon_and_dicom(tmp_path: Path):
 
     out = tmp_path / "archive"
     res = CliRunner().invoke(
-        app, ["synth", str(out), "--volumes", "2", "--seed", "3", "--size", "32", "--format", "both", "--exams", "2", "--json"]
+        app,
+        [
+            "synth",
+            str(out),
+            "--volumes",
+            "2",
+            "--seed",
+            "3",
+            "--size",
+            "32",
+            "--format",
+            "both",
+            "--exams",
+            "2",
+            "--json",
+        ],
     )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
@@ -171,7 +193,13 @@ def test_cli_writes_decathlon_and_dicom(tmp_path: Path):
     import pydicom
 
     ds0 = pydicom.dcmread(next(Path(case["dicom_folder"]).iterdir()))
-    for tag in ("PatientName", "PatientBirthDate", "PatientAddress", "InstitutionName", "ReferringPhysicianName"):
+    for tag in (
+        "PatientName",
+        "PatientBirthDate",
+        "PatientAddress",
+        "InstitutionName",
+        "ReferringPhysicianName",
+    ):
         assert not str(ds0.get(tag, "") or ""), tag
 
 

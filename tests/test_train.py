@@ -47,13 +47,22 @@ def _phantoms(n: int, seed: int, size: int = 64) -> SliceSet:
             img[((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) & body] = rng.choice([500.0, -900.0])
         if label[i]:
             cy, cx = rng.uniform(0.35, 0.5), rng.uniform(0.3, 0.45)
-            liver = (((yy - cy) / rng.uniform(0.15, 0.22)) ** 2 + ((xx - cx) / rng.uniform(0.18, 0.25)) ** 2 < 1) & body
+            liver = (
+                ((yy - cy) / rng.uniform(0.15, 0.22)) ** 2 + ((xx - cx) / rng.uniform(0.18, 0.25)) ** 2 < 1
+            ) & body
             img[liver] = rng.normal(100, 8, liver.sum())
             mask[i][liver] = 1
         hu[i] = np.where(body, img + rng.normal(0, OFFSET_SD), img).clip(-1000, 2000).astype(np.int16)
     ids = np.array([f"v{seed}_{i // 5}" for i in range(n)], dtype=object)
-    return SliceSet(hu=hu, mask=mask, label=label, volume_id=ids, patient_id=ids,
-                    slice_index=np.arange(n, dtype=np.int32), z_mm=np.arange(n, dtype=np.float64))  # fmt: skip
+    return SliceSet(
+        hu=hu,
+        mask=mask,
+        label=label,
+        volume_id=ids,
+        patient_id=ids,
+        slice_index=np.arange(n, dtype=np.int32),
+        z_mm=np.arange(n, dtype=np.float64),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +75,9 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def _opts(**kw) -> TrainOptions:
-    base = dict(backbone="tiny", image_size=64, init="random", epochs=2, batch_size=16, eval_every=1, max_failures=0)
+    base = dict(
+        backbone="tiny", image_size=64, init="random", epochs=2, batch_size=16, eval_every=1, max_failures=0
+    )
     return TrainOptions(**{**base, **kw})
 
 
@@ -182,8 +193,27 @@ def test_cli_train_json_and_one_line_errors(ray_session, dataset, tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "run"
-    args = ["train", str(dataset), str(out), "--backbone", "tiny", "--image-size", "64", "--init", "random",
-            "--epochs", "1", "--batch-size", "16", "--eval-every", "0", "--views", "standard", "--json", "--quiet"]  # fmt: skip
+    args = [
+        "train",
+        str(dataset),
+        str(out),
+        "--backbone",
+        "tiny",
+        "--image-size",
+        "64",
+        "--init",
+        "random",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--eval-every",
+        "0",
+        "--views",
+        "standard",
+        "--json",
+        "--quiet",
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)

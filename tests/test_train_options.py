@@ -19,15 +19,24 @@ from ctsearch.views import TwoViews, augmentation
 
 
 def _opts(**kw) -> TrainOptions:
-    base = dict(backbone="tiny", image_size=64, init="random", epochs=1, batch_size=16, eval_every=0, max_failures=0)
+    base = dict(
+        backbone="tiny", image_size=64, init="random", epochs=1, batch_size=16, eval_every=0, max_failures=0
+    )
     return TrainOptions(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def prepared_all(synth_archive, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared_all")
-    summary = prepare(synth_archive / "nifti", out, protocol="decathlon", per_volume=5, train_volumes=6, seed=0,
-                      all_train_slices=True)  # fmt: skip
+    summary = prepare(
+        synth_archive / "nifti",
+        out,
+        protocol="decathlon",
+        per_volume=5,
+        train_volumes=6,
+        seed=0,
+        all_train_slices=True,
+    )
     return out, summary
 
 
@@ -111,7 +120,11 @@ def test_train_on_all_slices_and_untrained_baseline_follows_the_init(ray_session
     rows = read_metrics(out)
     assert rows[-1]["steps"] == n_all // 16 and rows[-1]["steps"] > summary["train_slices"] // 16
     config = json.loads((out / "config.json").read_text())["options"]
-    assert config["train_slices"] == "all" and config["crop_scale"] == 0.5 and config["zero_init_residual"] is False
+    assert (
+        config["train_slices"] == "all"
+        and config["crop_scale"] == 0.5
+        and config["zero_init_residual"] is False
+    )
 
     # Epoch 0 evaluates exactly the seeded initial encoder, with torchvision's residual BN init.
     torch.manual_seed(0)
@@ -121,7 +134,9 @@ def test_train_on_all_slices_and_untrained_baseline_follows_the_init(ray_session
 
     db, q = read_slices(dataset / "train.parquet"), read_slices(dataset / "test.parquet")
     cfg = ModelConfig(backbone="tiny", image_size=64)
-    expected = map_at_k(embed(model.encoder, q.hu, cfg), q.label, embed(model.encoder, db.hu, cfg), db.label, k=5)
+    expected = map_at_k(
+        embed(model.encoder, q.hu, cfg), q.label, embed(model.encoder, db.hu, cfg), db.label, k=5
+    )
     assert rows[0]["epoch"] == 0 and rows[0]["map_at_5"] == pytest.approx(expected)
 
     # These options define the run: a rerun that changes one is refused.
@@ -151,16 +166,67 @@ def test_cli_prepare_and_train_accept_the_options(ray_session, synth_archive, tm
 
     runner = CliRunner()
     prep = tmp_path / "prep"
-    r = runner.invoke(app, ["prepare", str(synth_archive / "nifti"), str(prep), "--protocol", "decathlon",
-                            "--train-volumes", "6", "--train-all-slices", "--quiet"])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "prepare",
+            str(synth_archive / "nifti"),
+            str(prep),
+            "--protocol",
+            "decathlon",
+            "--train-volumes",
+            "6",
+            "--train-all-slices",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert (prep / "train_all.parquet").is_file()
-    r = runner.invoke(app, ["train", str(prep), str(tmp_path / "run"), "--backbone", "tiny", "--image-size", "64",
-                            "--init", "random", "--no-zero-init-residual", "--train-slices", "all", "--crop-scale",
-                            "0.5", "--epochs", "1", "--batch-size", "16", "--eval-every", "0", "--json"])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            str(prep),
+            str(tmp_path / "run"),
+            "--backbone",
+            "tiny",
+            "--image-size",
+            "64",
+            "--init",
+            "random",
+            "--no-zero-init-residual",
+            "--train-slices",
+            "all",
+            "--crop-scale",
+            "0.5",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--eval-every",
+            "0",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     options = json.loads((tmp_path / "run" / "config.json").read_text())["options"]
-    assert (options["train_slices"], options["crop_scale"], options["zero_init_residual"]) == ("all", 0.5, False)
-    bad = runner.invoke(app, ["train", str(prep), str(tmp_path / "bad"), "--backbone", "tiny", "--init", "random",
-                              "--crop-scale", "2"])  # fmt: skip
+    assert (options["train_slices"], options["crop_scale"], options["zero_init_residual"]) == (
+        "all",
+        0.5,
+        False,
+    )
+    bad = runner.invoke(
+        app,
+        [
+            "train",
+            str(prep),
+            str(tmp_path / "bad"),
+            "--backbone",
+            "tiny",
+            "--init",
+            "random",
+            "--crop-scale",
+            "2",
+        ],
+    )
     assert "--crop-scale" in error_line(bad)

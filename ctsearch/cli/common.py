@@ -30,7 +30,10 @@ ADDRESS_OPT = typer.Option(
 )
 # A file, never the salt itself: a command line ends up in shell history (ctsearch.ids).
 SALT_OPT = typer.Option(
-    None, "--id-salt-file", envvar="CTSEARCH_ID_SALT_FILE", show_envvar=False,
+    None,
+    "--id-salt-file",
+    envvar="CTSEARCH_ID_SALT_FILE",
+    show_envvar=False,
     help="Hash patient, study and series ids with the secret salt in this file (default: $CTSEARCH_ID_SALT_FILE).",
 )
 
@@ -83,8 +86,12 @@ def handle_errors(fn: Callable) -> Callable:
             if debug_enabled() or not _is_ray_failure(e):
                 raise
             first = " ".join(str(e).split())[:300] or type(e).__name__
-            err_console.print(f"[red]error:[/red] the Ray job failed ({type(e).__name__}: {escape(first)}); "
-                              "running the same command again finishes the work", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[red]error:[/red] the Ray job failed ({type(e).__name__}: {escape(first)}); "
+                "running the same command again finishes the work",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(1) from None
         finally:
             _result_stream = outer
@@ -94,9 +101,22 @@ def handle_errors(fn: Callable) -> Callable:
 
 def _is_ray_failure(e: BaseException) -> bool:
     """A Ray system error (node or actor died, object lost, cluster unreachable), found without importing Ray."""
-    names = {"RaySystemError", "NodeDiedError", "ActorDiedError", "ActorUnavailableError", "ObjectLostError",
-             "OwnerDiedError", "WorkerCrashedError", "RayActorError", "GetTimeoutError", "ObjectFetchTimedOutError",
-             "ObjectReconstructionFailedError", "TrainingFailedError", "ControllerError", "WorkerGroupError"}
+    names = {
+        "RaySystemError",
+        "NodeDiedError",
+        "ActorDiedError",
+        "ActorUnavailableError",
+        "ObjectLostError",
+        "OwnerDiedError",
+        "WorkerCrashedError",
+        "RayActorError",
+        "GetTimeoutError",
+        "ObjectFetchTimedOutError",
+        "ObjectReconstructionFailedError",
+        "TrainingFailedError",
+        "ControllerError",
+        "WorkerGroupError",
+    }
     seen: BaseException | None = e
     for _ in range(10):  # the chain of causes; bounded, chains can loop
         if seen is None:

@@ -19,7 +19,9 @@ from ctsearch.errors import CTSearchInputError
 
 def _run(app: typer.Typer, argv: list[str]) -> None:
     # Printed whole (no rule, no ellipsis) so any step can be copied and rerun by hand.
-    err_console.print(f"\n$ ctsearch {shlex.join(argv)}", style="bold", soft_wrap=True, highlight=False, markup=False)
+    err_console.print(
+        f"\n$ ctsearch {shlex.join(argv)}", style="bold", soft_wrap=True, highlight=False, markup=False
+    )
     t0 = time.perf_counter()
     try:
         app(argv, prog_name="ctsearch", standalone_mode=False)
@@ -29,33 +31,105 @@ def _run(app: typer.Typer, argv: list[str]) -> None:
     err_console.print(f"[dim]({time.perf_counter() - t0:.1f} s)[/dim]")
 
 
-def demo_steps(out: Path, volumes: int, size: int, epochs: int, backbone: str, seed: int, masks: int) -> list[list[str]]:
+def demo_steps(
+    out: Path, volumes: int, size: int, epochs: int, backbone: str, seed: int, masks: int
+) -> list[list[str]]:
     """The demo's command lines, in order (tests check the plan without running it)."""
     train_patients = max(2, round(volumes * 0.75))
     exams = 2
     archive, prepared, runs, index = out / "archive", out / "prepared", out / "runs", out / "index"
-    query_case = train_patients * exams  # first exam of the first test patient (cases are numbered patient by patient)
+    query_case = (
+        train_patients * exams
+    )  # first exam of the first test patient (cases are numbered patient by patient)
     query = archive / "nifti" / "imagesTr" / f"liver_{query_case}.nii.gz"
     # The settings docs/synthetic.md measured on this archive: a random init with unit residual BN
     # (a fair untrained baseline), every slice of the train volumes for SimSiam (no labels needed),
     # crops no smaller than half the slice at 64 px, and each HU window stretched to [0, 1].
-    common_train = ["--backbone", backbone, "--image-size", str(size), "--init", "random", "--no-zero-init-residual",
-                    "--train-slices", "all", "--crop-scale", "0.5", "--rescale", "own", "--base-lr", "0.5",
-                    "--epochs", str(epochs), "--batch-size", "32", "--eval-every", "10", "--seed", str(seed)]
+    common_train = [
+        "--backbone",
+        backbone,
+        "--image-size",
+        str(size),
+        "--init",
+        "random",
+        "--no-zero-init-residual",
+        "--train-slices",
+        "all",
+        "--crop-scale",
+        "0.5",
+        "--rescale",
+        "own",
+        "--base-lr",
+        "0.5",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "32",
+        "--eval-every",
+        "10",
+        "--seed",
+        str(seed),
+    ]
     s = str
     return [
-        ["synth", s(archive), "--volumes", s(volumes), "--exams", s(exams), "--size", s(size), "--format", "both", "--seed", s(seed)],
-        ["prepare", s(archive / "nifti"), s(prepared), "--protocol", "decathlon", "--train-volumes", s(train_patients * exams),
-         "--train-all-slices", "--seed", s(seed)],
+        [
+            "synth",
+            s(archive),
+            "--volumes",
+            s(volumes),
+            "--exams",
+            s(exams),
+            "--size",
+            s(size),
+            "--format",
+            "both",
+            "--seed",
+            s(seed),
+        ],
+        [
+            "prepare",
+            s(archive / "nifti"),
+            s(prepared),
+            "--protocol",
+            "decathlon",
+            "--train-volumes",
+            s(train_patients * exams),
+            "--train-all-slices",
+            "--seed",
+            s(seed),
+        ],
         ["train", s(prepared), s(runs / "hu-clipping"), "--views", "clinical", *common_train],
         ["train", s(prepared), s(runs / "standard"), "--views", "standard", *common_train],
         ["index", s(archive / "dicom"), "--model", s(runs / "hu-clipping"), "--out", s(index)],
         ["search", s(index), s(query), "-k", "5", "--exclude-patient", f"synth-{train_patients:04d}"],
         ["search", s(index), s(query), "--cross-exam"],
-        ["explain", s(index), s(query), "-k", "3", "--exclude-patient", f"synth-{train_patients:04d}", "--masks", s(masks),
-         "--out", s(out / "explain")],
-        ["evaluate", s(prepared), "--model", s(runs / "hu-clipping"), "--model", s(runs / "standard"),
-         "--baseline", "random", "--relax-masks", s(masks), "--out", s(out / "evaluation.json")],
+        [
+            "explain",
+            s(index),
+            s(query),
+            "-k",
+            "3",
+            "--exclude-patient",
+            f"synth-{train_patients:04d}",
+            "--masks",
+            s(masks),
+            "--out",
+            s(out / "explain"),
+        ],
+        [
+            "evaluate",
+            s(prepared),
+            "--model",
+            s(runs / "hu-clipping"),
+            "--model",
+            s(runs / "standard"),
+            "--baseline",
+            "random",
+            "--relax-masks",
+            s(masks),
+            "--out",
+            s(out / "evaluation.json"),
+        ],
         ["report", s(out), "--out", s(out / "report.html")],
     ]
 
@@ -66,15 +140,21 @@ def register(app: typer.Typer) -> None:
     def demo_cmd(
         out: Path = typer.Argument(Path("demo-out"), help="Folder for everything the demo makes."),
         volumes: int = typer.Option(16, "--volumes", help="Synthetic patients (two examinations each)."),
-        size: int = typer.Option(64, "--size", help="Slice size in pixels (synthetic archive and model input)."),
+        size: int = typer.Option(
+            64, "--size", help="Slice size in pixels (synthetic archive and model input)."
+        ),
         epochs: int = typer.Option(30, "--epochs", help="SimSiam epochs per run."),
         backbone: str = typer.Option("tiny", "--backbone", help=" | ".join(BACKBONES) + "."),
         seed: int = typer.Option(0, "--seed", help="Seed of the archive, the slice choice and training."),
-        masks: int = typer.Option(1000, "--masks", help="RELAX masks per explained slice (the paper uses 3000)."),
+        masks: int = typer.Option(
+            1000, "--masks", help="RELAX masks per explained slice (the paper uses 3000)."
+        ),
     ) -> None:
         """Synthesise an archive, prepare it, train HU-clipping and standard SimSiam, index, search, explain, evaluate, report."""
         if volumes < 4:
-            raise CTSearchInputError(None, "--volumes must be at least 4 (train and test patients are needed)")
+            raise CTSearchInputError(
+                None, "--volumes must be at least 4 (train and test patients are needed)"
+            )
         t0 = time.perf_counter()
         for argv in demo_steps(out, volumes, size, epochs, backbone, seed, masks):
             _run(app, argv)
@@ -84,4 +164,10 @@ def register(app: typer.Typer) -> None:
             "(manifest, slice splits), runs/ (two SimSiam runs), index/ (parquet + FAISS), explain/ (RELAX overlays), "
             "evaluation.json (the Table-1 style comparison printed above)."
         )
-        err_console.print(f"Open the report: {out / 'report.html'}", style="bold", soft_wrap=True, highlight=False, markup=False)
+        err_console.print(
+            f"Open the report: {out / 'report.html'}",
+            style="bold",
+            soft_wrap=True,
+            highlight=False,
+            markup=False,
+        )

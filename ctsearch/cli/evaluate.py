@@ -18,20 +18,49 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def evaluate_cmd(
-    dataset_dir: Path = typer.Argument(..., help="Slice dataset from `ctsearch prepare --protocol decathlon` (train = database, test = queries)."),
-    model: List[Path] = typer.Option([], "--model", help="Run directory; repeat for several runs (same name -> mean ± std)."),
-    name: List[str] = typer.Option([], "--name", help="Table name per --model, in order (default: from the run's config: init + views + backbone)."),
-    baseline: List[str] = typer.Option([], "--baseline", help="Also evaluate an untrained backbone: random (seeded init) or imagenet (local weights). Repeatable."),
+    dataset_dir: Path = typer.Argument(
+        ...,
+        help="Slice dataset from `ctsearch prepare --protocol decathlon` (train = database, test = queries).",
+    ),
+    model: List[Path] = typer.Option(
+        [], "--model", help="Run directory; repeat for several runs (same name -> mean ± std)."
+    ),
+    name: List[str] = typer.Option(
+        [],
+        "--name",
+        help="Table name per --model, in order (default: from the run's config: init + views + backbone).",
+    ),
+    baseline: List[str] = typer.Option(
+        [],
+        "--baseline",
+        help="Also evaluate an untrained backbone: random (seeded init) or imagenet (local weights). Repeatable.",
+    ),
     k: int = typer.Option(5, "-k", "--k", help="K of MAP@K and of the k-NN classifier."),
-    relax_masks: int = typer.Option(3000, "--relax-masks", help="RELAX masks per liver slice for RR (0 = skip RR)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"RELAX masked images per forward pass (default {RELAX_BATCH['cpu']} CPU, {RELAX_BATCH['cuda']} GPU)."),
+    relax_masks: int = typer.Option(
+        3000, "--relax-masks", help="RELAX masks per liver slice for RR (0 = skip RR)."
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None,
+        "--batch-size",
+        help=f"RELAX masked images per forward pass (default {RELAX_BATCH['cpu']} CPU, {RELAX_BATCH['cuda']} GPU).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random baseline and of the RELAX masks."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="ImageNet weight file for --baseline imagenet (default: the local torch cache)."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help=f"Baselines without --model: backbone ({', '.join(BACKBONES)})."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Baselines without --model: input size in px."),
+    weights: Optional[Path] = typer.Option(
+        None,
+        "--weights",
+        help="ImageNet weight file for --baseline imagenet (default: the local torch cache).",
+    ),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", help=f"Baselines without --model: backbone ({', '.join(BACKBONES)})."
+    ),
+    image_size: Optional[int] = typer.Option(
+        None, "--image-size", help="Baselines without --model: input size in px."
+    ),
     gpus: int = typer.Option(0, "--gpus", help="GPUs for the RELAX part (one actor each); 0 = CPU actors."),
     workers: int = typer.Option(1, "--workers", help="CPU actors for the RELAX part when --gpus is 0."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the whole result as JSON to this file (what `ctsearch report` reads)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Also write the whole result as JSON to this file (what `ctsearch report` reads)."
+    ),
     address: Optional[str] = ADDRESS_OPT,
     json_out: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
@@ -46,17 +75,32 @@ def evaluate_cmd(
     base_cfg = None
     if backbone or image_size:
         if model:
-            raise CTSearchInputError(None, "--backbone/--image-size are for baselines without --model (baselines follow the first run's config)")
+            raise CTSearchInputError(
+                None,
+                "--backbone/--image-size are for baselines without --model (baselines follow the first run's config)",
+            )
         base_cfg = ModelConfig(backbone=backbone or "resnet50", image_size=image_size or 224).to_json()
     options = EvaluateOptions(
-        k=k, relax_masks=relax_masks, relax_options=ExplainOptions(batch_size=batch_size, seed=seed),
-        baseline_config=base_cfg, seed=seed, imagenet_weights=str(weights) if weights else None, gpus=gpus,
+        k=k,
+        relax_masks=relax_masks,
+        relax_options=ExplainOptions(batch_size=batch_size, seed=seed),
+        baseline_config=base_cfg,
+        seed=seed,
+        imagenet_weights=str(weights) if weights else None,
+        gpus=gpus,
         workers=workers,
-    )  # fmt: skip
+    )
     res = run_job(
-        evaluate, dataset_dir, [str(m) for m in model], baselines=baseline, names=list(name) or None, options=options,
-        address=address, log=lambda msg: say(f"evaluating {msg}", quiet or json_out), callbacks=("log",),
-    ).to_json()  # fmt: skip
+        evaluate,
+        dataset_dir,
+        [str(m) for m in model],
+        baselines=baseline,
+        names=list(name) or None,
+        options=options,
+        address=address,
+        log=lambda msg: say(f"evaluating {msg}", quiet or json_out),
+        callbacks=("log",),
+    ).to_json()
     if out is not None:
         from ctsearch.store import atomic_write_json
 
@@ -66,6 +110,9 @@ def evaluate_cmd(
         emit_json(res)
         return
     emit_result(res["table"])
-    say(f"{res['queries']} test queries ({res['liver_queries']} with liver) against {res['database']} train slices; "
+    say(
+        f"{res['queries']} test queries ({res['liver_queries']} with liver) against {res['database']} train slices; "
         f"MAP@{k} as in the paper's eq. 5, values in percent, ± = sample std over runs"
-        + (f"; RR over liver slices with {relax_masks} RELAX masks each" if relax_masks else "; RR skipped"), quiet)  # fmt: skip
+        + (f"; RR over liver slices with {relax_masks} RELAX masks each" if relax_masks else "; RR skipped"),
+        quiet,
+    )

@@ -27,15 +27,35 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def index_cmd(
-    source: Path = typer.Argument(..., help="Archive folder (NIfTI / DICOM, any layout), a manifest.parquet from `ctsearch prepare`, or one volume."),
-    model: Path = typer.Option(..., "--model", help="Run directory of `ctsearch train` (model.json + encoder.safetensors)."),
-    out: Path = typer.Option(..., "--out", help="Index directory; created, or extended when it already holds an index of the same model."),
-    gpus: int = typer.Option(0, help="GPUs to embed on, one model per GPU (bf16, channels_last); 0: one model on the CPU."),
+    source: Path = typer.Argument(
+        ...,
+        help="Archive folder (NIfTI / DICOM, any layout), a manifest.parquet from `ctsearch prepare`, or one volume.",
+    ),
+    model: Path = typer.Option(
+        ..., "--model", help="Run directory of `ctsearch train` (model.json + encoder.safetensors)."
+    ),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Index directory; created, or extended when it already holds an index of the same model.",
+    ),
+    gpus: int = typer.Option(
+        0, help="GPUs to embed on, one model per GPU (bf16, channels_last); 0: one model on the CPU."
+    ),
     batch_size: int = typer.Option(64, help="Slices per model batch."),
-    dtype: str = typer.Option("float32", help="Stored embedding type: float32, or float16 to halve the files."),
-    ann_threshold: int = typer.Option(200_000, help="Vectors from which a shard gets an ANN index instead of exact search (docs/scaling.md)."),
-    ann: str = typer.Option("ivfpq", help="ANN kind at or above --ann-threshold: ivfpq (IVF-PQ + exact re-ranking) or hnsw."),
-    shard_volumes: int = typer.Option(32, help="Volumes per shard, the unit committed at once (what a killed run can lose)."),
+    dtype: str = typer.Option(
+        "float32", help="Stored embedding type: float32, or float16 to halve the files."
+    ),
+    ann_threshold: int = typer.Option(
+        200_000,
+        help="Vectors from which a shard gets an ANN index instead of exact search (docs/scaling.md).",
+    ),
+    ann: str = typer.Option(
+        "ivfpq", help="ANN kind at or above --ann-threshold: ivfpq (IVF-PQ + exact re-ranking) or hnsw."
+    ),
+    shard_volumes: int = typer.Option(
+        32, help="Volumes per shard, the unit committed at once (what a killed run can lose)."
+    ),
     threads: Optional[int] = typer.Option(None, help="Torch threads of the CPU model (default: all cores)."),
     address: Optional[str] = ADDRESS_OPT,
     id_salt_file: Optional[Path] = SALT_OPT,
@@ -55,18 +75,37 @@ def index_cmd(
     id_salt = load_salt(id_salt_file)
 
     bar = CallbackBar("indexing volumes", off=quiet or json_out)
-    options = IndexOptions(gpus=gpus, batch_size=batch_size, dtype=dtype, ann_threshold=ann_threshold, ann=ann,
-                           shard_volumes=shard_volumes, threads=threads)  # fmt: skip
+    options = IndexOptions(
+        gpus=gpus,
+        batch_size=batch_size,
+        dtype=dtype,
+        ann_threshold=ann_threshold,
+        ann=ann,
+        shard_volumes=shard_volumes,
+        threads=threads,
+    )
     try:
-        summary = run_job(index_source, source, model, out, options, address=address, on_volume=bar.update,
-                          id_salt=id_salt, callbacks=("on_volume",))  # fmt: skip
+        summary = run_job(
+            index_source,
+            source,
+            model,
+            out,
+            options,
+            address=address,
+            on_volume=bar.update,
+            id_salt=id_salt,
+            callbacks=("on_volume",),
+        )
     finally:
         bar.close()
     failed = summary.volumes_failed + summary.scan_errors
     if failed and not (summary.volumes_indexed or summary.unchanged_skipped or summary.duplicates_skipped):
         # As prepare does: a batch job that could use none of its input failed, whatever it recorded.
-        raise CTSearchInputError(source, f"no volume could be indexed ({summary.volumes_failed} failed, "
-                                         f"{summary.scan_errors} unreadable files; see {out / 'errors.parquet'})")
+        raise CTSearchInputError(
+            source,
+            f"no volume could be indexed ({summary.volumes_failed} failed, "
+            f"{summary.scan_errors} unreadable files; see {out / 'errors.parquet'})",
+        )
     if json_out:
         emit_json(summary.to_json())
         return

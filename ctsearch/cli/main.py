@@ -31,7 +31,18 @@ def version() -> None:
 
 
 # In the order `ctsearch --help` lists them; each module imports its heavy dependencies lazily.
-COMMAND_MODULES = ["synth", "prepare", "train", "index", "search", "explain", "evaluate", "report", "serve", "demo"]
+COMMAND_MODULES = [
+    "synth",
+    "prepare",
+    "train",
+    "index",
+    "search",
+    "explain",
+    "evaluate",
+    "report",
+    "serve",
+    "demo",
+]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"ctsearch.cli.{_name}").register(app)

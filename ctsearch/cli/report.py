@@ -16,9 +16,17 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def report_cmd(
-    parts: List[Path] = typer.Argument(..., help="A demo folder, and/or run directories, an index directory, explain folders, "
-                                                 "a prepared dataset and an evaluation JSON (evaluate --out); each is recognised by what it holds."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default: DEMO/report.html for one demo folder, else ./report.html)."),
+    parts: List[Path] = typer.Argument(
+        ...,
+        help="A demo folder, and/or run directories, an index directory, explain folders, "
+        "a prepared dataset and an evaluation JSON (evaluate --out); each is recognised by what it holds.",
+    ),
+    out: Optional[Path] = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="HTML file to write (default: DEMO/report.html for one demo folder, else ./report.html).",
+    ),
     title: str = typer.Option("ctsearch report", "--title", help="Page title."),
     json_out: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
@@ -28,11 +36,18 @@ def report_cmd(
 
     inputs = collect_inputs(parts)
     if out is None:
-        out = parts[0] / "report.html" if len(parts) == 1 and parts[0].is_dir() and (parts[0] / "runs").is_dir() else Path("report.html")
+        out = (
+            parts[0] / "report.html"
+            if len(parts) == 1 and parts[0].is_dir() and (parts[0] / "runs").is_dir()
+            else Path("report.html")
+        )
     summary = write_report(inputs, out, title)
     if json_out:
         emit_json(summary)
         return
     for note in summary["notes"]:
         say(f"left out: {note}", quiet)
-    say(f"report: {out} ({', '.join(summary['sections']) or 'no sections'}; {summary['bytes'] / 1e6:.1f} MB)", quiet)
+    say(
+        f"report: {out} ({', '.join(summary['sections']) or 'no sections'}; {summary['bytes'] / 1e6:.1f} MB)",
+        quiet,
+    )

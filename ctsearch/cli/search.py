@@ -16,7 +16,18 @@ from ctsearch.cli.common import (
     result_stream,
 )
 
-JSON_KEYS = ("rank", "score", "volume_id", "patient_id", "study_id", "series_id", "exam_date", "slice_index", "z_mm", "path")
+JSON_KEYS = (
+    "rank",
+    "score",
+    "volume_id",
+    "patient_id",
+    "study_id",
+    "series_id",
+    "exam_date",
+    "slice_index",
+    "z_mm",
+    "path",
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -26,15 +37,31 @@ def register(app: typer.Typer) -> None:
 @handle_errors
 def search_cmd(
     index_dir: Path = typer.Argument(..., help="Index directory written by `ctsearch index`."),
-    query: str = typer.Argument(..., help="A NIfTI file or DICOM series folder, or a row of the index as volume_id:slice_index."),
-    slice_: Optional[int] = typer.Option(None, "--slice", help="Slice of a file/folder QUERY (0 = most inferior; default: the middle slice)."),
+    query: str = typer.Argument(
+        ..., help="A NIfTI file or DICOM series folder, or a row of the index as volume_id:slice_index."
+    ),
+    slice_: Optional[int] = typer.Option(
+        None, "--slice", help="Slice of a file/folder QUERY (0 = most inferior; default: the middle slice)."
+    ),
     k: int = typer.Option(5, "-k", "--k", help="Number of results."),
-    patient: Optional[str] = typer.Option(None, help="Only return slices of this patient id (on a pseudonymised index: the pseudonym, or the original id with --id-salt-file)."),
-    exclude_patient: Optional[str] = typer.Option(None, help="Never return slices of this patient id (e.g. the query's own; pseudonym or original id as for --patient)."),
-    cross_exam: bool = typer.Option(False, "--cross-exam", help="Instead: per other series of the query's patient, the best-matching slices ordered by z."),
+    patient: Optional[str] = typer.Option(
+        None,
+        help="Only return slices of this patient id (on a pseudonymised index: the pseudonym, or the original id with --id-salt-file).",
+    ),
+    exclude_patient: Optional[str] = typer.Option(
+        None,
+        help="Never return slices of this patient id (e.g. the query's own; pseudonym or original id as for --patient).",
+    ),
+    cross_exam: bool = typer.Option(
+        False,
+        "--cross-exam",
+        help="Instead: per other series of the query's patient, the best-matching slices ordered by z.",
+    ),
     per_exam: int = typer.Option(3, help="Slices per series with --cross-exam."),
     device: str = typer.Option("cpu", help="cpu (FAISS) or cuda (exact search with torch on the GPU)."),
-    nprobe: Optional[int] = typer.Option(None, help="IVF lists probed in IVF-PQ shards (default: stored per shard)."),
+    nprobe: Optional[int] = typer.Option(
+        None, help="IVF lists probed in IVF-PQ shards (default: stored per shard)."
+    ),
     id_salt_file: Optional[Path] = SALT_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -47,17 +74,25 @@ def search_cmd(
 
     id_salt = load_salt(id_salt_file)
     index = Index.open(index_dir, device=device)
-    patient, exclude_patient = index.patient_key(patient, id_salt), index.patient_key(exclude_patient, id_salt)
+    patient, exclude_patient = (
+        index.patient_key(patient, id_salt),
+        index.patient_key(exclude_patient, id_salt),
+    )
     vector, qmeta = embed_query(index, query, slice_, id_salt)
     if cross_exam:
         from ctsearch.crossexam import cross_exam as run
 
         if not qmeta.get("patient_id") and index.ids.get("pseudonymised") and id_salt is None:
-            raise CTSearchInputError(query, "the index's ids are pseudonymised; --cross-exam with a file query needs "
-                                            "--id-salt-file to hash the query's patient id (or query a row volume_id:slice)")
+            raise CTSearchInputError(
+                query,
+                "the index's ids are pseudonymised; --cross-exam with a file query needs "
+                "--id-salt-file to hash the query's patient id (or query a row volume_id:slice)",
+            )
         if not qmeta.get("patient_id"):
             raise CTSearchInputError(query, "has no patient id; --cross-exam needs one")
-        exams = run(index, vector, qmeta["patient_id"], exclude_volume=qmeta.get("volume_id"), per_exam=per_exam)
+        exams = run(
+            index, vector, qmeta["patient_id"], exclude_volume=qmeta.get("volume_id"), per_exam=per_exam
+        )
         if json_out:
             emit_json(exams)
         else:
@@ -75,12 +110,21 @@ def _print_hits(qmeta: dict, hits: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"query {qmeta.get('volume_id')}:{qmeta.get('slice_index')} (patient {qmeta.get('patient_id')})")
+    t = Table(
+        title=f"query {qmeta.get('volume_id')}:{qmeta.get('slice_index')} (patient {qmeta.get('patient_id')})"
+    )
     for col in ("rank", "score", "patient", "volume", "slice", "z mm", "path"):
         t.add_column(col, justify="right" if col in ("rank", "score", "slice", "z mm") else "left")
     for h in hits:
-        t.add_row(str(h["rank"]), f"{h['score']:.4f}", str(h["patient_id"]), str(h["volume_id"]), str(h["slice_index"]),
-                  f"{h['z_mm']:.1f}", str(h["path"]))
+        t.add_row(
+            str(h["rank"]),
+            f"{h['score']:.4f}",
+            str(h["patient_id"]),
+            str(h["volume_id"]),
+            str(h["slice_index"]),
+            f"{h['z_mm']:.1f}",
+            str(h["path"]),
+        )
     Console(file=result_stream()).print(t)
 
 
@@ -88,13 +132,30 @@ def _print_exams(qmeta: dict, exams: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"query {qmeta.get('volume_id')}:{qmeta.get('slice_index')} at z {qmeta.get('z_mm', float('nan')):.1f} mm, "
-                    f"patient {qmeta.get('patient_id')}: other series")
-    for col in ("exam date", "study", "volume", "best slice", "best z mm", "score", "matches by z (slice@z:score)"):
+    t = Table(
+        title=f"query {qmeta.get('volume_id')}:{qmeta.get('slice_index')} at z {qmeta.get('z_mm', float('nan')):.1f} mm, "
+        f"patient {qmeta.get('patient_id')}: other series"
+    )
+    for col in (
+        "exam date",
+        "study",
+        "volume",
+        "best slice",
+        "best z mm",
+        "score",
+        "matches by z (slice@z:score)",
+    ):
         t.add_column(col)
     for e in exams:
         b = e["best"]
         ms = "  ".join(f"{m['slice_index']}@{m['z_mm']:.0f}:{m['score']:.3f}" for m in e["matches"])
-        t.add_row(str(e["exam_date"] or ""), str(e["study_id"]), str(e["volume_id"]), str(b["slice_index"]),
-                  f"{b['z_mm']:.1f}", f"{b['score']:.4f}", ms)
+        t.add_row(
+            str(e["exam_date"] or ""),
+            str(e["study_id"]),
+            str(e["volume_id"]),
+            str(b["slice_index"]),
+            f"{b['z_mm']:.1f}",
+            f"{b['score']:.4f}",
+            ms,
+        )
     Console(file=result_stream()).print(t)

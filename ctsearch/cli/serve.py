@@ -29,22 +29,47 @@ def read_token(path: Path) -> str:
     except (OSError, UnicodeDecodeError) as e:
         raise CTSearchInputError(path, f"cannot read the token file ({type(e).__name__})") from None
     if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
-        raise CTSearchInputError(path, f"the token must be at least {MIN_TOKEN_CHARS} characters without spaces "
-                                       "(e.g. openssl rand -hex 32 > FILE)")  # fmt: skip
+        raise CTSearchInputError(
+            path,
+            f"the token must be at least {MIN_TOKEN_CHARS} characters without spaces "
+            "(e.g. openssl rand -hex 32 > FILE)",
+        )
     return token
 
 
 @handle_errors
 def serve_cmd(
     index_dir: Path = typer.Argument(..., help="Index directory written by `ctsearch index`."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Anything but loopback (127.0.0.1, ::1, localhost) needs --token-file."),
+    host: str = typer.Option(
+        "127.0.0.1",
+        "--host",
+        help="Address to listen on. Anything but loopback (127.0.0.1, ::1, localhost) needs --token-file.",
+    ),
     port: int = typer.Option(8000, "--port", help="TCP port of the HTTP API and the page."),
-    replicas: int = typer.Option(1, "--replicas", help="Replicas of the front (model + HTTP) and of each shard group."),
-    max_replicas: Optional[int] = typer.Option(None, "--max-replicas", help="Autoscale between --replicas and this many replicas on ongoing requests (default: fixed --replicas)."),
-    shards_per_replica: int = typer.Option(0, "--shards-per-replica", help="Spread the index: groups of this many shards, one deployment each, merged by the front (0 = every front replica holds all shards)."),
-    cpus_per_replica: float = typer.Option(1.0, "--cpus-per-replica", help="Ray CPUs reserved per replica (fractions allowed)."),
-    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the bearer token clients must send (Authorization: Bearer TOKEN); required off loopback."),
-    max_upload_mb: int = typer.Option(512, "--max-upload-mb", help="Largest uploaded query file, in MiB (413 above)."),
+    replicas: int = typer.Option(
+        1, "--replicas", help="Replicas of the front (model + HTTP) and of each shard group."
+    ),
+    max_replicas: Optional[int] = typer.Option(
+        None,
+        "--max-replicas",
+        help="Autoscale between --replicas and this many replicas on ongoing requests (default: fixed --replicas).",
+    ),
+    shards_per_replica: int = typer.Option(
+        0,
+        "--shards-per-replica",
+        help="Spread the index: groups of this many shards, one deployment each, merged by the front (0 = every front replica holds all shards).",
+    ),
+    cpus_per_replica: float = typer.Option(
+        1.0, "--cpus-per-replica", help="Ray CPUs reserved per replica (fractions allowed)."
+    ),
+    token_file: Optional[Path] = typer.Option(
+        None,
+        "--token-file",
+        help="File holding the bearer token clients must send (Authorization: Bearer TOKEN); required off loopback.",
+    ),
+    max_upload_mb: int = typer.Option(
+        512, "--max-upload-mb", help="Largest uploaded query file, in MiB (413 above)."
+    ),
     id_salt_file: Optional[Path] = SALT_OPT,
     address: Optional[str] = ADDRESS_OPT,
     quiet: bool = QUIET_OPT,
@@ -60,10 +85,17 @@ def serve_cmd(
     from ctsearch.serve.deploy import ServeOptions
 
     options = ServeOptions(
-        index_dir=str(index_dir.resolve()), host=host, port=port, replicas=replicas, max_replicas=max_replicas,
-        shards_per_replica=shards_per_replica, cpus_per_replica=cpus_per_replica,
-        token_sha256=token_digest(token) if token else None, id_salt=load_salt(id_salt_file), max_upload_mb=max_upload_mb,
-    )  # fmt: skip
+        index_dir=str(index_dir.resolve()),
+        host=host,
+        port=port,
+        replicas=replicas,
+        max_replicas=max_replicas,
+        shards_per_replica=shards_per_replica,
+        cpus_per_replica=cpus_per_replica,
+        token_sha256=token_digest(token) if token else None,
+        id_salt=load_salt(id_salt_file),
+        max_upload_mb=max_upload_mb,
+    )
     options.check()
     check_faiss_wheels()
     from ctsearch.index import Index

@@ -13,12 +13,20 @@ def register(app: typer.Typer) -> None:
     @app.command("synth")
     @handle_errors
     def synth_cmd(
-        out: Path = typer.Argument(..., help="Output folder: OUT/nifti (Decathlon layout), OUT/dicom, OUT/synth.json."),
-        volumes: int = typer.Option(8, "--volumes", "-n", help="Number of synthetic patients (each gets --exams volumes)."),
+        out: Path = typer.Argument(
+            ..., help="Output folder: OUT/nifti (Decathlon layout), OUT/dicom, OUT/synth.json."
+        ),
+        volumes: int = typer.Option(
+            8, "--volumes", "-n", help="Number of synthetic patients (each gets --exams volumes)."
+        ),
         seed: int = typer.Option(0, "--seed", help="Seed: the same seed writes the same archive."),
         fmt: str = typer.Option("nifti", "--format", help="nifti | dicom | both."),
-        size: int = typer.Option(512, "--size", help="Slice matrix in px (size x size); the field of view stays in mm."),
-        exams: int = typer.Option(1, "--exams", help="Examinations per patient; later exams are later in time, with grown lesions."),
+        size: int = typer.Option(
+            512, "--size", help="Slice matrix in px (size x size); the field of view stays in mm."
+        ),
+        exams: int = typer.Option(
+            1, "--exams", help="Examinations per patient; later exams are later in time, with grown lesions."
+        ),
         json_out: bool = JSON_OPT,
         quiet: bool = QUIET_OPT,
     ) -> None:
@@ -26,12 +34,20 @@ def register(app: typer.Typer) -> None:
         from ctsearch.synth import synth_archive
 
         summary = synth_archive(
-            out, volumes=volumes, seed=seed, size=size, fmt=fmt, exams=exams,
+            out,
+            volumes=volumes,
+            seed=seed,
+            size=size,
+            fmt=fmt,
+            exams=exams,
             progress=lambda items, total, desc: progress(items, total, desc, quiet or json_out),
         )
         if json_out:
             emit_json(summary.to_json())
             return
         where = ", ".join(str(d) for d in (summary.nifti_dir, summary.dicom_dir) if d)
-        say(f"{summary.volumes} volumes ({summary.patients} patients x {exams} exams), {summary.slices} slices "
-            f"of {size}x{size} px -> {where}", quiet)
+        say(
+            f"{summary.volumes} volumes ({summary.patients} patients x {exams} exams), {summary.slices} slices "
+            f"of {size}x{size} px -> {where}",
+            quiet,
+        )

@@ -71,12 +71,25 @@ class ShardRecord:
     @classmethod
     def from_json(cls, d: dict) -> ShardRecord:
         merged = d.get("merged_from")
-        return cls(d["name"], d["kind"], int(d["rows"]), int(d["volumes"]), int(d["errors"]), dict(d.get("params") or {}),
-                   tuple(merged) if merged is not None else None)  # fmt: skip
+        return cls(
+            d["name"],
+            d["kind"],
+            int(d["rows"]),
+            int(d["volumes"]),
+            int(d["errors"]),
+            dict(d.get("params") or {}),
+            tuple(merged) if merged is not None else None,
+        )
 
     def to_json(self) -> dict:
-        d = {"name": self.name, "kind": self.kind, "rows": self.rows, "volumes": self.volumes, "errors": self.errors,
-             "params": self.params}  # fmt: skip
+        d = {
+            "name": self.name,
+            "kind": self.kind,
+            "rows": self.rows,
+            "volumes": self.volumes,
+            "errors": self.errors,
+            "params": self.params,
+        }
         if self.merged_from is not None:
             d["merged_from"] = list(self.merged_from)
         return d
@@ -84,19 +97,29 @@ class ShardRecord:
 
 def shard_files(root: Path, name: str) -> list[Path]:
     """Every file shard ``name`` may have under index directory ``root``."""
-    return [root / "embeddings" / f"{name}.parquet", root / "faiss" / f"{name}.faiss",
-            root / "faiss" / f"{name}.vectors.npy", root / "volumes" / f"{name}.parquet",
-            root / "errors" / f"{name}.parquet"]  # fmt: skip
+    return [
+        root / "embeddings" / f"{name}.parquet",
+        root / "faiss" / f"{name}.faiss",
+        root / "faiss" / f"{name}.vectors.npy",
+        root / "volumes" / f"{name}.parquet",
+        root / "errors" / f"{name}.parquet",
+    ]
 
 
 def embeddings_to_table(rows: list[dict] | pa.Table, vectors: np.ndarray, dtype: str = "float32") -> pa.Table:
     """Slice metadata (dicts or a table with META_COLUMNS) + [n, D] vectors -> embeddings table."""
     n, d = vectors.shape
     schema = embeddings_schema(d, dtype)
-    meta = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(
-        [{c: r.get(c) for c in META_COLUMNS} for r in rows], schema=EMBEDDING_META_SCHEMA
+    meta = (
+        rows
+        if isinstance(rows, pa.Table)
+        else pa.Table.from_pylist(
+            [{c: r.get(c) for c in META_COLUMNS} for r in rows], schema=EMBEDDING_META_SCHEMA
+        )
     )
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float16 if dtype == "float16" else np.float32).reshape(-1))
+    flat = pa.array(
+        np.ascontiguousarray(vectors, dtype=np.float16 if dtype == "float16" else np.float32).reshape(-1)
+    )
     emb = pa.FixedSizeListArray.from_arrays(flat, d)
     cols = [meta.column(c).cast(schema.field(c).type) for c in META_COLUMNS] + [emb]
     return pa.Table.from_arrays(cols, schema=schema)
@@ -113,11 +136,15 @@ def read_manifest(root: Path) -> dict:
     """index.json of index directory ``root``; a missing, unreadable or other-version file is a one-line error."""
     p = root / INDEX_JSON
     if not p.is_file():
-        raise CTSearchInputError(root, f"not an index directory (no {INDEX_JSON}; build one with `ctsearch index`)")
+        raise CTSearchInputError(
+            root, f"not an index directory (no {INDEX_JSON}; build one with `ctsearch index`)"
+        )
     try:
         m = json.loads(p.read_text())
     except ValueError as e:
         raise CTSearchInputError(p, f"unreadable index manifest ({e})") from None
     if m.get("format_version") != FORMAT_VERSION:
-        raise CTSearchInputError(p, f"index format {m.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        raise CTSearchInputError(
+            p, f"index format {m.get('format_version')} is not supported (expected {FORMAT_VERSION})"
+        )
     return m

@@ -46,7 +46,9 @@ def ivfpq_params(n: int, d: int) -> dict:
     return {"nlist": nlist, "m": m, "nbits": 8, "nprobe": min(nlist, max(16, nlist // 32)), "refine": refine}
 
 
-def build_faiss(vectors: np.ndarray, kind: str, seed: int = 0, train_size: int = 200_000) -> tuple[faiss.Index, dict]:
+def build_faiss(
+    vectors: np.ndarray, kind: str, seed: int = 0, train_size: int = 200_000
+) -> tuple[faiss.Index, dict]:
     """[n, d] L2-normalised vectors (float32/float16, may be a memmap) -> (FAISS index, ids 0..n-1; search params).
 
     IVF-PQ reads ``vectors`` in chunks, so a memory-mapped float16 file of any size will do.
@@ -67,7 +69,9 @@ def build_faiss(vectors: np.ndarray, kind: str, seed: int = 0, train_size: int =
     if kind == "ivfpq":
         p = ivfpq_params(n, d)
         if n < 256 * 4:
-            raise CTSearchInputError(None, f"an IVF-PQ shard needs at least 1024 vectors, got {n}; raise --ann-threshold")
+            raise CTSearchInputError(
+                None, f"an IVF-PQ shard needs at least 1024 vectors, got {n}; raise --ann-threshold"
+            )
         # L2 on unit vectors ranks like inner product, and IVF/PQ train better with it;
         # final scores are exact inner products from the re-ranking step.
         index = faiss.index_factory(d, f"IVF{p['nlist']},PQ{p['m']}x{p['nbits']}", faiss.METRIC_L2)

@@ -120,7 +120,9 @@ class Index:
 
     def patient_rows(self, patient_id: str) -> list[np.ndarray]:
         """Per shard, the int64 row ids of ``patient_id``'s slices."""
-        return [np.flatnonzero(self._column(s, "patient_id") == patient_id).astype(np.int64) for s in self.shards]
+        return [
+            np.flatnonzero(self._column(s, "patient_id") == patient_id).astype(np.int64) for s in self.shards
+        ]
 
     def lookup(self, volume_id: str, slice_index: int) -> tuple[np.ndarray, dict]:
         """The stored vector [d] and metadata of row ``volume_id:slice_index``."""
@@ -128,12 +130,16 @@ class Index:
         for j, s in enumerate(self.shards):
             if not s.rows:
                 continue
-            hit = np.flatnonzero((self._column(s, "volume_id") == volume_id) & (self._column(s, "slice_index") == slice_index))
+            hit = np.flatnonzero(
+                (self._column(s, "volume_id") == volume_id) & (self._column(s, "slice_index") == slice_index)
+            )
             found += [(j, int(i)) for i in hit]
         if not found:
             raise CTSearchInputError(None, f"no row {volume_id}:{slice_index} in the index at {self.root}")
         if len(found) > 1:
-            raise CTSearchInputError(None, f"row {volume_id}:{slice_index} is ambiguous ({len(found)} volumes share that id)")
+            raise CTSearchInputError(
+                None, f"row {volume_id}:{slice_index} is ambiguous ({len(found)} volumes share that id)"
+            )
         j, i = found[0]
         return np.asarray(self.shard_vectors(self.shards[j])[i], np.float32), self.rows(j, [i])[0]
 
@@ -161,7 +167,9 @@ class Index:
             raise CTSearchInputError(None, f"k must be >= 1, got {k}")
         q = l2_normalize(np.atleast_2d(np.asarray(vectors, np.float32)))
         if q.shape[1] != self.dim:
-            raise CTSearchInputError(None, f"query vectors have dimension {q.shape[1]}, the index has {self.dim}")
+            raise CTSearchInputError(
+                None, f"query vectors have dimension {q.shape[1]}, the index has {self.dim}"
+            )
         try:
             return self._search(q, k, patient, exclude_patient, nprobe, refine)
         except FileNotFoundError:
@@ -198,7 +206,9 @@ class Index:
                     sc, ii = self._search_torch(s, q, k, allowed, denied)
                 else:
                     exact = self.shard_vectors(s) if s.kind == "ivfpq" else None
-                    sc, ii = search_shard(self._index(s), s.kind, s.params, exact, q, k, allowed, denied, nprobe, refine)
+                    sc, ii = search_shard(
+                        self._index(s), s.kind, s.params, exact, q, k, allowed, denied, nprobe, refine
+                    )
             all_s.append(sc)
             all_i.append(ii)
         scores, shard, row = merge_topk(all_s, all_i, k)
@@ -209,18 +219,29 @@ class Index:
                 if shard[qi, rank] < 0:
                     break
                 meta = self.rows(int(shard[qi, rank]), [row[qi, rank]])[0]
-                hq.append({"rank": rank + 1, "score": float(scores[qi, rank]), "shard": self.shards[shard[qi, rank]].name,
-                           "row": int(row[qi, rank]), **meta})
+                hq.append(
+                    {
+                        "rank": rank + 1,
+                        "score": float(scores[qi, rank]),
+                        "shard": self.shards[shard[qi, rank]].name,
+                        "row": int(row[qi, rank]),
+                        **meta,
+                    }
+                )
             hits.append(hq)
         return SearchResult(scores, shard, row, hits)
 
-    def _search_torch(self, s: ShardRecord, q: np.ndarray, k: int, allowed, denied) -> tuple[np.ndarray, np.ndarray]:
+    def _search_torch(
+        self, s: ShardRecord, q: np.ndarray, k: int, allowed, denied
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact search on the GPU with a torch matmul (we ship faiss-cpu only: docs/scaling.md)."""
         import torch
 
         if s.name not in self._torch:
             half = self.manifest["dtype"] == "float16"
-            x = torch.from_numpy(np.ascontiguousarray(self.shard_vectors(s), dtype=np.float16 if half else np.float32))
+            x = torch.from_numpy(
+                np.ascontiguousarray(self.shard_vectors(s), dtype=np.float16 if half else np.float32)
+            )
             self._torch[s.name] = x.to(self.device)
         return torch_topk(q, self._torch[s.name], k, allowed, denied)
 

@@ -62,7 +62,9 @@ def search_shard(
     return scores, ids
 
 
-def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def merge_topk(
+    scores: list[np.ndarray], ids: list[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-shard (scores [q, k_s], ids [q, k_s]) -> merged (scores [q, k], shard [q, k], ids [q, k]).
 
     Missing hits (id -1) sort last; ties keep shard order. Padding: score -inf, shard -1, id -1.
@@ -91,7 +93,9 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(n, 1e-12)
 
 
-def torch_topk(q: np.ndarray, x, k: int, allowed=None, denied=None, rescore: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def torch_topk(
+    q: np.ndarray, x, k: int, allowed=None, denied=None, rescore: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k inner products of queries ``q`` [nq, D] against ``x`` [n, D] (a torch tensor on any device).
 
     Candidates come from one matmul in ``x``'s dtype; the best ``k + rescore`` are then re-scored in

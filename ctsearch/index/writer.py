@@ -85,13 +85,29 @@ class IndexWriter:
     _lock: object = None  # open file holding the flock
 
     @classmethod
-    def create(cls, root, model_config: ModelConfig, model_dir=None, dtype: str = "float32",
-               ann_threshold: int = DEFAULT_ANN_THRESHOLD, ann: str = "ivfpq", id_salt: bytes | None = None) -> IndexWriter:
+    def create(
+        cls,
+        root,
+        model_config: ModelConfig,
+        model_dir=None,
+        dtype: str = "float32",
+        ann_threshold: int = DEFAULT_ANN_THRESHOLD,
+        ann: str = "ivfpq",
+        id_salt: bytes | None = None,
+    ) -> IndexWriter:
         return cls.open(root, model_config, model_dir, dtype, ann_threshold, ann, id_salt)
 
     @classmethod
-    def open(cls, root, model_config: ModelConfig, model_dir=None, dtype: str = "float32",
-             ann_threshold: int = DEFAULT_ANN_THRESHOLD, ann: str = "ivfpq", id_salt: bytes | None = None) -> IndexWriter:
+    def open(
+        cls,
+        root,
+        model_config: ModelConfig,
+        model_dir=None,
+        dtype: str = "float32",
+        ann_threshold: int = DEFAULT_ANN_THRESHOLD,
+        ann: str = "ivfpq",
+        id_salt: bytes | None = None,
+    ) -> IndexWriter:
         """Start a new index at ``root`` or continue the one there (same model, dtype and id salt required).
 
         ``id_salt``: the rows' ids are hashed with it (ctsearch.ids); index.json records its
@@ -112,7 +128,9 @@ class IndexWriter:
         return w
 
     @classmethod
-    def _open_locked(cls, root, model_config, model_dir, dtype, ann_threshold, ann, fresh, id_salt) -> IndexWriter:
+    def _open_locked(
+        cls, root, model_config, model_dir, dtype, ann_threshold, ann, fresh, id_salt
+    ) -> IndexWriter:
         enc_sha = content_hash(Path(model_dir) / ENCODER_FILE) if model_dir is not None else ""
         mpath = root / INDEX_JSON
         if mpath.is_file():
@@ -120,20 +138,30 @@ class IndexWriter:
             old = manifest["model"]
             if old.get("encoder_sha256") and enc_sha and old["encoder_sha256"] != enc_sha:
                 raise CTSearchInputError(
-                    model_dir, f"the index at {root} was built with another model ({old.get('model_id') or old['encoder_sha256'][:12]}); "
-                    "use that model or a new --out directory"
+                    model_dir,
+                    f"the index at {root} was built with another model ({old.get('model_id') or old['encoder_sha256'][:12]}); "
+                    "use that model or a new --out directory",
                 )
             if manifest["dtype"] != dtype:
-                raise CTSearchInputError(root, f"the index stores {manifest['dtype']} embeddings; pass --dtype {manifest['dtype']}")
+                raise CTSearchInputError(
+                    root, f"the index stores {manifest['dtype']} embeddings; pass --dtype {manifest['dtype']}"
+                )
             check_same_salt(manifest.get("ids"), id_salt, root, "or choose a new --out directory")
             manifest["ann_threshold"], manifest["ann"] = int(ann_threshold), ann
         else:
             if not fresh:
-                raise CTSearchInputError(root, f"exists, is not empty and has no {INDEX_JSON}; choose a new --out directory")
+                raise CTSearchInputError(
+                    root, f"exists, is not empty and has no {INDEX_JSON}; choose a new --out directory"
+                )
             cfg = model_config.to_json()
             manifest = {
                 "format_version": FORMAT_VERSION,
-                "model": {"model_id": model_config.model_id, "config": cfg, "encoder_sha256": enc_sha, "dir": "model"},
+                "model": {
+                    "model_id": model_config.model_id,
+                    "config": cfg,
+                    "encoder_sha256": enc_sha,
+                    "dir": "model",
+                },
                 "preprocessing": {
                     "transform": "ctsearch.views.eval_transform",
                     "window_hu": list(model_config.wide),
@@ -206,12 +234,16 @@ class IndexWriter:
         return self._known.get((series_id, chash))
 
     # --- commits
-    def commit_shard(self, rows: list[dict] | pa.Table, vectors: np.ndarray, volumes: list[dict], errors: list[dict]) -> str:
+    def commit_shard(
+        self, rows: list[dict] | pa.Table, vectors: np.ndarray, volumes: list[dict], errors: list[dict]
+    ) -> str:
         """Write one shard's files, then commit it to index.json (atomic). Returns the shard name."""
         name = f"shard-{self.manifest['next_shard']:05d}"
         vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.manifest["embedding_dim"])
         kind, params = self._write_shard_files(name, rows, vectors, volumes, errors)
-        self._commit(add=[ShardRecord(name, kind, int(len(vectors)), len(volumes), len(errors), params)], remove=[])
+        self._commit(
+            add=[ShardRecord(name, kind, int(len(vectors)), len(volumes), len(errors), params)], remove=[]
+        )
         for v in volumes:
             self._entries[v["entry"]] = (v["size"], v["mtime_ns"])
             if v["status"] == "indexed":
@@ -231,7 +263,9 @@ class IndexWriter:
             exact = stored.astype(np.float16 if dtype == "float16" else np.float32)
             atomic_write(r / "faiss" / f"{name}.vectors.npy", lambda p: _save_npy(p, exact))
         atomic_write(r / "faiss" / f"{name}.faiss", lambda p: faiss.write_index(index, p))
-        vt = pa.Table.from_pylist([{c: v.get(c) for c in VOLUMES_SCHEMA.names} for v in volumes], schema=VOLUMES_SCHEMA)
+        vt = pa.Table.from_pylist(
+            [{c: v.get(c) for c in VOLUMES_SCHEMA.names} for v in volumes], schema=VOLUMES_SCHEMA
+        )
         atomic_write_table(vt, r / "volumes" / f"{name}.parquet")
         atomic_write_table(errors_table(errors), r / "errors" / f"{name}.parquet")
         return kind, params
@@ -270,7 +304,9 @@ class IndexWriter:
 
     def _write_errors(self) -> None:
         names = [s.name for s in self.shards]
-        parts = [self.root / "errors" / f"{n}.parquet" for n in names] + [self.root / "errors" / "scan.parquet"]
+        parts = [self.root / "errors" / f"{n}.parquet" for n in names] + [
+            self.root / "errors" / "scan.parquet"
+        ]
         rows = []
         for p in parts:
             if p.is_file():
@@ -287,12 +323,19 @@ class IndexWriter:
         flats = [s for s in self.shards if s.kind == "flat" and s.rows > 0]
         if len(flats) < 2 or sum(s.rows for s in flats) < m["ann_threshold"]:
             return None
-        read = lambda sub: pa.concat_tables([pq.read_table(self.root / sub / f"{s.name}.parquet") for s in flats])  # noqa: E731
+        read = lambda sub: pa.concat_tables(
+            [pq.read_table(self.root / sub / f"{s.name}.parquet") for s in flats]
+        )  # noqa: E731
         table, vols, errs = read("embeddings"), read("volumes").to_pylist(), read("errors").to_pylist()
         name = f"shard-{m['next_shard']:05d}"
-        kind, params = self._write_shard_files(name, table.select(META_COLUMNS), table_vectors(table), vols, errs)
+        kind, params = self._write_shard_files(
+            name, table.select(META_COLUMNS), table_vectors(table), vols, errs
+        )
         merged = tuple(s.name for s in flats)
-        self._commit(add=[ShardRecord(name, kind, table.num_rows, len(vols), len(errs), params, merged)], remove=list(merged))
+        self._commit(
+            add=[ShardRecord(name, kind, table.num_rows, len(vols), len(errs), params, merged)],
+            remove=list(merged),
+        )
         return name
 
 

@@ -92,7 +92,9 @@ def write_dicom_series(
     stored = (hu.astype(np.int32) - intercept).astype(np.uint16)
 
     # Ids that already are UIDs (a volume read from DICOM) are kept, so DICOM -> DICOM round-trips.
-    study_uid = volume.study_id if is_uid(volume.study_id) else uid_for("study", volume.patient_id, volume.study_id)
+    study_uid = (
+        volume.study_id if is_uid(volume.study_id) else uid_for("study", volume.patient_id, volume.study_id)
+    )
     series_uid = (
         volume.series_id if is_uid(volume.series_id) else uid_for("series", study_uid, volume.series_id)
     )
@@ -403,8 +405,13 @@ def plan_series(items: list[SliceHeader]) -> DicomSeries:
         raise skip("single slice, not a volume")
 
     for h in items:
-        for tag, value in (("ImagePositionPatient", h.position), ("ImageOrientationPatient", h.orientation),
-                           ("PixelSpacing", h.pixel_spacing), ("Rows", h.rows), ("Columns", h.cols)):
+        for tag, value in (
+            ("ImagePositionPatient", h.position),
+            ("ImageOrientationPatient", h.orientation),
+            ("PixelSpacing", h.pixel_spacing),
+            ("Rows", h.rows),
+            ("Columns", h.cols),
+        ):
             if value is None:
                 raise CTSearchInputError(h.path, f"{name}: slice lacks {tag}")
         if h.modality != "CT":
@@ -424,8 +431,11 @@ def plan_series(items: list[SliceHeader]) -> DicomSeries:
         raise CTSearchInputError(h0.path, f"{name}: non-positive PixelSpacing or image size")
     iop = np.array(h0.orientation)
     row_dir, col_dir = iop[:3], iop[3:]
-    if (abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3
-            or abs(row_dir @ col_dir) > 1e-3):
+    if (
+        abs(np.linalg.norm(row_dir) - 1) > 1e-3
+        or abs(np.linalg.norm(col_dir) - 1) > 1e-3
+        or abs(row_dir @ col_dir) > 1e-3
+    ):
         raise CTSearchInputError(h0.path, f"{name}: ImageOrientationPatient is not two orthonormal vectors")
     normal = np.cross(row_dir, col_dir)
     if abs(normal[2]) < _AXIAL_MIN_COS:
@@ -445,7 +455,8 @@ def plan_series(items: list[SliceHeader]) -> DicomSeries:
     step = float(np.median(gaps))
     if np.max(np.abs(gaps - step)) > 0.05 * step + 1e-3:
         raise CTSearchInputError(
-            folder, f"{name}: irregular slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm): missing slices?"
+            folder,
+            f"{name}: irregular slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm): missing slices?",
         )
     stored = np.eye(4)
     stored[:3, 0] = row_dir * ps0[1]  # along a row: column index i, column spacing

@@ -41,7 +41,9 @@ class ScanEntry:
     spacing_mm: tuple[float, float, float]
     files: tuple[str, ...] = ()
     _read: Callable[[], Volume] | None = field(default=None, repr=False, compare=False)
-    _read_label: Callable[[str, Volume | None], np.ndarray] | None = field(default=None, repr=False, compare=False)
+    _read_label: Callable[[str, Volume | None], np.ndarray] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def row(self) -> dict:
         """This entry as a row of ``store.MANIFEST_SCHEMA``."""

@@ -194,10 +194,14 @@ def _open_checked(path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarr
         raise CTSearchInputError(path, f"header says shape {shape}: no voxels")
     n_voxels = int(np.prod(shape, dtype=np.int64))
     if n_voxels > MAX_VOXELS:
-        raise CTSearchInputError(path, f"header claims {n_voxels} voxels (shape {shape}), over the {MAX_VOXELS} limit")
+        raise CTSearchInputError(
+            path, f"header claims {n_voxels} voxels (shape {shape}), over the {MAX_VOXELS} limit"
+        )
     needed = offset + n_voxels * itemsize
     if not gz and needed > size:
-        raise CTSearchInputError(path, f"header claims {needed} bytes of image but the file holds {size} (truncated?)")
+        raise CTSearchInputError(
+            path, f"header claims {needed} bytes of image but the file holds {size} (truncated?)"
+        )
     if gz:
         _check_gzip_size(path, size, needed)
     affine_ras = img.affine
@@ -214,7 +218,9 @@ def _open_checked(path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarr
 def _check_gzip_size(path: str, size: int, needed: int) -> None:
     """Make sure the gzip stream really holds ``needed`` bytes before anything allocates them."""
     if needed > _MAX_DEFLATE_RATIO * size + 1024:
-        raise CTSearchInputError(path, f"header claims {needed} bytes of image, impossible for a {size}-byte gzip file")
+        raise CTSearchInputError(
+            path, f"header claims {needed} bytes of image, impossible for a {size}-byte gzip file"
+        )
     with open(path, "rb") as f:
         f.seek(max(size - 4, 0))
         (isize,) = struct.unpack("<I", f.read(4).rjust(4, b"\0"))
@@ -394,7 +400,9 @@ def _nifti_entries(images: list[str], labels: list[str], root: str, errors: list
             errors.append(error_row(e, "scan"))
             continue
         if lh.shape != headers[image].shape:
-            errors.append(scan_error(lab, f"label shape {lh.shape} differs from image shape {headers[image].shape}"))
+            errors.append(
+                scan_error(lab, f"label shape {lh.shape} differs from image shape {headers[image].shape}")
+            )
             continue
         label_of[image] = lab
 
@@ -439,7 +447,9 @@ def _in_decathlon_folder(path: str, folder: str) -> bool:
     """True for ``.../imagesTr/x`` or ``.../labelsTr/x`` whose partner folder exists beside it."""
     parent = os.path.dirname(os.path.abspath(path))
     partner = {"imagesTr": "labelsTr", "labelsTr": "imagesTr"}[folder]
-    return os.path.basename(parent) == folder and os.path.isdir(os.path.join(os.path.dirname(parent), partner))
+    return os.path.basename(parent) == folder and os.path.isdir(
+        os.path.join(os.path.dirname(parent), partner)
+    )
 
 
 def _is_decathlon_label(path: str) -> bool:

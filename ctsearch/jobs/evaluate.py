@@ -38,7 +38,13 @@ def run_name(model_dir: str | os.PathLike) -> str:
     views = opts.get("views", model.get("views", "?"))
     init = opts.get("init", "?")
     init = {"imagenet": "ImageNet", "random": "random init"}.get(init, "init from run" if init != "?" else "")
-    what = "SimSiam (HU clipping)" if views == "clinical" else "SimSiam (standard)" if views == "standard" else f"SimSiam ({views})"
+    what = (
+        "SimSiam (HU clipping)"
+        if views == "clinical"
+        else "SimSiam (standard)"
+        if views == "standard"
+        else f"SimSiam ({views})"
+    )
     backbone = model.get("backbone", opts.get("backbone", "?"))
     return f"{init + ' + ' if init else ''}{what}, {backbone}"
 
@@ -53,10 +59,14 @@ def embed_split(spec: EncoderSpec, hu: np.ndarray, device: str) -> np.ndarray:
         return embed(encoder, hu, config, device=device)
 
 
-def rr_of(spec: EncoderSpec, test_path: Path, options: ExplainOptions, gpus: int, workers: int, address: str | None) -> dict:
+def rr_of(
+    spec: EncoderSpec, test_path: Path, options: ExplainOptions, gpus: int, workers: int, address: str | None
+) -> dict:
     """Mean relevance-rank accuracy over the test split's liver slices (Ray job)."""
     scores, skipped, errors, nodes = [], 0, [], {}
-    for b in explain_slices(test_path, spec, options, gpus=gpus, workers=workers, liver_only=True, address=address):
+    for b in explain_slices(
+        test_path, spec, options, gpus=gpus, workers=workers, liver_only=True, address=address
+    ):
         count_nodes(nodes, b)
         for i in range(len(b["volume_id"])):
             if b["error"][i]:
@@ -65,8 +75,13 @@ def rr_of(spec: EncoderSpec, test_path: Path, options: ExplainOptions, gpus: int
                 skipped += 1
             else:
                 scores.append(float(b["rr"][i]))
-    return {"rr": float(np.mean(scores)) if scores else float("nan"), "rr_slices": len(scores),
-            "rr_skipped_empty_mask": skipped, "rr_errors": errors, "rr_nodes": nodes}  # fmt: skip
+    return {
+        "rr": float(np.mean(scores)) if scores else float("nan"),
+        "rr_slices": len(scores),
+        "rr_skipped_empty_mask": skipped,
+        "rr_errors": errors,
+        "rr_nodes": nodes,
+    }
 
 
 def summary_stats(values: list[float]) -> dict:
@@ -80,8 +95,10 @@ def summary_stats(values: list[float]) -> dict:
 def markdown_table(rows: list[dict], k: int) -> str:
     """Rows shaped like the paper's Table 1 (values in percent, mean ± sample std over runs)."""
     shown = shown_metrics()
-    lines = ["| pretraining | runs | " + " | ".join(m.header.format(k=k) for m in shown) + " |",
-             "|---|---|" + "---|" * len(shown)]  # fmt: skip
+    lines = [
+        "| pretraining | runs | " + " | ".join(m.header.format(k=k) for m in shown) + " |",
+        "|---|---|" + "---|" * len(shown),
+    ]
     for r in rows:
         cells = [percent_cell(r.get(m.key), m.decimals) for m in shown]
         lines.append(f"| {r['name']} | {r['n']} | " + " | ".join(cells) + " |")
@@ -171,8 +188,12 @@ def evaluate(
             entries.append((f"{label}, {cfg.backbone}", f"baseline:{b}", spec))
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    relax = replace(o.relax_options or ExplainOptions(), num_masks=max(1, o.relax_masks), keep_maps=False,
-                    render_png=False)  # fmt: skip
+    relax = replace(
+        o.relax_options or ExplainOptions(),
+        num_masks=max(1, o.relax_masks),
+        keep_maps=False,
+        render_png=False,
+    )
     relax.check()
     per_run = []
     for name, source, spec in entries:
@@ -194,8 +215,20 @@ def evaluate(
         row = {"name": name, "n": len(rs), "sources": [r["source"] for r in rs]}
         for m in METRICS:
             measured = m.score is not None or o.relax_masks > 0
-            row[m.key] = summary_stats([r.get(m.key) for r in rs]) if measured else {"mean": None, "std": None, "values": []}
+            row[m.key] = (
+                summary_stats([r.get(m.key) for r in rs])
+                if measured
+                else {"mean": None, "std": None, "values": []}
+            )
         rows.append(row)
-    return EvaluateResult(dataset=str(dataset_dir), k=k, relax_masks=o.relax_masks, queries=len(test),
-                          database=len(train), liver_queries=int(np.sum(test.label == 1)), runs=per_run, rows=rows,
-                          table=markdown_table(rows, k))  # fmt: skip
+    return EvaluateResult(
+        dataset=str(dataset_dir),
+        k=k,
+        relax_masks=o.relax_masks,
+        queries=len(test),
+        database=len(train),
+        liver_queries=int(np.sum(test.label == 1)),
+        runs=per_run,
+        rows=rows,
+        table=markdown_table(rows, k),
+    )

@@ -115,11 +115,15 @@ class Explainer:
             "slice_index": np.asarray(batch["slice_index"], np.int32),
             "label": np.asarray(batch["label"], np.int8),
             "map_size": np.full(n, S, np.int32),
-            "importance": [b""] * n, "uncertainty": [b""] * n,
-            "masks_used": np.zeros(n, np.int32), "mask_pixels": np.zeros(n, np.int64),
-            "rr": np.full(n, np.nan), "png_bytes": [b""] * n, "error": [""] * n,
+            "importance": [b""] * n,
+            "uncertainty": [b""] * n,
+            "masks_used": np.zeros(n, np.int32),
+            "mask_pixels": np.zeros(n, np.int64),
+            "rr": np.full(n, np.nan),
+            "png_bytes": [b""] * n,
+            "error": [""] * n,
             "node": [node_id()] * n,  # where the work ran (job summaries count slices per node)
-        }  # fmt: skip
+        }
         decoded = {}
         for i in range(n):
             try:
@@ -151,14 +155,18 @@ class Explainer:
                     title = f"{out['volume_id'][i]} slice {int(out['slice_index'][i])}"
                     if not np.isnan(scores[j]):
                         title += f"  RR {scores[j]:.3f}"
-                    panel = explanation_panel(decoded[i][0], res.importance[j], res.uncertainty[j], title=title)
+                    panel = explanation_panel(
+                        decoded[i][0], res.importance[j], res.uncertainty[j], title=title
+                    )
                     out["png_bytes"][i] = png_bytes(panel)
         return {k: np.asarray(v, dtype=object) if isinstance(v, list) else v for k, v in out.items()}
 
 
 def _drop_keys(batch: dict[str, np.ndarray], keys) -> dict[str, np.ndarray]:
     keys = shared_value(keys)
-    keep = np.array([slice_key(v, i) not in keys for v, i in zip(batch["volume_id"], batch["slice_index"])], bool)
+    keep = np.array(
+        [slice_key(v, i) not in keys for v, i in zip(batch["volume_id"], batch["slice_index"])], bool
+    )
     return {k: v[keep] for k, v in batch.items()}
 
 
@@ -191,7 +199,11 @@ def explain_slices(
     ds = ds.map_batches(
         Explainer,
         batch_size=options.slices_per_call,
-        fn_constructor_kwargs={"encoder_spec": encoder_spec, "options": asdict(options), "torch_threads": threads},
+        fn_constructor_kwargs={
+            "encoder_spec": encoder_spec,
+            "options": asdict(options),
+            "torch_threads": threads,
+        },
         compute=ray.data.ActorPoolStrategy(size=pool),
         num_gpus=1 if gpus else 0,
         num_cpus=1,
@@ -250,7 +262,9 @@ def explain_dataset(
         if on_slice:
             on_slice(total - todo, total)
         if todo:
-            for b in explain_slices(path, spec, options, gpus=gpus, workers=workers, address=address, skip=done):
+            for b in explain_slices(
+                path, spec, options, gpus=gpus, workers=workers, address=address, skip=done
+            ):
                 count_nodes(nodes, b)
                 part.add(b, path)
                 if on_slice:
@@ -261,14 +275,24 @@ def explain_dataset(
         rr = [r["rr"] for r in rows if r["rr"] is not None]
         liver_without_mask = sum(1 for r in rows if r["label"] == 1 and r["rr"] is None)
         summary = {
-            "dataset": str(path), "model": str(model_dir), "split": split, "slices": len(rows), "errors": len(errors),
+            "dataset": str(path),
+            "model": str(model_dir),
+            "split": split,
+            "slices": len(rows),
+            "errors": len(errors),
             "resumed_with": total - todo,
-            "rr_mean": float(np.mean(rr)) if rr else None, "rr_slices": len(rr),
+            "rr_mean": float(np.mean(rr)) if rr else None,
+            "rr_slices": len(rr),
             "liver_slices_without_mask": liver_without_mask,
             "masks_used_mean": float(np.mean([r["masks_used"] for r in rows])) if rows else None,
-            "nodes": nodes, "options": asdict(options), "outputs": {"explanations": EXPLANATIONS_FILE, "errors": "errors.parquet",
-                                                   "overlays": "overlays/" if options.render_png else None},
-        }  # fmt: skip
+            "nodes": nodes,
+            "options": asdict(options),
+            "outputs": {
+                "explanations": EXPLANATIONS_FILE,
+                "errors": "errors.parquet",
+                "overlays": "overlays/" if options.render_png else None,
+            },
+        }
         atomic_write_json(summary, out / SUMMARY_FILE)
         return summary
 
@@ -278,19 +302,32 @@ def _claim_folder(out: Path, dataset: Path, model_dir, options: ExplainOptions) 
     from ctsearch.config import ENCODER_FILE
 
     # Only what changes the maps: PNGs, forward batch size and slices per call do not.
-    maps = {k: v for k, v in asdict(options).items() if k in ("num_masks", "grid", "p", "seed", "tolerance", "check_every", "keep_maps")}
+    maps = {
+        k: v
+        for k, v in asdict(options).items()
+        if k in ("num_masks", "grid", "p", "seed", "tolerance", "check_every", "keep_maps")
+    }
     # The dataset's content, not only its path: a re-run `prepare` may choose other slices.
-    run = {"dataset": str(dataset.resolve()), "dataset_sha256": content_hash(dataset),
-           "encoder_sha256": content_hash(Path(model_dir) / ENCODER_FILE), "relax": maps}
+    run = {
+        "dataset": str(dataset.resolve()),
+        "dataset_sha256": content_hash(dataset),
+        "encoder_sha256": content_hash(Path(model_dir) / ENCODER_FILE),
+        "relax": maps,
+    }
     f = out / RUN_FILE
     if f.is_file():
         old = json.loads(f.read_text())
         if old != run:
             diff = sorted(k for k in run if old.get(k) != run[k])
-            raise CTSearchInputError(out, f"holds explanations made with another {', '.join(diff)}; "
-                                          "use the same settings to resume, or a new --out folder")
+            raise CTSearchInputError(
+                out,
+                f"holds explanations made with another {', '.join(diff)}; "
+                "use the same settings to resume, or a new --out folder",
+            )
     elif (out / EXPLANATIONS_FILE).exists():
-        raise CTSearchInputError(out, f"holds {EXPLANATIONS_FILE} without {RUN_FILE}; choose a new --out folder")
+        raise CTSearchInputError(
+            out, f"holds {EXPLANATIONS_FILE} without {RUN_FILE}; choose a new --out folder"
+        )
     else:
         atomic_write_json(run, f)
 
@@ -298,7 +335,10 @@ def _claim_folder(out: Path, dataset: Path, model_dir, options: ExplainOptions) 
 def _slice_keys(path: Path) -> set[str]:
     """``slice_key`` of every row of a parquet file with volume_id and slice_index columns."""
     t = pq.read_table(path, columns=["volume_id", "slice_index"])
-    return {slice_key(v, i) for v, i in zip(t.column("volume_id").to_pylist(), t.column("slice_index").to_pylist())}
+    return {
+        slice_key(v, i)
+        for v, i in zip(t.column("volume_id").to_pylist(), t.column("slice_index").to_pylist())
+    }
 
 
 def _error_key(err_path: str) -> str:
@@ -333,19 +373,30 @@ class _PartWriter:
             self.seen += 1
             vid, si = str(b["volume_id"][i]), int(b["slice_index"][i])
             if b["error"][i]:
-                self.errors.append({"path": f"{path}#{slice_key(vid, si)}", "stage": "explain", "error": str(b["error"][i])})
+                self.errors.append(
+                    {"path": f"{path}#{slice_key(vid, si)}", "stage": "explain", "error": str(b["error"][i])}
+                )
                 continue
             png = None
             if self.render_png:
                 png = png_name(vid, si)
                 atomic_write_bytes(b["png_bytes"][i], self.out / png)
             rr = float(b["rr"][i])
-            self.rows.append({
-                "volume_id": vid, "patient_id": str(b["patient_id"][i]), "slice_index": si, "label": int(b["label"][i]),
-                "map_size": int(b["map_size"][i]), "importance": b["importance"][i], "uncertainty": b["uncertainty"][i],
-                "masks_used": int(b["masks_used"][i]), "mask_pixels": int(b["mask_pixels"][i]),
-                "rr": None if np.isnan(rr) else rr, "png": png,
-            })  # fmt: skip
+            self.rows.append(
+                {
+                    "volume_id": vid,
+                    "patient_id": str(b["patient_id"][i]),
+                    "slice_index": si,
+                    "label": int(b["label"][i]),
+                    "map_size": int(b["map_size"][i]),
+                    "importance": b["importance"][i],
+                    "uncertainty": b["uncertainty"][i],
+                    "masks_used": int(b["masks_used"][i]),
+                    "mask_pixels": int(b["mask_pixels"][i]),
+                    "rr": None if np.isnan(rr) else rr,
+                    "png": png,
+                }
+            )
         if len(self.rows) + len(self.errors) >= PART_ROWS:
             self.flush()
 
@@ -355,7 +406,10 @@ class _PartWriter:
         if self.errors:
             atomic_write_table(errors_table(self.errors), parts / f"errors-{self.next:05d}.parquet")
         if self.rows:
-            atomic_write_table(pa.Table.from_pylist(self.rows, schema=EXPLANATIONS_SCHEMA), parts / f"expl-{self.next:05d}.parquet")
+            atomic_write_table(
+                pa.Table.from_pylist(self.rows, schema=EXPLANATIONS_SCHEMA),
+                parts / f"expl-{self.next:05d}.parquet",
+            )
         if self.rows or self.errors:
             self.next += 1
         self.rows, self.errors = [], []
@@ -382,6 +436,16 @@ def read_explanations(path: str | os.PathLike) -> dict[str, np.ndarray]:
     d = {name: t.column(name).to_numpy(zero_copy_only=False) for name in t.column_names}
     s = d["map_size"]
     for key in ("importance", "uncertainty"):
-        d[key] = np.stack([np.frombuffer(b, "<f4").reshape(int(m), int(m)) if b else np.full((int(m), int(m)), np.nan, np.float32)
-                           for b, m in zip(d[key], s)]) if len(s) else np.zeros((0, 0, 0), np.float32)  # fmt: skip
+        d[key] = (
+            np.stack(
+                [
+                    np.frombuffer(b, "<f4").reshape(int(m), int(m))
+                    if b
+                    else np.full((int(m), int(m)), np.nan, np.float32)
+                    for b, m in zip(d[key], s)
+                ]
+            )
+            if len(s)
+            else np.zeros((0, 0, 0), np.float32)
+        )
     return d

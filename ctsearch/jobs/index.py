@@ -61,7 +61,9 @@ def resolve_source(source: str | os.PathLike, id_salt: bytes | None = None) -> t
     if src.is_file() and src.suffix == ".parquet":
         t = pq.read_table(src)
         if "path" not in t.column_names:
-            raise CTSearchInputError(src, "not a manifest: no 'path' column (write one with `ctsearch prepare`)")
+            raise CTSearchInputError(
+                src, "not a manifest: no 'path' column (write one with `ctsearch prepare`)"
+            )
         recorded = json.loads((t.schema.metadata or {}).get(b"ctsearch.ids", b"null"))
         if recorded and recorded.get("pseudonymised"):
             check_same_salt(recorded, id_salt, src, "to index it")
@@ -92,13 +94,21 @@ def _task(r: dict, base: Path | None, id_salt: bytes | None = None) -> dict:
     # Hashed like the rows' series id: the entry is stored in the volumes table.
     series = pseudonymise(ids["series_id"], id_salt) if id_salt is not None else ids["series_id"]
     entry = f"{path}#{series}" if fmt == "dicom" and series else path
-    return {"path": path, "format": fmt, "entry": entry, "files": [str(f) for f in (r.get("files") or ())], **ids}
+    return {
+        "path": path,
+        "format": fmt,
+        "entry": entry,
+        "files": [str(f) for f in (r.get("files") or ())],
+        **ids,
+    }
 
 
 # ----------------------------------------------------------------------------- pipeline stages
 
 
-def read_volume_rows(batch: dict[str, np.ndarray], known_ref, id_salt: bytes | None = None) -> dict[str, np.ndarray]:
+def read_volume_rows(
+    batch: dict[str, np.ndarray], known_ref, id_salt: bytes | None = None
+) -> dict[str, np.ndarray]:
     """One volume task -> one row per axial slice (HU as int16 bytes), or one status row.
 
     Status rows (``status`` error | duplicate, ``n_rows`` 1) carry no pixels; every row
@@ -117,7 +127,18 @@ def read_volume_rows(batch: dict[str, np.ndarray], known_ref, id_salt: bytes | N
     return {k: np.asarray(v, dtype=object) if k in _OBJECT_COLS else np.asarray(v) for k, v in out.items()}
 
 
-_OBJECT_COLS = {"path", "entry", "format", "status", "error", "content_hash", "hu", "stage", "read_node", *ID_COLUMNS}
+_OBJECT_COLS = {
+    "path",
+    "entry",
+    "format",
+    "status",
+    "error",
+    "content_hash",
+    "hu",
+    "stage",
+    "read_node",
+    *ID_COLUMNS,
+}
 
 
 def _volume_rows(task: dict, known: set, id_salt: bytes | None = None) -> list[dict]:
@@ -126,8 +147,18 @@ def _volume_rows(task: dict, known: set, id_salt: bytes | None = None) -> list[d
 
     base = {k: task[k] for k in ("path", "entry", "shard", "order", "size", "mtime_ns")}
     base["path"], base["entry"] = path, str(task["entry"])
-    status = dict(status="indexed", error="", stage="", content_hash="", hu=b"", height=0, width=0,
-                  slice_index=-1, z_mm=float("nan"), **_final_ids(task, None, path, id_salt))
+    status = dict(
+        status="indexed",
+        error="",
+        stage="",
+        content_hash="",
+        hu=b"",
+        height=0,
+        width=0,
+        slice_index=-1,
+        z_mm=float("nan"),
+        **_final_ids(task, None, path, id_salt),
+    )
     try:
         chash = content_hash(path, list(task["files"]) or None)
         series = str(task["series_id"]) if task["format"] == "dicom" and task["series_id"] else None
@@ -137,7 +168,16 @@ def _volume_rows(task: dict, known: set, id_salt: bytes | None = None) -> list[d
     except CTSearchInputError as e:
         return [{**base, **status, "status": "error", "stage": "read", "error": e.problem, "n_rows": 1}]
     except Exception as e:  # a reader bug must not stop the archive: record it and go on
-        return [{**base, **status, "status": "error", "stage": "read", "error": f"{type(e).__name__}: {e}", "n_rows": 1}]
+        return [
+            {
+                **base,
+                **status,
+                "status": "error",
+                "stage": "read",
+                "error": f"{type(e).__name__}: {e}",
+                "n_rows": 1,
+            }
+        ]
     ids = _final_ids(task, vol, path, id_salt)
     status.update(ids, content_hash=chash)
     if f"{ids['series_id']}|{chash}" in known:
@@ -145,9 +185,29 @@ def _volume_rows(task: dict, known: set, id_salt: bytes | None = None) -> list[d
     hu, z = np.ascontiguousarray(vol.hu, dtype="<i2"), vol.z_mm()
     n, h, w = hu.shape
     if n == 0:
-        return [{**base, **status, "status": "error", "stage": "read", "error": "volume has no slices", "n_rows": 1}]
-    return [{**base, **status, "hu": hu[k].tobytes(), "height": h, "width": w, "slice_index": k, "z_mm": float(z[k]),
-             "n_rows": n} for k in range(n)]
+        return [
+            {
+                **base,
+                **status,
+                "status": "error",
+                "stage": "read",
+                "error": "volume has no slices",
+                "n_rows": 1,
+            }
+        ]
+    return [
+        {
+            **base,
+            **status,
+            "hu": hu[k].tobytes(),
+            "height": h,
+            "width": w,
+            "slice_index": k,
+            "z_mm": float(z[k]),
+            "n_rows": n,
+        }
+        for k in range(n)
+    ]
 
 
 def _final_ids(task: dict, vol, path: str, salt: bytes | None) -> dict:
@@ -298,16 +358,33 @@ def index_source(
     options = replace(options or IndexOptions(), **option_values)
     options.check()
     _, config = load_encoder(model_dir)  # validates the model dir before any work
-    with IndexWriter.open(out, config, model_dir, dtype=options.dtype, ann_threshold=options.ann_threshold,
-                          ann=options.ann, id_salt=id_salt) as writer:  # fmt: skip
+    with IndexWriter.open(
+        out,
+        config,
+        model_dir,
+        dtype=options.dtype,
+        ann_threshold=options.ann_threshold,
+        ann=options.ann,
+        id_salt=id_salt,
+    ) as writer:
         tasks, scan_errors = resolve_source(source, id_salt)
         if scan_errors:
             writer.add_scan_errors(scan_errors)
         pending, unchanged = _changed_tasks(writer, tasks)
-        summary = IndexSummary(volumes_seen=len(tasks), unchanged_skipped=unchanged, scan_errors=len(scan_errors))
+        summary = IndexSummary(
+            volumes_seen=len(tasks), unchanged_skipped=unchanged, scan_errors=len(scan_errors)
+        )
         if pending:
-            _run_pipeline(pending, writer, config, options, summary, address=address, on_volume=on_volume,
-                          id_salt=id_salt)  # fmt: skip
+            _run_pipeline(
+                pending,
+                writer,
+                config,
+                options,
+                summary,
+                address=address,
+                on_volume=on_volume,
+                id_salt=id_salt,
+            )
         summary.compacted_into = writer.compact()
         summary.index_rows, summary.shards = writer.manifest["rows"], len(writer.manifest["shards"])
         summary.errors = writer.manifest["errors"]
@@ -364,12 +441,23 @@ def _run_pipeline(
     threads = options.threads or os.cpu_count() or 1
     ds = (
         ray.data.from_items(pending, override_num_blocks=len(pending))
-        .map_batches(read_volume_rows, batch_size=1, fn_kwargs={"known_ref": known_ref, "id_salt": id_salt}, num_cpus=1)
+        .map_batches(
+            read_volume_rows, batch_size=1, fn_kwargs={"known_ref": known_ref, "id_salt": id_salt}, num_cpus=1
+        )
         .map_batches(preprocess, batch_size=batch_size, fn_kwargs={"config": config.to_json()}, num_cpus=1)
-        .map_batches(Embedder, batch_size=batch_size,
-                     fn_constructor_kwargs={"model_dir": str(writer.root / "model"), "device": device, "threads": threads},
-                     compute=ray.data.ActorPoolStrategy(size=max(1, gpus)), num_gpus=1 if gpus else 0,
-                     num_cpus=1, memory=model_memory_bytes(config, batch_size))
+        .map_batches(
+            Embedder,
+            batch_size=batch_size,
+            fn_constructor_kwargs={
+                "model_dir": str(writer.root / "model"),
+                "device": device,
+                "threads": threads,
+            },
+            compute=ray.data.ActorPoolStrategy(size=max(1, gpus)),
+            num_gpus=1 if gpus else 0,
+            num_cpus=1,
+            memory=model_memory_bytes(config, batch_size),
+        )
     )
     by_shard: dict[int, list[dict]] = defaultdict(list)  # shard -> batches of rows
     remaining = defaultdict(int)  # shard -> volumes not yet complete
@@ -394,7 +482,9 @@ def _run_pipeline(
             if remaining[shard] == 0:
                 _commit(writer, by_shard.pop(shard), summary)
     if any(remaining.values()) or by_shard:
-        raise RuntimeError(f"pipeline ended with {sum(remaining.values())} volumes incomplete (of {n_shards} shards)")
+        raise RuntimeError(
+            f"pipeline ended with {sum(remaining.values())} volumes incomplete (of {n_shards} shards)"
+        )
 
 
 def _commit(writer: IndexWriter, parts: list[dict], summary: IndexSummary) -> None:
@@ -410,14 +500,27 @@ def _commit(writer: IndexWriter, parts: list[dict], summary: IndexSummary) -> No
         # The same content twice in one run (or committed since the job started) is a duplicate.
         if status == "indexed" and writer.is_indexed(str(r["series_id"]), str(r["content_hash"])):
             status = "duplicate"
-        if status == "indexed" and any(v["status"] == "indexed" and (v["series_id"], v["content_hash"]) ==
-                                       (str(r["series_id"]), str(r["content_hash"])) for v in volumes):
+        if status == "indexed" and any(
+            v["status"] == "indexed"
+            and (v["series_id"], v["content_hash"]) == (str(r["series_id"]), str(r["content_hash"]))
+            for v in volumes
+        ):
             status = "duplicate"
         read_at = str(r["read_node"])
         summary.nodes["read"][read_at] = summary.nodes["read"].get(read_at, 0) + 1
-        volumes.append({"entry": str(r["entry"]), "path": str(r["path"]), "volume_id": str(r["volume_id"]), "series_id": str(r["series_id"]),
-                        "content_hash": str(r["content_hash"]), "size": int(r["size"]), "mtime_ns": int(r["mtime_ns"]),
-                        "n_slices": int(b - a) if status == "indexed" else 0, "status": status})
+        volumes.append(
+            {
+                "entry": str(r["entry"]),
+                "path": str(r["path"]),
+                "volume_id": str(r["volume_id"]),
+                "series_id": str(r["series_id"]),
+                "content_hash": str(r["content_hash"]),
+                "size": int(r["size"]),
+                "mtime_ns": int(r["mtime_ns"]),
+                "n_slices": int(b - a) if status == "indexed" else 0,
+                "status": status,
+            }
+        )
         if status == "error":
             errors.append({"path": str(r["path"]), "stage": str(r["stage"]), "error": str(r["error"])})
             summary.volumes_failed += 1
@@ -429,11 +532,27 @@ def _commit(writer: IndexWriter, parts: list[dict], summary: IndexSummary) -> No
     idx = np.concatenate(keep) if keep else np.zeros(0, np.int64)
     for node, count in zip(*np.unique(cols["embed_node"][idx].astype(str), return_counts=True)):
         summary.nodes["embed"][node] = summary.nodes["embed"].get(node, 0) + int(count)
-    rows = [{c: _py(cols[c][i]) for c in ("volume_id", "patient_id", "study_id", "series_id", "exam_date",
-                                          "slice_index", "z_mm", "path")} for i in idx]
+    rows = [
+        {
+            c: _py(cols[c][i])
+            for c in (
+                "volume_id",
+                "patient_id",
+                "study_id",
+                "series_id",
+                "exam_date",
+                "slice_index",
+                "z_mm",
+                "path",
+            )
+        }
+        for i in idx
+    ]
     for r in rows:
         r["exam_date"] = r["exam_date"] or None
-    vectors = cols["embedding"][idx] if len(idx) else np.zeros((0, writer.manifest["embedding_dim"]), np.float32)
+    vectors = (
+        cols["embedding"][idx] if len(idx) else np.zeros((0, writer.manifest["embedding_dim"]), np.float32)
+    )
     name = writer.commit_shard(rows, vectors, volumes, errors)
     summary.rows_added += len(rows)
     summary.shards_added.append(name)

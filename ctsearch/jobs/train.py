@@ -87,31 +87,54 @@ class TrainOptions:
 
     # Options that define what is trained; a rerun on the same OUT must keep them.
     IDENTITY = (
-        "backbone", "image_size", "views", "rescale", "jitter", "crop_scale", "train_slices", "init",
-        "zero_init_residual", "weights",
-        "batch_size", "base_lr", "schedule", "fix_pred_lr", "seed",
-    )  # fmt: skip
+        "backbone",
+        "image_size",
+        "views",
+        "rescale",
+        "jitter",
+        "crop_scale",
+        "train_slices",
+        "init",
+        "zero_init_residual",
+        "weights",
+        "batch_size",
+        "base_lr",
+        "schedule",
+        "fix_pred_lr",
+        "seed",
+    )
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(backbone=self.backbone, image_size=self.image_size, views=self.views, rescale=self.rescale)
+        return ModelConfig(
+            backbone=self.backbone, image_size=self.image_size, views=self.views, rescale=self.rescale
+        )
 
     def optim_config(self) -> OptimConfig:
         return OptimConfig(
-            base_lr=self.base_lr, batch_size=self.batch_size, schedule=self.schedule,
-            fix_pred_lr=self.fix_pred_lr, epochs=self.epochs,
-        )  # fmt: skip
+            base_lr=self.base_lr,
+            batch_size=self.batch_size,
+            schedule=self.schedule,
+            fix_pred_lr=self.fix_pred_lr,
+            epochs=self.epochs,
+        )
 
 
 def check_options(o: TrainOptions) -> None:
     """Reject impossible combinations with one-line messages before any work starts."""
     choices = {
-        "backbone": sorted(BACKBONES), "views": list(get_args(Views)), "rescale": list(get_args(Rescale)),
-        "jitter": ["paper", "reference"], "schedule": ["constant", "cosine"], "train_slices": list(TRAIN_FILES),
+        "backbone": sorted(BACKBONES),
+        "views": list(get_args(Views)),
+        "rescale": list(get_args(Rescale)),
+        "jitter": ["paper", "reference"],
+        "schedule": ["constant", "cosine"],
+        "train_slices": list(TRAIN_FILES),
         "placement": ["pack", "spread"],
-    }  # fmt: skip
+    }
     for name, allowed in choices.items():
         if getattr(o, name) not in allowed:
-            raise CTSearchInputError(None, f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(o, name)!r}")
+            raise CTSearchInputError(
+                None, f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(o, name)!r}"
+            )
     positive = ("image_size", "epochs", "batch_size", "workers")
     for name in positive:
         if getattr(o, name) < 1:
@@ -121,9 +144,14 @@ def check_options(o: TrainOptions) -> None:
     if o.image_size < 32:
         raise CTSearchInputError(None, "--image-size must be at least 32 pixels")
     if o.batch_size % o.workers or o.batch_size // o.workers < 2:
-        raise CTSearchInputError(None, f"--batch-size {o.batch_size} must split into >= 2 slices per worker over {o.workers} workers")
+        raise CTSearchInputError(
+            None,
+            f"--batch-size {o.batch_size} must split into >= 2 slices per worker over {o.workers} workers",
+        )
     if o.eval_every < 0 or o.max_failures < -1 or o.cpus_per_worker <= 0 or o.gpus_per_worker < 0:
-        raise CTSearchInputError(None, "--eval-every >= 0, --max-failures >= -1, --cpus-per-worker > 0, --gpus-per-worker >= 0")
+        raise CTSearchInputError(
+            None, "--eval-every >= 0, --max-failures >= -1, --cpus-per-worker > 0, --gpus-per-worker >= 0"
+        )
 
 
 def versions() -> dict[str, str]:
@@ -132,9 +160,13 @@ def versions() -> dict[str, str]:
     import ctsearch
 
     return {
-        "ctsearch": ctsearch.__version__, "python": platform.python_version(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "ray": ray.__version__, "numpy": np.__version__,
-    }  # fmt: skip
+        "ctsearch": ctsearch.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def read_metrics(out: str | os.PathLike) -> list[dict]:
@@ -159,8 +191,13 @@ def _prepare_run_dir(out: Path, opts: TrainOptions, dataset_dir: Path) -> dict:
         previous = {k: old.get("options", {}).get(k, getattr(defaults, k)) for k in TrainOptions.IDENTITY}
         changed = [k for k in TrainOptions.IDENTITY if previous[k] != getattr(opts, k)]
         if changed:
-            diffs = ", ".join(f"--{k.replace('_', '-')} {previous[k]!r} -> {getattr(opts, k)!r}" for k in changed)
-            raise CTSearchInputError(out, f"holds a run with other options ({diffs}); resume with the same options or use a new OUT")
+            diffs = ", ".join(
+                f"--{k.replace('_', '-')} {previous[k]!r} -> {getattr(opts, k)!r}" for k in changed
+            )
+            raise CTSearchInputError(
+                out,
+                f"holds a run with other options ({diffs}); resume with the same options or use a new OUT",
+            )
         starts = old.get("starts", [])
     config = {
         "options": {k: v for k, v in asdict(opts).items()},
@@ -308,9 +345,12 @@ def train_loop_per_worker(cfg: dict) -> None:
         lr = set_lr(optimizer, epoch, optim_cfg)
         losses = []
         batches = shard.iter_batches(
-            batch_size=local_batch, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=opts.seed * 1009 + epoch,
-        )  # fmt: skip
+            batch_size=local_batch,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=SHUFFLE_BUFFER,
+            local_shuffle_seed=opts.seed * 1009 + epoch,
+        )
         for batch in batches:
             x1, x2 = views(decode_hu(batch))
             mf = torch.channels_last if on_gpu else torch.contiguous_format
@@ -323,10 +363,15 @@ def train_loop_per_worker(cfg: dict) -> None:
         if world > 1:
             torch.distributed.all_reduce(loss)
         row = {
-            "epoch": number, "loss": float(loss[0] / loss[1]), "lr": lr, "steps": len(losses),
-            "images": int(loss[1]) * local_batch, "seconds": round(time.perf_counter() - t0, 3),
-            "finished_at": time.time(), "nodes": nodes,
-        }  # fmt: skip
+            "epoch": number,
+            "loss": float(loss[0] / loss[1]),
+            "lr": lr,
+            "steps": len(losses),
+            "images": int(loss[1]) * local_batch,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "finished_at": time.time(),
+            "nodes": nodes,
+        }
         if rank == 0:
             if opts.eval_every and (number % opts.eval_every == 0 or number == opts.epochs):
                 row.update(_evaluate(core, mcfg, eval_data, device))
@@ -344,7 +389,9 @@ def train_loop_per_worker(cfg: dict) -> None:
 # The driver side
 
 
-def _follow_epochs(out: Path, done: int, total: int, stop: threading.Event, on_epoch: Callable[[dict, int], None]) -> None:
+def _follow_epochs(
+    out: Path, done: int, total: int, stop: threading.Event, on_epoch: Callable[[dict, int], None]
+) -> None:
     """Call ``on_epoch(row, total)`` for each new training row of metrics.jsonl as rank 0 appends it."""
     seen = done
     while True:
@@ -380,15 +427,22 @@ def train(
 
     for path in [train_path] + ([test_path] if opts.eval_every else []):
         if not path.is_file():
-            raise CTSearchInputError(path, "no such slice dataset (run `ctsearch prepare --protocol decathlon` first)")
+            raise CTSearchInputError(
+                path, "no such slice dataset (run `ctsearch prepare --protocol decathlon` first)"
+            )
     if not ssl_path.is_file():
-        raise CTSearchInputError(ssl_path, "no such slice dataset (--train-slices all needs `ctsearch prepare --protocol decathlon --train-all-slices`)")
+        raise CTSearchInputError(
+            ssl_path,
+            "no such slice dataset (--train-slices all needs `ctsearch prepare --protocol decathlon --train-all-slices`)",
+        )
     try:
         n_train = pq.ParquetFile(ssl_path).metadata.num_rows
     except Exception as e:  # noqa: BLE001 - an unreadable file is the user's input problem
         raise CTSearchInputError(ssl_path, f"not a readable parquet file ({e})") from None
     if n_train < opts.batch_size:
-        raise CTSearchInputError(ssl_path, f"{n_train} slices, fewer than one batch (--batch-size {opts.batch_size})")
+        raise CTSearchInputError(
+            ssl_path, f"{n_train} slices, fewer than one batch (--batch-size {opts.batch_size})"
+        )
 
     mcfg = opts.model_config()
     # One writer per run directory: two runs resuming into one OUT would interleave checkpoints.
@@ -421,7 +475,9 @@ def train(
             train_loop_per_worker,
             train_loop_config=loop_config,
             scaling_config=ray.train.ScalingConfig(
-                num_workers=opts.workers, use_gpu=opts.gpus_per_worker > 0, resources_per_worker=resources,
+                num_workers=opts.workers,
+                use_gpu=opts.gpus_per_worker > 0,
+                resources_per_worker=resources,
                 placement_strategy=opts.placement.upper(),
             ),
             run_config=ray.train.RunConfig(
@@ -436,7 +492,9 @@ def train(
         stop = threading.Event()
         follower = None
         if on_epoch is not None:
-            follower = threading.Thread(target=_follow_epochs, args=(out, done, opts.epochs, stop, on_epoch), daemon=True)
+            follower = threading.Thread(
+                target=_follow_epochs, args=(out, done, opts.epochs, stop, on_epoch), daemon=True
+            )
             follower.start()
         t0 = time.perf_counter()
         try:

@@ -73,7 +73,9 @@ def slice_rgb(hu: np.ndarray, size: int) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
-def overlay(hu: np.ndarray, importance: np.ndarray, size: int | None = None, alpha: float = 0.5) -> np.ndarray:
+def overlay(
+    hu: np.ndarray, importance: np.ndarray, size: int | None = None, alpha: float = 0.5
+) -> np.ndarray:
     """The slice (wide window, centre square) with the min-max scaled importance map blended on top.
 
     hu [h, w] HU, importance [s, s] (any resolution: resized bilinearly). Returns uint8 RGB [size, size, 3].
@@ -129,7 +131,9 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def query_figure(hus: list[np.ndarray], hits: list[dict], maps: dict[str, np.ndarray], size: int) -> Image.Image:
+def query_figure(
+    hus: list[np.ndarray], hits: list[dict], maps: dict[str, np.ndarray], size: int
+) -> Image.Image:
     """The figure of ``ctsearch explain INDEX QUERY``: one column per slice (query first, then the hits).
 
     Rows: the slices; their own RELAX maps; with hits, the query's map toward each hit and each

@@ -83,7 +83,9 @@ def collect_inputs(paths: list[str | os.PathLike]) -> ReportInputs:
             parts.explain.append(p)
         else:
             if getattr(parts, kind) is not None:
-                raise CTSearchInputError(p, f"a second {kind} ({getattr(parts, kind)} is one already); give one")
+                raise CTSearchInputError(
+                    p, f"a second {kind} ({getattr(parts, kind)} is one already); give one"
+                )
             setattr(parts, kind, p)
 
     for raw in paths:
@@ -100,7 +102,12 @@ def collect_inputs(paths: list[str | os.PathLike]) -> ReportInputs:
         for r in sorted(runs.iterdir()) if runs.is_dir() else []:
             if _kind(r) == "run":
                 add("run", r)
-        for name, kind in (("index", "index"), ("explain", "explain"), ("prepared", "prepared"), ("evaluation.json", "evaluation")):
+        for name, kind in (
+            ("index", "index"),
+            ("explain", "explain"),
+            ("prepared", "prepared"),
+            ("evaluation.json", "evaluation"),
+        ):
             if (p / name).exists() and _kind(p / name) == kind:
                 add(kind, p / name)
     return parts
@@ -141,14 +148,23 @@ def line_chart_svg(
         >>> svg.startswith("<svg") and "polyline" in svg
         True
     """
-    pts = [(float(x), float(y)) for s in series.values() for x, y in s if y is not None and math.isfinite(float(y))]
+    pts = [
+        (float(x), float(y))
+        for s in series.values()
+        for x, y in s
+        if y is not None and math.isfinite(float(y))
+    ]
     left, right, top, bottom = 58, 12, 46, 42
     w, h = width - left - right, height - top - bottom
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-           f'role="img" aria-label="{escape(title)}" class="chart">',
-           f'<text x="{width / 2}" y="18" text-anchor="middle" class="title">{escape(title)}</text>']  # fmt: skip
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'role="img" aria-label="{escape(title)}" class="chart">',
+        f'<text x="{width / 2}" y="18" text-anchor="middle" class="title">{escape(title)}</text>',
+    ]
     if not pts:
-        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no values recorded</text></svg>')
+        out.append(
+            f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no values recorded</text></svg>'
+        )
         return "\n".join(out)
     integer_x = all(x == int(x) for x, _ in pts)  # epochs: no ticks between them
     xt = _ticks(min(p[0] for p in pts), max(p[0] for p in pts), 6, min_step=1.0 if integer_x else 0.0)
@@ -156,13 +172,17 @@ def line_chart_svg(
     sx = lambda x: left + (x - xt[0]) / (xt[-1] - xt[0]) * w  # noqa: E731
     sy = lambda y: top + h - (y - yt[0]) / (yt[-1] - yt[0]) * h  # noqa: E731
     for y in yt:
-        out.append(f'<line x1="{left}" x2="{left + w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid"/>'
-                   f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{_num(y)}</text>')  # fmt: skip
+        out.append(
+            f'<line x1="{left}" x2="{left + w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid"/>'
+            f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{_num(y)}</text>'
+        )
     for x in xt:
         out.append(f'<text x="{sx(x):.1f}" y="{top + h + 16}" text-anchor="middle">{_num(x)}</text>')
     out.append(f'<rect x="{left}" y="{top}" width="{w}" height="{h}" class="frame"/>')
     out.append(f'<text x="{left + w / 2}" y="{height - 6}" text-anchor="middle">{escape(x_label)}</text>')
-    out.append(f'<text transform="translate(14 {top + h / 2}) rotate(-90)" text-anchor="middle">{escape(y_label)}</text>')
+    out.append(
+        f'<text transform="translate(14 {top + h / 2}) rotate(-90)" text-anchor="middle">{escape(y_label)}</text>'
+    )
     for i, (name, s) in enumerate(series.items()):
         colour = _COLOURS[i % len(_COLOURS)]
         xy = [(float(x), float(y)) for x, y in s if y is not None and math.isfinite(float(y))]
@@ -170,12 +190,16 @@ def line_chart_svg(
             line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in xy)
             out.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="2"/>')
         for x, y in xy:
-            out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}">'
-                       f"<title>{escape(name)}: {x_label} {_num(x)}, {_num(round(y, 4))}</title></circle>")  # fmt: skip
+            out.append(
+                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}">'
+                f"<title>{escape(name)}: {x_label} {_num(x)}, {_num(round(y, 4))}</title></circle>"
+            )
         # The legend sits in the top margin, one entry after the other, so it never hides a line.
         lx = left + 150 * i
-        out.append(f'<rect x="{lx}" y="{top - 17}" width="10" height="10" fill="{colour}"/>'
-                   f'<text x="{lx + 14}" y="{top - 8}">{escape(name)}</text>')  # fmt: skip
+        out.append(
+            f'<rect x="{lx}" y="{top - 17}" width="10" height="10" fill="{colour}"/>'
+            f'<text x="{lx + 14}" y="{top - 8}">{escape(name)}</text>'
+        )
     out.append("</svg>")
     return "\n".join(out)
 
@@ -193,7 +217,9 @@ def _img(data: bytes, alt: str, css: str) -> str:
 
 def _table(header: list[str], rows: list[list[object]], css: str = "") -> str:
     head = "".join(f"<th>{escape(str(c))}</th>" for c in header)
-    body = "".join("<tr>" + "".join(f"<td>{escape('' if c is None else str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{escape('' if c is None else str(c))}</td>" for c in r) + "</tr>" for r in rows
+    )
     return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -207,15 +233,20 @@ def evaluation_section(path: Path) -> str:
     """The Table-1-shaped comparison from ``ctsearch evaluate --out FILE.json``, with what it means."""
     res = read_json(path, "evaluation result")
     if not isinstance(res.get("rows"), list) or "k" not in res:
-        raise CTSearchInputError(path, "is not an evaluation result (no 'rows' and 'k'; write one with ctsearch evaluate --out)")
+        raise CTSearchInputError(
+            path, "is not an evaluation result (no 'rows' and 'k'; write one with ctsearch evaluate --out)"
+        )
     k = int(res["k"])
     shown = shown_metrics()
-    rows = [[r.get("name"), r.get("n"), *(percent_cell(r.get(m.key), m.decimals) for m in shown)] for r in res["rows"]]
+    rows = [
+        [r.get("name"), r.get("n"), *(percent_cell(r.get(m.key), m.decimals) for m in shown)]
+        for r in res["rows"]
+    ]
     table = _table(["pretraining", "runs", *(m.report_header.format(k=k) for m in shown)], rows, "results")
     masks = res.get("relax_masks")
     return f"""
-<p>{escape(str(res.get('queries', '?')))} test slices were each used as a query against the
-{escape(str(res.get('database', '?')))} slices of the training patients ({escape(str(res.get('liver_queries', '?')))}
+<p>{escape(str(res.get("queries", "?")))} test slices were each used as a query against the
+{escape(str(res.get("database", "?")))} slices of the training patients ({escape(str(res.get("liver_queries", "?")))}
 of the queries show liver). A retrieved slice counts as relevant when it agrees with the query on
 whether liver is visible. Test patients never appear among the training patients.</p>
 {table}
@@ -238,35 +269,79 @@ def run_section(run: Path) -> str:
     metrics = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
     window = lambda w: f"{w[0]} .. {w[1]} HU" if isinstance(w, list) and len(w) == 2 else None  # noqa: E731
     views = model.get("views", opts.get("views"))
-    facts = _facts([
-        ("views", {"clinical": "clinical (HU clipping: wide and narrow window)", "standard": "standard SimSiam"}.get(views, views)),
-        ("backbone", model.get("backbone", opts.get("backbone"))), ("image size", model.get("image_size")),
-        ("wide window", window(model.get("wide"))), ("narrow window", window(model.get("narrow"))),
-        ("intensity rescale", model.get("rescale")), ("initialisation", opts.get("init")),
-        ("epochs", f"{max((r['epoch'] for r in metrics), default=0)} done of {opts['epochs']}" if "epochs" in opts else None),
-        ("batch size", opts.get("batch_size")), ("base lr", opts.get("base_lr")), ("lr (scaled)", cfg.get("lr")),
-        ("schedule", opts.get("schedule")), ("training slices", opts.get("train_slices")), ("crop scale", opts.get("crop_scale")),
-        ("seed", opts.get("seed")), ("dataset", cfg.get("dataset")),
-    ])  # fmt: skip
+    facts = _facts(
+        [
+            (
+                "views",
+                {
+                    "clinical": "clinical (HU clipping: wide and narrow window)",
+                    "standard": "standard SimSiam",
+                }.get(views, views),
+            ),
+            ("backbone", model.get("backbone", opts.get("backbone"))),
+            ("image size", model.get("image_size")),
+            ("wide window", window(model.get("wide"))),
+            ("narrow window", window(model.get("narrow"))),
+            ("intensity rescale", model.get("rescale")),
+            ("initialisation", opts.get("init")),
+            (
+                "epochs",
+                f"{max((r['epoch'] for r in metrics), default=0)} done of {opts['epochs']}"
+                if "epochs" in opts
+                else None,
+            ),
+            ("batch size", opts.get("batch_size")),
+            ("base lr", opts.get("base_lr")),
+            ("lr (scaled)", cfg.get("lr")),
+            ("schedule", opts.get("schedule")),
+            ("training slices", opts.get("train_slices")),
+            ("crop scale", opts.get("crop_scale")),
+            ("seed", opts.get("seed")),
+            ("dataset", cfg.get("dataset")),
+        ]
+    )
     loss = [(r["epoch"], r["loss"]) for r in metrics if r.get("loss") is not None]
     evals = [r for r in metrics if r.get("map_at_5") is not None]
     charts = []
     if loss:
-        charts.append(line_chart_svg({"SimSiam loss": loss}, "training loss per epoch (-1 is the minimum)", "epoch", "loss"))
+        charts.append(
+            line_chart_svg(
+                {"SimSiam loss": loss}, "training loss per epoch (-1 is the minimum)", "epoch", "loss"
+            )
+        )
     if evals:
-        charts.append(line_chart_svg(
-            {"MAP@5": [(r["epoch"], 100 * r["map_at_5"]) for r in evals],
-             "5-NN accuracy": [(r["epoch"], 100 * r["knn_accuracy"]) for r in evals if r.get("knn_accuracy") is not None]},
-            "retrieval on the test split (epoch 0 = untrained)", "epoch", "percent"))  # fmt: skip
+        charts.append(
+            line_chart_svg(
+                {
+                    "MAP@5": [(r["epoch"], 100 * r["map_at_5"]) for r in evals],
+                    "5-NN accuracy": [
+                        (r["epoch"], 100 * r["knn_accuracy"])
+                        for r in evals
+                        if r.get("knn_accuracy") is not None
+                    ],
+                },
+                "retrieval on the test split (epoch 0 = untrained)",
+                "epoch",
+                "percent",
+            )
+        )
     note = "" if metrics else '<p class="note">No metrics.jsonl in this run directory: no curves.</p>'
     if metrics and not evals:
         note = '<p class="note">No evaluation rows in metrics.jsonl (trained with --eval-every 0?): no retrieval curve.</p>'
     last = evals[-1] if evals else None
-    summary = (f"<p>Last evaluation (epoch {last['epoch']}): MAP@5 {100 * last['map_at_5']:.1f} %, 5-NN accuracy "
-               f"{100 * last.get('knn_accuracy', float('nan')):.1f} %, embedding spread {last.get('embedding_std', float('nan')):.3f} "
-               "(SimSiam's collapse monitor: near 0 means every slice gets the same representation).</p>") if last else ""  # fmt: skip
-    return (f'<h3>{escape(run.name)}</h3><p class="path">{escape(str(run))}</p>{facts}'
-            f'<div class="charts">{"".join(charts)}</div>{summary}{note}')
+    summary = (
+        (
+            f"<p>Last evaluation (epoch {last['epoch']}): MAP@5 {100 * last['map_at_5']:.1f} %, 5-NN accuracy "
+            f"{100 * last.get('knn_accuracy', float('nan')):.1f} %, embedding spread {last.get('embedding_std', float('nan')):.3f} "
+            "(SimSiam's collapse monitor: near 0 means every slice gets the same representation).</p>"
+        )
+        if last
+        else ""
+    )
+    return (
+        f'<h3>{escape(run.name)}</h3><p class="path">{escape(str(run))}</p>{facts}'
+        f'<div class="charts">{"".join(charts)}</div>{summary}{note}'
+    )
 
 
 def _fmt(v, spec: str = "") -> str:
@@ -283,42 +358,86 @@ def query_section(folder: Path) -> str:
         raise CTSearchInputError(folder / "maps.npz", f"is not an explain result ({e})") from None
     q, hits = meta[0], meta[1:]
     figure = folder / "explanation.png"
-    fig = (_img(figure.read_bytes(), "query, retrieved slices and RELAX maps", "figure") if figure.is_file()
-           else '<p class="note">explanation.png is missing (explain ran with --no-png?).</p>')  # fmt: skip
-    rows = [[h.get("rank"), _fmt(h.get("score"), ".3f"), h.get("patient_id"), h.get("exam_date"), h.get("volume_id"),
-             h.get("slice_index"), _fmt(h.get("z_mm"), ".1f"), "yes" if h.get("patient_id") == q.get("patient_id") else "no"]
-            for h in hits]  # fmt: skip
-    rows_text = ("Rows of the figure: the slices in the wide window (query first, then the hits by rank with their "
-                 "similarity); each slice's own RELAX importance map (red = the regions its representation depends on "
-                 "most, blue = least)")
+    fig = (
+        _img(figure.read_bytes(), "query, retrieved slices and RELAX maps", "figure")
+        if figure.is_file()
+        else '<p class="note">explanation.png is missing (explain ran with --no-png?).</p>'
+    )
+    rows = [
+        [
+            h.get("rank"),
+            _fmt(h.get("score"), ".3f"),
+            h.get("patient_id"),
+            h.get("exam_date"),
+            h.get("volume_id"),
+            h.get("slice_index"),
+            _fmt(h.get("z_mm"), ".1f"),
+            "yes" if h.get("patient_id") == q.get("patient_id") else "no",
+        ]
+        for h in hits
+    ]
+    rows_text = (
+        "Rows of the figure: the slices in the wide window (query first, then the hits by rank with their "
+        "similarity); each slice's own RELAX importance map (red = the regions its representation depends on "
+        "most, blue = least)"
+    )
     if has_pairs:
-        rows_text += ("; the query's map toward each hit (what in the query makes it similar to that hit); and each "
-                      "hit's map toward the query")
+        rows_text += (
+            "; the query's map toward each hit (what in the query makes it similar to that hit); and each "
+            "hit's map toward the query"
+        )
     return f"""
-<p>Query: patient {escape(str(q.get('patient_id')))}, volume {escape(str(q.get('volume_id')))}, slice
-{escape(str(q.get('slice_index')))}{f", z = {q['z_mm']:.1f} mm" if q.get('z_mm') is not None else ""}{
-f", examination of {escape(str(q['exam_date']))}" if q.get('exam_date') else ""}
-<span class="path">({escape(str(q.get('path')))})</span>.</p>
+<p>Query: patient {escape(str(q.get("patient_id")))}, volume {escape(str(q.get("volume_id")))}, slice
+{escape(str(q.get("slice_index")))}{f", z = {q['z_mm']:.1f} mm" if q.get("z_mm") is not None else ""}{
+        f", examination of {escape(str(q['exam_date']))}" if q.get("exam_date") else ""
+    }
+<span class="path">({escape(str(q.get("path")))})</span>.</p>
 {fig}
 <p>{escape(rows_text)}.</p>
-{_table(["rank", "similarity (cosine)", "patient", "exam date", "volume", "slice", "z (mm)", "same patient as query"], rows)}
+{
+        _table(
+            [
+                "rank",
+                "similarity (cosine)",
+                "patient",
+                "exam date",
+                "volume",
+                "slice",
+                "z (mm)",
+                "same patient as query",
+            ],
+            rows,
+        )
+    }
 <p class="path">{escape(str(folder))}</p>"""
 
 
 def dataset_explain_section(folder: Path, max_figures: int = 6) -> str:
     """``explain --model`` of a split (explain.json + explanations.parquet): counts, mean RR, a few overlays."""
     s = read_json(folder / "explain.json", "explain summary")
-    facts = _facts([("split", s.get("split")), ("model", s.get("model")), ("slices explained", s.get("slices")),
-                    ("errors", s.get("errors")), ("mean RR (liver slices)", _fmt(s.get("rr_mean"), ".4f")),
-                    ("liver slices with RR", s.get("rr_slices")), ("masks per slice (mean)", _fmt(s.get("masks_used_mean"), ".0f"))])  # fmt: skip
+    facts = _facts(
+        [
+            ("split", s.get("split")),
+            ("model", s.get("model")),
+            ("slices explained", s.get("slices")),
+            ("errors", s.get("errors")),
+            ("mean RR (liver slices)", _fmt(s.get("rr_mean"), ".4f")),
+            ("liver slices with RR", s.get("rr_slices")),
+            ("masks per slice (mean)", _fmt(s.get("masks_used_mean"), ".0f")),
+        ]
+    )
     figs = []
     table = folder / "explanations.parquet"
     if table.is_file():
         t = pq.read_table(table, columns=["volume_id", "slice_index", "label", "rr", "png"]).to_pylist()
         t.sort(key=lambda r: -int(r["label"] or 0))  # liver slices first: they have an RR to show
         for r in [r for r in t if r["png"] and (folder / r["png"]).is_file()][:max_figures]:
-            cap = f"{r['volume_id']} slice {r['slice_index']}" + (f", RR {r['rr']:.3f}" if r["rr"] is not None else "")
-            figs.append(f"<figure>{_img((folder / r['png']).read_bytes(), cap, 'overlay')}<figcaption>{escape(cap)}</figcaption></figure>")
+            cap = f"{r['volume_id']} slice {r['slice_index']}" + (
+                f", RR {r['rr']:.3f}" if r["rr"] is not None else ""
+            )
+            figs.append(
+                f"<figure>{_img((folder / r['png']).read_bytes(), cap, 'overlay')}<figcaption>{escape(cap)}</figcaption></figure>"
+            )
     return f'<p class="path">{escape(str(folder))}</p>{facts}<div class="gallery">{"".join(figs)}</div>'
 
 
@@ -329,18 +448,34 @@ def _errors_table(path: Path, limit: int = 20) -> str:
     if not rows:
         return f"<p>No errors recorded in {escape(str(path))}.</p>"
     more = f"<p>... and {len(rows) - limit} more in {escape(str(path))}.</p>" if len(rows) > limit else ""
-    return (f"<p>{len(rows)} error(s) recorded in {escape(str(path))} (files that could not be read are listed, not skipped):</p>"
-            + _table(["path", "stage", "error"], [[r.get("path"), r.get("stage"), r.get("error")] for r in rows[:limit]]) + more)  # fmt: skip
+    return (
+        f"<p>{len(rows)} error(s) recorded in {escape(str(path))} (files that could not be read are listed, not skipped):</p>"
+        + _table(
+            ["path", "stage", "error"],
+            [[r.get("path"), r.get("stage"), r.get("error")] for r in rows[:limit]],
+        )
+        + more
+    )
 
 
 def index_section(folder: Path) -> str:
     """The searchable archive: counts and model from index.json, and its errors table."""
     m = read_json(folder / "index.json", "index record")
     cfg = (m.get("model") or {}).get("config") or {}
-    facts = _facts([("volumes (series)", m.get("volumes")), ("slices", m.get("rows")), ("errors", m.get("errors")),
-                    ("shards", len(m.get("shards", []))), ("model", f"{cfg.get('backbone')}, views {cfg.get('views')}" if cfg else None),
-                    ("embedding size", m.get("embedding_dim")), ("stored as", m.get("dtype")), ("similarity", m.get("metric")),
-                    ("created", m.get("created")), ("updated", m.get("updated"))])  # fmt: skip
+    facts = _facts(
+        [
+            ("volumes (series)", m.get("volumes")),
+            ("slices", m.get("rows")),
+            ("errors", m.get("errors")),
+            ("shards", len(m.get("shards", []))),
+            ("model", f"{cfg.get('backbone')}, views {cfg.get('views')}" if cfg else None),
+            ("embedding size", m.get("embedding_dim")),
+            ("stored as", m.get("dtype")),
+            ("similarity", m.get("metric")),
+            ("created", m.get("created")),
+            ("updated", m.get("updated")),
+        ]
+    )
     return f'<p class="path">{escape(str(folder))}</p>{facts}{_errors_table(folder / "errors.parquet")}'
 
 
@@ -353,8 +488,15 @@ def prepared_section(folder: Path) -> str:
             labels = pq.read_table(f, columns=["label", "patient_id"])
             liver = int(np.sum(labels.column("label").to_numpy() == 1))
             patients = len(set(labels.column("patient_id").to_pylist()))
-            facts.append((f"{split} slices", f"{labels.num_rows} from {patients} patient{'s' * (patients != 1)} ({liver} with liver)"))
-    return f'<p class="path">{escape(str(folder))}</p>{_facts(facts)}{_errors_table(folder / "errors.parquet")}'
+            facts.append(
+                (
+                    f"{split} slices",
+                    f"{labels.num_rows} from {patients} patient{'s' * (patients != 1)} ({liver} with liver)",
+                )
+            )
+    return (
+        f'<p class="path">{escape(str(folder))}</p>{_facts(facts)}{_errors_table(folder / "errors.parquet")}'
+    )
 
 
 _CSS = """
@@ -394,7 +536,9 @@ def build_report(parts: ReportInputs, title: str = "ctsearch report") -> tuple[s
     if parts.evaluation:
         body["evaluation"] = evaluation_section(parts.evaluation)
     else:
-        notes.append("No evaluation result: run ctsearch evaluate ... --out evaluation.json and pass the file.")
+        notes.append(
+            "No evaluation result: run ctsearch evaluate ... --out evaluation.json and pass the file."
+        )
     if parts.runs:
         body["training"] = "\n".join(run_section(r) for r in parts.runs)
     else:
@@ -413,13 +557,20 @@ def build_report(parts: ReportInputs, title: str = "ctsearch report") -> tuple[s
     if parts.index:
         archive.append("<h3>Index (what search looks in)</h3>" + index_section(parts.index))
     if parts.prepared:
-        archive.append("<h3>Prepared slice dataset (what training and evaluation use)</h3>" + prepared_section(parts.prepared))
+        archive.append(
+            "<h3>Prepared slice dataset (what training and evaluation use)</h3>"
+            + prepared_section(parts.prepared)
+        )
     if archive:
         body["archive"] = "\n".join(archive)
     else:
         notes.append("No index or prepared dataset: no archive summary.")
     nav = " ".join(f'<a href="#{key}">{escape(name)}</a>' for key, name in _SECTIONS if key in body)
-    sections = "\n".join(f'<section id="{key}"><h2>{escape(name)}</h2>{body[key]}</section>' for key, name in _SECTIONS if key in body)
+    sections = "\n".join(
+        f'<section id="{key}"><h2>{escape(name)}</h2>{body[key]}</section>'
+        for key, name in _SECTIONS
+        if key in body
+    )
     note_html = "".join(f'<p class="note">{escape(n)}</p>' for n in notes)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>

@@ -42,8 +42,10 @@ from ctsearch.serve.service import Query, SearchService, ServeError, as_serve_er
 log = logging.getLogger("ray.serve.ctsearch")
 STATIC_FILES = ("index.html", "app.js", "style.css")
 # The page may load nothing from anywhere but this server.
-CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "
-       "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 
 def token_digest(token: str) -> str:
@@ -53,6 +55,7 @@ def token_digest(token: str) -> str:
 
 def build_app(service: SearchService, token_sha256: str | None = None):
     """A FastAPI app serving ``service``; with ``token_sha256`` every /api/ route needs the bearer token."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         task = asyncio.create_task(_warm(service))
@@ -61,8 +64,14 @@ def build_app(service: SearchService, token_sha256: str | None = None):
         task.cancel()
 
     app = FastAPI(title="ctsearch", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    static = {name: resources.files("ctsearch.serve").joinpath("static", name).read_bytes() for name in STATIC_FILES}
-    types = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8"}
+    static = {
+        name: resources.files("ctsearch.serve").joinpath("static", name).read_bytes() for name in STATIC_FILES
+    }
+    types = {
+        "html": "text/html; charset=utf-8",
+        "js": "text/javascript; charset=utf-8",
+        "css": "text/css; charset=utf-8",
+    }
 
     def error(status: int, message: str) -> JSONResponse:
         headers = {"WWW-Authenticate": 'Bearer realm="ctsearch"'} if status == 401 else None
@@ -72,7 +81,11 @@ def build_app(service: SearchService, token_sha256: str | None = None):
     async def guard(request: Request, call_next):
         start = time.perf_counter()
         path = request.url.path
-        if token_sha256 and path.startswith("/api/") and not _authorised(request.headers.get("authorization"), token_sha256):
+        if (
+            token_sha256
+            and path.startswith("/api/")
+            and not _authorised(request.headers.get("authorization"), token_sha256)
+        ):
             response = error(401, "missing or wrong bearer token (send Authorization: Bearer TOKEN)")
         else:
             try:
@@ -85,7 +98,13 @@ def build_app(service: SearchService, token_sha256: str | None = None):
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Cache-Control"] = "no-store"
         # Path only: query strings hold patient and volume ids.
-        log.info("%s %s %d %.1f ms", request.method, path, response.status_code, 1000 * (time.perf_counter() - start))
+        log.info(
+            "%s %s %d %.1f ms",
+            request.method,
+            path,
+            response.status_code,
+            1000 * (time.perf_counter() - start),
+        )
         return response
 
     @app.exception_handler(ServeError)
@@ -145,8 +164,13 @@ def build_app(service: SearchService, token_sha256: str | None = None):
     async def search(request: Request):
         p = request.query_params
         q = await query_of(request)
-        return await service.search(q, k=_int(p, "k", 5), patient=p.get("patient") or None,
-                                    exclude_patient=p.get("exclude_patient") or None, one_per=p.get("one_per") or None)
+        return await service.search(
+            q,
+            k=_int(p, "k", 5),
+            patient=p.get("patient") or None,
+            exclude_patient=p.get("exclude_patient") or None,
+            one_per=p.get("one_per") or None,
+        )
 
     @app.api_route("/api/crossexam", methods=["GET", "POST"])
     async def crossexam(request: Request):
@@ -158,7 +182,9 @@ def build_app(service: SearchService, token_sha256: str | None = None):
         p = request.query_params
         q = await query_of(request)
         if not p.get("hit"):
-            raise ServeError(400, "missing hit=volume_id:slice_index (the retrieved slice to explain with the query)")
+            raise ServeError(
+                400, "missing hit=volume_id:slice_index (the retrieved slice to explain with the query)"
+            )
         png = await service.explain(q, p["hit"], masks=_int(p, "masks", 1000), seed=_int(p, "seed", 0))
         return Response(png, media_type="image/png")
 

@@ -51,18 +51,27 @@ class ServeOptions:
     def check(self) -> None:
         """Refuse unsafe or impossible settings with a one-line error, before Ray starts."""
         if not is_loopback(self.host) and not self.token_sha256:
-            raise CTSearchInputError(None, f"--host {self.host} is not a loopback address: the service holds patient images, "
-                                           "so it needs --token-file (clients then send Authorization: Bearer TOKEN)")  # fmt: skip
+            raise CTSearchInputError(
+                None,
+                f"--host {self.host} is not a loopback address: the service holds patient images, "
+                "so it needs --token-file (clients then send Authorization: Bearer TOKEN)",
+            )
         if not 1 <= self.port <= 65535:
             raise CTSearchInputError(None, f"--port must be 1..65535, got {self.port}")
         if self.replicas < 1:
             raise CTSearchInputError(None, f"--replicas must be >= 1, got {self.replicas}")
         if self.max_replicas is not None and self.max_replicas < self.replicas:
-            raise CTSearchInputError(None, f"--max-replicas ({self.max_replicas}) must be >= --replicas ({self.replicas})")
+            raise CTSearchInputError(
+                None, f"--max-replicas ({self.max_replicas}) must be >= --replicas ({self.replicas})"
+            )
         if self.shards_per_replica < 0:
-            raise CTSearchInputError(None, f"--shards-per-replica must be >= 0, got {self.shards_per_replica}")
+            raise CTSearchInputError(
+                None, f"--shards-per-replica must be >= 0, got {self.shards_per_replica}"
+            )
         if not 0 < self.cpus_per_replica <= 64:
-            raise CTSearchInputError(None, f"--cpus-per-replica must be in (0, 64], got {self.cpus_per_replica}")
+            raise CTSearchInputError(
+                None, f"--cpus-per-replica must be in (0, 64], got {self.cpus_per_replica}"
+            )
         if not 1 <= self.max_upload_mb <= 16384:
             raise CTSearchInputError(None, f"--max-upload-mb must be 1..16384, got {self.max_upload_mb}")
 
@@ -71,8 +80,14 @@ class ServeOptions:
         base = {"ray_actor_options": {"num_cpus": self.cpus_per_replica}, "max_ongoing_requests": 8}
         if self.max_replicas is None or self.max_replicas == self.replicas:
             return {**base, "num_replicas": self.replicas}
-        return {**base, "autoscaling_config": {"min_replicas": self.replicas, "max_replicas": self.max_replicas,
-                                               "target_ongoing_requests": 2}}
+        return {
+            **base,
+            "autoscaling_config": {
+                "min_replicas": self.replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": 2,
+            },
+        }
 
 
 def is_loopback(host: str) -> bool:
@@ -99,7 +114,9 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise CTSearchInputError(None, f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from None
+            raise CTSearchInputError(
+                None, f"cannot listen on {host}:{port} ({e.strerror}); choose another --port"
+            ) from None
 
 
 def _quiet_torch(cpus: float) -> None:
@@ -152,11 +169,19 @@ class Front:
 
         _quiet_torch(options.cpus_per_replica)
         logging.getLogger("ray.serve.ctsearch").setLevel(logging.INFO)
-        groups = ([RemoteGroup(h) for h in group_handles] if group_handles
-                  else [LocalGroup(ShardGroup(options.index_dir))])  # fmt: skip
+        groups = (
+            [RemoteGroup(h) for h in group_handles]
+            if group_handles
+            else [LocalGroup(ShardGroup(options.index_dir))]
+        )
         self.options = options
-        self.service = SearchService(options.index_dir, groups, id_salt=options.id_salt,
-                                     max_upload_bytes=options.max_upload_mb << 20, cached_volumes=options.cached_volumes)
+        self.service = SearchService(
+            options.index_dir,
+            groups,
+            id_salt=options.id_salt,
+            max_upload_bytes=options.max_upload_mb << 20,
+            cached_volumes=options.cached_volumes,
+        )
 
     def __serve_build_asgi_app__(self):
         from ctsearch.serve.api import build_app
@@ -173,8 +198,12 @@ def build(options: ServeOptions):
     scaling = options.scaling()
     if options.shards_per_replica < 1:
         return Front.options(name="front", **scaling).bind(options)
-    handles = [ShardGroupDeployment.options(name=f"shards-{g}", **scaling).bind(options.index_dir, group, options.cpus_per_replica)
-               for g, group in enumerate(group_shards(names, options.shards_per_replica))]  # fmt: skip
+    handles = [
+        ShardGroupDeployment.options(name=f"shards-{g}", **scaling).bind(
+            options.index_dir, group, options.cpus_per_replica
+        )
+        for g, group in enumerate(group_shards(names, options.shards_per_replica))
+    ]
     return Front.options(name="front", **scaling).bind(options, handles)
 
 
@@ -186,8 +215,11 @@ def start(options: ServeOptions) -> str:
     """
     options.check()
     app = build(options)
-    serve.start(proxy_location="HeadOnly", http_options={"host": options.host, "port": options.port},
-                logging_config={"enable_access_log": False})
+    serve.start(
+        proxy_location="HeadOnly",
+        http_options={"host": options.host, "port": options.port},
+        logging_config={"enable_access_log": False},
+    )
     serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False})
     return options.url
 

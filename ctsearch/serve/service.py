@@ -26,8 +26,22 @@ from ctsearch.serve.shards import ShardGroup, distinct_hits, merge_hits
 from ctsearch.serve.sources import LRU, Sources, parse_window, read_upload, thumbnail_png, upload_digest
 
 # Keys of a hit in the API, in the order the docs list them.
-HIT_KEYS = ("rank", "score", "volume_id", "patient_id", "study_id", "series_id", "exam_date", "slice_index", "z_mm",
-            "path", "format", "sop_instance_uid", "shard", "row")
+HIT_KEYS = (
+    "rank",
+    "score",
+    "volume_id",
+    "patient_id",
+    "study_id",
+    "series_id",
+    "exam_date",
+    "slice_index",
+    "z_mm",
+    "path",
+    "format",
+    "sop_instance_uid",
+    "shard",
+    "row",
+)
 ONE_PER = ("series", "study")
 DEFAULT_MASKS = 1000  # RELAX masks per explanation; the paper uses 3000 (?masks=3000)
 MAX_MASKS = 5000
@@ -56,10 +70,14 @@ class Query:
         """``ref`` = ``volume_id:slice_index`` (GET), or ``upload`` bytes and an optional slice (POST)."""
         if upload is not None:
             if ref:
-                raise ServeError(400, "give either a query row (query=volume_id:slice) or an uploaded file, not both")
+                raise ServeError(
+                    400, "give either a query row (query=volume_id:slice) or an uploaded file, not both"
+                )
             return cls(slice_index=slice_index, upload=upload)
         if not ref:
-            raise ServeError(400, "missing query: pass query=volume_id:slice_index, or POST a NIfTI/DICOM file")
+            raise ServeError(
+                400, "missing query: pass query=volume_id:slice_index, or POST a NIfTI/DICOM file"
+            )
         vid, sep, si = str(ref).rpartition(":")
         if not sep or not vid or not si.lstrip("-").isdigit():
             raise ServeError(400, f"query must be volume_id:slice_index, got {ref!r}")
@@ -98,8 +116,14 @@ class SearchService:
         cached_volumes: source volumes kept decoded for thumbnails and explanations.
     """
 
-    def __init__(self, index_dir: str | os.PathLike, groups: list, id_salt: bytes | None = None,
-                 max_upload_bytes: int = 512 << 20, cached_volumes: int = 8):
+    def __init__(
+        self,
+        index_dir: str | os.PathLike,
+        groups: list,
+        id_salt: bytes | None = None,
+        max_upload_bytes: int = 512 << 20,
+        cached_volumes: int = 8,
+    ):
         import torch
 
         from ctsearch.index import Index
@@ -132,21 +156,35 @@ class SearchService:
         m = self.index.manifest
         cat = await self.catalogue()
         return {
-            "model": m["model"].get("model_id") or self.config.backbone, "backbone": self.config.backbone,
-            "image_size": self.config.image_size, "embedding_dim": self.index.dim, "dtype": m.get("dtype"),
-            "slices": int(m["rows"]), "volumes": len(cat), "patients": len({v["patient_id"] for v in cat.values()}),
+            "model": m["model"].get("model_id") or self.config.backbone,
+            "backbone": self.config.backbone,
+            "image_size": self.config.image_size,
+            "embedding_dim": self.index.dim,
+            "dtype": m.get("dtype"),
+            "slices": int(m["rows"]),
+            "volumes": len(cat),
+            "patients": len({v["patient_id"] for v in cat.values()}),
             "shards": [{k: s.get(k) for k in ("name", "kind", "rows")} for s in m["shards"]],
-            "shard_groups": len(self.groups), "pseudonymised": bool(self.index.ids.get("pseudonymised")),
-            "max_upload_bytes": self.max_upload_bytes, "default_masks": DEFAULT_MASKS,
-        }  # fmt: skip
+            "shard_groups": len(self.groups),
+            "pseudonymised": bool(self.index.ids.get("pseudonymised")),
+            "max_upload_bytes": self.max_upload_bytes,
+            "default_masks": DEFAULT_MASKS,
+        }
 
     async def patients(self) -> list[dict]:
         """Patients with their examinations (volumes), for choosing a query: sorted by patient, then date."""
         by_patient: dict[str, list[dict]] = {}
         for v in (await self.catalogue()).values():
             by_patient.setdefault(v["patient_id"] or "", []).append({k: v[k] for k in v if k != "path"})
-        return [{"patient_id": p, "exams": sorted(ex, key=lambda e: (e["exam_date"] or "", e["study_id"] or "", e["volume_id"]))}
-                for p, ex in sorted(by_patient.items())]
+        return [
+            {
+                "patient_id": p,
+                "exams": sorted(
+                    ex, key=lambda e: (e["exam_date"] or "", e["study_id"] or "", e["volume_id"])
+                ),
+            }
+            for p, ex in sorted(by_patient.items())
+        ]
 
     async def volume_slices(self, volume_id: str) -> list[dict]:
         """(slice_index, z_mm) of every indexed slice of a volume, for the slider along z."""
@@ -186,13 +224,24 @@ class SearchService:
 
         if q.upload is None:
             v = await self._volume(q.volume_id)
-            found = [x for part in await asyncio.gather(*(g.call("lookup", q.volume_id, q.slice_index) for g in self.groups))
-                     for x in part]  # fmt: skip
+            found = [
+                x
+                for part in await asyncio.gather(
+                    *(g.call("lookup", q.volume_id, q.slice_index) for g in self.groups)
+                )
+                for x in part
+            ]
             if not found:
-                raise ServeError(404, f"slice {q.slice_index} of volume {q.volume_id!r} is not in the index "
-                                      f"(indexed slices: {v['slice_min']}..{v['slice_max']})")
+                raise ServeError(
+                    404,
+                    f"slice {q.slice_index} of volume {q.volume_id!r} is not in the index "
+                    f"(indexed slices: {v['slice_min']}..{v['slice_max']})",
+                )
             if len(found) > 1:
-                raise ServeError(409, f"row {q.volume_id}:{q.slice_index} is ambiguous ({len(found)} volumes share that id)")
+                raise ServeError(
+                    409,
+                    f"row {q.volume_id}:{q.slice_index} is ambiguous ({len(found)} volumes share that id)",
+                )
             vector, meta = found[0]
             return Resolved(l2_normalize(vector[None])[0], meta)
         return await asyncio.to_thread(self._resolve_upload, q)
@@ -215,35 +264,60 @@ class SearchService:
         from ctsearch.model import embed
         from ctsearch.query import query_ids
 
-        vol = self._uploads.get_or_make(upload_digest(q.upload), lambda: read_upload(q.upload, self.max_upload_bytes))
+        vol = self._uploads.get_or_make(
+            upload_digest(q.upload), lambda: read_upload(q.upload, self.max_upload_bytes)
+        )
         n = vol.hu.shape[0]
         s = n // 2 if q.slice_index is None else int(q.slice_index)
         if not 0 <= s < n:
-            raise ServeError(400, f"slice {s} is out of range: the uploaded volume has {n} slices (0..{n - 1})")
+            raise ServeError(
+                400, f"slice {s} is out of range: the uploaded volume has {n} slices (0..{n - 1})"
+            )
         with self._torch.inference_mode():
             vector = l2_normalize(embed(self.encoder, vol.hu[s : s + 1], self.config))[0]
-        meta = {"volume_id": vol.series_id or "upload", "patient_id": vol.patient_id, "study_id": vol.study_id,
-                "series_id": vol.series_id, "exam_date": vol.exam_date, "slice_index": s,
-                "z_mm": float(vol.z_mm()[s]), "path": None}  # fmt: skip
+        meta = {
+            "volume_id": vol.series_id or "upload",
+            "patient_id": vol.patient_id,
+            "study_id": vol.study_id,
+            "series_id": vol.series_id,
+            "exam_date": vol.exam_date,
+            "slice_index": s,
+            "z_mm": float(vol.z_mm()[s]),
+            "path": None,
+        }
         meta = query_ids(self.index, meta, self.id_salt)  # the same hashing as `ctsearch search FILE`
         return Resolved(vector, {**meta, "upload": True, "n_slices": n}, np.asarray(vol.hu[s]))
 
     # --------------------------------------------------------------------- search
-    async def search_vector(self, vector: np.ndarray, k: int, patient: str | None = None,
-                            exclude_patient: str | None = None, one_per: str | None = None) -> list[dict]:
+    async def search_vector(
+        self,
+        vector: np.ndarray,
+        k: int,
+        patient: str | None = None,
+        exclude_patient: str | None = None,
+        one_per: str | None = None,
+    ) -> list[dict]:
         """Top-k rows for a unit vector, over all groups (exactly ``Index.search``'s hits), then one per series/study."""
         deepest = min(int(self.index.manifest["rows"]), max(k, MAX_CANDIDATES))
         kk = k
         while True:
-            parts = await asyncio.gather(*(g.call("search", vector[None], kk, patient, exclude_patient) for g in self.groups))
+            parts = await asyncio.gather(
+                *(g.call("search", vector[None], kk, patient, exclude_patient) for g in self.groups)
+            )
             hits = merge_hits(parts, kk)[0]
             out = distinct_hits(hits, one_per, k)
             if one_per is None or len(out) >= k or len(hits) < kk or kk >= deepest:
                 return out
             kk = min(kk * 4, deepest)  # duplicates of one series filled the list: look further
 
-    async def search(self, q: Query, k: int = 5, patient: str | None = None, exclude_patient: str | None = None,
-                     one_per: str | None = None) -> dict:
+    async def search(
+        self,
+        q: Query,
+        k: int = 5,
+        patient: str | None = None,
+        exclude_patient: str | None = None,
+        one_per: str | None = None,
+    ) -> dict:
         """``{"query": meta, "hits": [...]}`` with HIT_KEYS per hit."""
         if not 1 <= k <= MAX_K:
             raise ServeError(400, f"k must be between 1 and {MAX_K}, got {k}")
@@ -251,7 +325,10 @@ class SearchService:
             raise ServeError(400, f"one_per must be series or study, got {one_per!r}")
         if patient is not None and exclude_patient is not None:
             raise ServeError(400, "patient and exclude_patient exclude each other")
-        patient, exclude_patient = self.index.patient_key(patient, self.id_salt), self.index.patient_key(exclude_patient, self.id_salt)
+        patient, exclude_patient = (
+            self.index.patient_key(patient, self.id_salt),
+            self.index.patient_key(exclude_patient, self.id_salt),
+        )
         r = await self.resolve(q)
         hits = await self.search_vector(r.vector, k, patient, exclude_patient, one_per)
         hits = await asyncio.to_thread(lambda: [self.public_hit(h) for h in hits])
@@ -269,10 +346,26 @@ class SearchService:
         return {k: out.get(k) for k in HIT_KEYS}
 
     def public_query(self, meta: dict) -> dict:
-        keys = ("volume_id", "patient_id", "study_id", "series_id", "exam_date", "slice_index", "z_mm", "path", "upload", "n_slices")
+        keys = (
+            "volume_id",
+            "patient_id",
+            "study_id",
+            "series_id",
+            "exam_date",
+            "slice_index",
+            "z_mm",
+            "path",
+            "upload",
+            "n_slices",
+        )
         out = {k: meta.get(k) for k in keys}
         out["upload"] = bool(meta.get("upload"))
-        if out["n_slices"] is None and meta.get("volume_id") and self._catalogue and meta["volume_id"] in self._catalogue:
+        if (
+            out["n_slices"] is None
+            and meta.get("volume_id")
+            and self._catalogue
+            and meta["volume_id"] in self._catalogue
+        ):
             out["n_slices"] = self._catalogue[meta["volume_id"]]["n_slices"]
         return out
 
@@ -283,12 +376,20 @@ class SearchService:
         r = await self.resolve(q)
         patient = r.meta.get("patient_id")
         if not patient:
-            why = ("the index's ids are pseudonymised and the server has no --id-salt-file to hash the upload's patient id"
-                   if self.index.ids.get("pseudonymised") else "the query has no patient id")
+            why = (
+                "the index's ids are pseudonymised and the server has no --id-salt-file to hash the upload's patient id"
+                if self.index.ids.get("pseudonymised")
+                else "the query has no patient id"
+            )
             raise ServeError(400, f"cross-exam needs the query's patient: {why}")
         exclude = None if r.meta.get("upload") else r.meta.get("volume_id")
-        parts = await asyncio.gather(*(g.call("cross_exam", r.vector, patient, exclude, per_exam) for g in self.groups))
-        exams = sorted((e for p in parts for e in p), key=lambda e: (e["exam_date"] or "", e["study_id"] or "", e["volume_id"]))
+        parts = await asyncio.gather(
+            *(g.call("cross_exam", r.vector, patient, exclude, per_exam) for g in self.groups)
+        )
+        exams = sorted(
+            (e for p in parts for e in p),
+            key=lambda e: (e["exam_date"] or "", e["study_id"] or "", e["volume_id"]),
+        )
         return {"query": self.public_query(r.meta), "exams": exams}
 
     # --------------------------------------------------------------------- pictures
@@ -296,7 +397,12 @@ class SearchService:
         """PNG of an indexed slice in a display window."""
         w, size = parse_window(window), _size(size)
         v = await self._volume(volume_id)
-        meta = {"volume_id": volume_id, "slice_index": slice_index, "path": v["path"], "series_id": v["series_id"]}
+        meta = {
+            "volume_id": volume_id,
+            "slice_index": slice_index,
+            "path": v["path"],
+            "series_id": v["series_id"],
+        }
         if not v["path"]:
             raise ServeError(404, f"volume {volume_id!r} has no source path in the index")
         hu = await asyncio.to_thread(self._row_hu, meta)
@@ -320,8 +426,18 @@ class SearchService:
         for x in (r, rh):
             if x.hu is None:
                 x.hu = await asyncio.to_thread(self._row_hu, x.meta)
-        key = (q.volume_id, q.slice_index, upload_digest(q.upload) if q.upload else None, h.volume_id, h.slice_index, masks, seed)
-        return await asyncio.to_thread(self._figures.get_or_make, key, lambda: self._explain_png(r, rh, masks, seed))
+        key = (
+            q.volume_id,
+            q.slice_index,
+            upload_digest(q.upload) if q.upload else None,
+            h.volume_id,
+            h.slice_index,
+            masks,
+            seed,
+        )
+        return await asyncio.to_thread(
+            self._figures.get_or_make, key, lambda: self._explain_png(r, rh, masks, seed)
+        )
 
     def _explain_png(self, q: Resolved, h: Resolved, masks: int, seed: int) -> bytes:
         from ctsearch.preprocess import eval_transform
@@ -339,9 +455,11 @@ class SearchService:
             pair_q = relax(self.encoder, x[:1], target=emb[1:2], **kw)  # query toward the hit
             pair_h = relax(self.encoder, x[1:], target=emb[:1], **kw)  # the hit toward the query
         size = 256
-        rows = [[slice_rgb(q.hu, size), slice_rgb(h.hu, size)],
-                [overlay(q.hu, own.importance[0], size), overlay(h.hu, own.importance[1], size)],
-                [overlay(q.hu, pair_q.importance[0], size), overlay(h.hu, pair_h.importance[0], size)]]
+        rows = [
+            [slice_rgb(q.hu, size), slice_rgb(h.hu, size)],
+            [overlay(q.hu, own.importance[0], size), overlay(h.hu, own.importance[1], size)],
+            [overlay(q.hu, pair_q.importance[0], size), overlay(h.hu, pair_h.importance[0], size)],
+        ]
         caps = [["query", "hit"], ["query: own RELAX", "hit: own RELAX"], ["query -> hit", "hit -> query"]]
         return png_bytes(grid(rows, caps))
 

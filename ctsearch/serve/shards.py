@@ -140,14 +140,17 @@ class ShardGroup:
             out.append((vector, self.index.rows(j, [i])[0]))
         return out
 
-    def search(self, vectors: np.ndarray, k: int, patient: str | None = None,
-               exclude_patient: str | None = None) -> list[list[dict]]:
+    def search(
+        self, vectors: np.ndarray, k: int, patient: str | None = None, exclude_patient: str | None = None
+    ) -> list[list[dict]]:
         """``Index.search`` over this group's shards: per query, up to ``k`` hit dicts."""
         if not self.index.shards:
             return [[] for _ in range(len(np.atleast_2d(vectors)))]
         return self.index.search(vectors, k=k, patient=patient, exclude_patient=exclude_patient).hits
 
-    def cross_exam(self, query: np.ndarray, patient_id: str, exclude_volume: str | None, per_exam: int) -> list[dict]:
+    def cross_exam(
+        self, query: np.ndarray, patient_id: str, exclude_volume: str | None, per_exam: int
+    ) -> list[dict]:
         """``ctsearch.crossexam.cross_exam`` over this group's shards."""
         from ctsearch.crossexam import cross_exam
 
@@ -155,7 +158,9 @@ class ShardGroup:
 
     def catalogue(self) -> list[dict]:
         """One dict per volume in this group: CATALOGUE_KEYS, n_slices, slice_min/max, z_min/max."""
-        parts = [self._table(s, [*CATALOGUE_KEYS, "slice_index", "z_mm"]) for s in self.index.shards if s.rows]
+        parts = [
+            self._table(s, [*CATALOGUE_KEYS, "slice_index", "z_mm"]) for s in self.index.shards if s.rows
+        ]
         if not parts:
             return []
         t = pa.concat_tables(parts)
@@ -163,15 +168,27 @@ class ShardGroup:
         # and take the first value of the other columns.
         agg = t.group_by("volume_id", use_threads=False).aggregate(
             [(c, "first") for c in CATALOGUE_KEYS[1:]]
-            + [("slice_index", "count"), ("slice_index", "min"), ("slice_index", "max"), ("z_mm", "min"), ("z_mm", "max")]
+            + [
+                ("slice_index", "count"),
+                ("slice_index", "min"),
+                ("slice_index", "max"),
+                ("z_mm", "min"),
+                ("z_mm", "max"),
+            ]
         )
         rows = []
         for r in agg.to_pylist():
-            rows.append({
-                "volume_id": r["volume_id"], **{c: r[f"{c}_first"] for c in CATALOGUE_KEYS[1:]},
-                "n_slices": int(r["slice_index_count"]), "slice_min": int(r["slice_index_min"]),
-                "slice_max": int(r["slice_index_max"]), "z_min": float(r["z_mm_min"]), "z_max": float(r["z_mm_max"]),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "volume_id": r["volume_id"],
+                    **{c: r[f"{c}_first"] for c in CATALOGUE_KEYS[1:]},
+                    "n_slices": int(r["slice_index_count"]),
+                    "slice_min": int(r["slice_index_min"]),
+                    "slice_max": int(r["slice_index_max"]),
+                    "z_min": float(r["z_mm_min"]),
+                    "z_max": float(r["z_mm_max"]),
+                }
+            )
         return rows
 
     def slice_z(self, volume_id: str) -> list[tuple[int, float]]:

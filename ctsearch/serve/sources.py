@@ -49,7 +49,9 @@ def parse_window(text: str | None) -> Window:
     except ValueError:
         lv = wd = float("nan")
     if not sep or not np.isfinite(lv) or not np.isfinite(wd) or wd <= 0 or wd > 10000 or abs(lv) > 10000:
-        raise CTSearchInputError(None, f"window must be wide, narrow, liver or LEVEL,WIDTH in HU (e.g. 40,400), got {text!r}")
+        raise CTSearchInputError(
+            None, f"window must be wide, narrow, liver or LEVEL,WIDTH in HU (e.g. 40,400), got {text!r}"
+        )
     return Window(lv - wd / 2, lv + wd / 2)
 
 
@@ -110,7 +112,10 @@ class Sources:
         """int16 [y, x] HU of one slice of a source volume."""
         hu = self.volume(path, series_id).hu
         if not 0 <= slice_index < hu.shape[0]:
-            raise CTSearchInputError(None, f"slice {slice_index} is out of range: the volume has {hu.shape[0]} slices (0..{hu.shape[0] - 1})")
+            raise CTSearchInputError(
+                None,
+                f"slice {slice_index} is out of range: the volume has {hu.shape[0]} slices (0..{hu.shape[0] - 1})",
+            )
         return np.asarray(hu[slice_index])
 
     def sop_instance_uid(self, path: str, slice_index: int) -> str | None:
@@ -132,7 +137,9 @@ class Sources:
         import pydicom
 
         try:
-            ds = pydicom.dcmread(files[slice_index], stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            ds = pydicom.dcmread(
+                files[slice_index], stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
+            )
             return str(ds.get("SOPInstanceUID", "") or "") or None
         except Exception:  # a file changed since: no UID rather than a failed search
             return None
@@ -179,7 +186,9 @@ def upload_kind(data: bytes) -> str:
         f.flush()
         if sniff_dicom(f.name):
             return "dicom"
-    raise CTSearchInputError(UPLOAD_NAME, "is not a NIfTI file (.nii, .nii.gz), a DICOM file or a .zip of one DICOM series")
+    raise CTSearchInputError(
+        UPLOAD_NAME, "is not a NIfTI file (.nii, .nii.gz), a DICOM file or a .zip of one DICOM series"
+    )
 
 
 def _private_tmp() -> str | None:
@@ -204,7 +213,9 @@ def read_upload(data: bytes, max_bytes: int) -> Volume:
     try:
         return _read_upload_in(tmp, kind, data, max_bytes)
     except CTSearchInputError as e:
-        raise CTSearchInputError(UPLOAD_NAME, str(e).replace(tmp + os.sep, "").replace(tmp, UPLOAD_NAME)) from None
+        raise CTSearchInputError(
+            UPLOAD_NAME, str(e).replace(tmp + os.sep, "").replace(tmp, UPLOAD_NAME)
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -228,9 +239,16 @@ def _read_upload_in(tmp: str, kind: str, data: bytes, max_bytes: int) -> Volume:
         hu = dicom._decode_slice(str(path))[None]
         z = h.position[2] if h.position else 0.0
         ps = h.pixel_spacing or (1.0, 1.0)
-        return Volume(hu=hu, spacing_mm=(1.0, ps[0], ps[1]), affine=Volume.affine_from((1.0, ps[0], ps[1]), (0.0, 0.0, z)),
-                      patient_id=h.patient_id, study_id=h.study_uid, series_id=h.series_uid, exam_date=h.exam_date,
-                      source=UPLOAD_NAME)  # fmt: skip
+        return Volume(
+            hu=hu,
+            spacing_mm=(1.0, ps[0], ps[1]),
+            affine=Volume.affine_from((1.0, ps[0], ps[1]), (0.0, 0.0, z)),
+            patient_id=h.patient_id,
+            study_id=h.study_uid,
+            series_id=h.series_uid,
+            exam_date=h.exam_date,
+            source=UPLOAD_NAME,
+        )
     folder = Path(tmp) / "series"
     folder.mkdir()
     try:
@@ -239,7 +257,9 @@ def _read_upload_in(tmp: str, kind: str, data: bytes, max_bytes: int) -> Volume:
             if len(members) > MAX_ZIP_FILES:
                 raise CTSearchInputError(None, f"zip holds {len(members)} files, more than {MAX_ZIP_FILES}")
             if sum(m.file_size for m in members) > max_bytes:
-                raise CTSearchInputError(None, f"zip unpacks to more than the server's limit of {max_bytes} bytes")
+                raise CTSearchInputError(
+                    None, f"zip unpacks to more than the server's limit of {max_bytes} bytes"
+                )
             for i, m in enumerate(members):
                 # Flat, numbered names: member names are never trusted as paths.
                 with z.open(m) as src, open(folder / f"{i:05d}", "wb") as dst:

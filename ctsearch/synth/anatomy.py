@@ -68,7 +68,12 @@ class Blob:
         on = s > 0
         if not on.any():
             return 0.0, -1.0, 0.0, -1.0
-        return float((cx - r)[on].min()), float((cx + r)[on].max()), float((cy - r)[on].min()), float((cy + r)[on].max())
+        return (
+            float((cx - r)[on].min()),
+            float((cx + r)[on].max()),
+            float((cy - r)[on].min()),
+            float((cy + r)[on].max()),
+        )
 
     def rho2(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Normalised squared radius [nz, ny, nx] (<= 1 inside the undisturbed blob, inf outside its z-range)."""
@@ -228,43 +233,93 @@ def sample_patient(rng: np.random.Generator, index: int = 0) -> Patient:
         angle=u(-0.4, 0.1),
         wobble=u(0.04, 0.1),
     )
-    tumours = [_sample_tumour(rng, right if rng.random() < 0.8 else left) for _ in range(
-        int(rng.choice([0, 1, 1, 2, 2, 3, 3, 4, 5, 7])))]
+    tumours = [
+        _sample_tumour(rng, right if rng.random() < 0.8 else left)
+        for _ in range(int(rng.choice([0, 1, 1, 2, 2, 3, 3, 4, 5, 7])))
+    ]
 
     gall = None
     if rng.random() < 0.85:
         gall = Blob(
             center=(-Ac * u(0.05, 0.25), -Bc * u(0.2, 0.42), -H * u(0.5, 0.75)),
-            rx=u(12, 22), ry=u(12, 22), rz_up=u(20, 35), rz_down=u(15, 30), tilt=(-0.2, -0.2), wobble=0.05,
+            rx=u(12, 22),
+            ry=u(12, 22),
+            rz_up=u(20, 35),
+            rz_down=u(15, 30),
+            tilt=(-0.2, -0.2),
+            wobble=0.05,
         )
     spleen = Blob(
         center=(Ac * u(0.5, 0.66), Bc * u(0.25, 0.5), -u(30, 70)),
-        rx=u(25, 38), ry=u(45, 65), rz_up=u(35, 60), rz_down=u(35, 60),
-        p_up=2.2, p_down=u(1.6, 2.2), angle=u(-0.8, -0.3), wobble=u(0.03, 0.08),
+        rx=u(25, 38),
+        ry=u(45, 65),
+        rz_up=u(35, 60),
+        rz_down=u(35, 60),
+        p_up=2.2,
+        p_down=u(1.6, 2.2),
+        angle=u(-0.8, -0.3),
+        wobble=u(0.03, 0.08),
     )
     zr = -H * u(0.6, 0.85)
-    kid_r = Blob(center=(-u(50, 72), Bc * u(0.35, 0.55), zr), rx=u(22, 30), ry=u(24, 32),
-                 rz_up=u(45, 60), rz_down=u(45, 60), angle=u(0.3, 0.7), wobble=0.04, tilt=(-0.1, 0.0))
-    kid_l = Blob(center=(u(50, 72), Bc * u(0.35, 0.55), zr + u(10, 35)), rx=u(22, 30), ry=u(24, 32),
-                 rz_up=u(45, 60), rz_down=u(45, 60), angle=-u(0.3, 0.7), wobble=0.04, tilt=(0.1, 0.0))
+    kid_r = Blob(
+        center=(-u(50, 72), Bc * u(0.35, 0.55), zr),
+        rx=u(22, 30),
+        ry=u(24, 32),
+        rz_up=u(45, 60),
+        rz_down=u(45, 60),
+        angle=u(0.3, 0.7),
+        wobble=0.04,
+        tilt=(-0.1, 0.0),
+    )
+    kid_l = Blob(
+        center=(u(50, 72), Bc * u(0.35, 0.55), zr + u(10, 35)),
+        rx=u(22, 30),
+        ry=u(24, 32),
+        rz_up=u(45, 60),
+        rz_down=u(45, 60),
+        angle=-u(0.3, 0.7),
+        wobble=0.04,
+        tilt=(0.1, 0.0),
+    )
     stomach = Blob(
         center=(Ac * u(0.18, 0.4), -Bc * u(0.05, 0.3), -u(40, 80)),
-        rx=u(35, 55), ry=u(25, 45), rz_up=u(30, 45), rz_down=u(40, 75), p_down=u(1.5, 2.2),
-        tilt=(0.25, -0.1), angle=u(-0.5, 0.2), wobble=u(0.05, 0.12),
+        rx=u(35, 55),
+        ry=u(25, 45),
+        rz_up=u(30, 45),
+        rz_down=u(40, 75),
+        p_down=u(1.5, 2.2),
+        tilt=(0.25, -0.1),
+        angle=u(-0.5, 0.2),
+        wobble=u(0.05, 0.12),
     )
     pancreas = Blob(
         center=(u(0, 30), Bc * u(0.0, 0.2), -H * u(0.45, 0.62)),
-        rx=u(55, 75), ry=u(9, 15), rz_up=u(10, 18), rz_down=u(10, 18), p_up=2.5, p_down=2.5,
-        angle=u(-0.4, -0.1), wobble=0.1,
+        rx=u(55, 75),
+        ry=u(9, 15),
+        rz_up=u(10, 18),
+        rz_down=u(10, 18),
+        p_up=2.5,
+        p_down=2.5,
+        angle=u(-0.4, -0.1),
+        wobble=0.1,
     )
     heart = Blob(
         center=(u(15, 40), -Bc * u(0.05, 0.25), u(45, 70)),
-        rx=u(55, 72), ry=u(45, 60), rz_up=u(45, 60), rz_down=u(45, 60), angle=u(0.4, 0.8), wobble=0.03,
+        rx=u(55, 72),
+        ry=u(45, 60),
+        rz_up=u(45, 60),
+        rz_down=u(45, 60),
+        angle=u(0.4, 0.8),
+        wobble=0.03,
     )
     spine_y = Bc * u(0.45, 0.58)
     bladder = Blob(
         center=(u(-8, 8), -Bc * u(0.15, 0.4), acet + u(0, 25)),
-        rx=u(28, 55), ry=u(22, 42), rz_up=u(22, 45), rz_down=u(20, 35), wobble=0.05,
+        rx=u(28, 55),
+        ry=u(22, 42),
+        rz_up=u(22, 45),
+        rz_down=u(20, 35),
+        wobble=0.05,
     )
     hu = {
         "fat": u(-115, -80),
@@ -282,16 +337,42 @@ def sample_patient(rng: np.random.Generator, index: int = 0) -> Patient:
     return Patient(
         index=index,
         patient_id=f"synth-{index:04d}",
-        body_a=A, body_b=B, fat_mm=fat, muscle_mm=muscle, body_knots=body_knots,
-        liver_height=H, liver_right=right, liver_left=left, tumours=tumours,
-        gallbladder=gall, spleen=spleen, kidneys=(kid_r, kid_l), stomach=stomach,
-        stomach_content=str(rng.choice(["water", "food", "gas"])), pancreas=pancreas, heart=heart,
-        dome_left_drop=u(8, 28), diaphragm_drop=u(35, 60), spine_y=spine_y,
-        vert_rx=u(17, 25), vert_ry=u(15, 21), vert_pitch=u(26, 34),
-        rib_pitch=u(21, 27), rib_drop=u(60, 100), rib_top=u(220, 260),
-        iliac_crest_z=crest, acetabulum_z=acet, hip_x=u(82, 100), bladder=bladder,
-        colon_x=Ac * u(0.6, 0.75), aorta_x=u(8, 25), aorta_r=u(10, 14), ivc_x=-u(15, 28), ivc_r=u(9, 13),
-        hu=hu, field_seed=int(rng.integers(0, 2**31 - 1)),
+        body_a=A,
+        body_b=B,
+        fat_mm=fat,
+        muscle_mm=muscle,
+        body_knots=body_knots,
+        liver_height=H,
+        liver_right=right,
+        liver_left=left,
+        tumours=tumours,
+        gallbladder=gall,
+        spleen=spleen,
+        kidneys=(kid_r, kid_l),
+        stomach=stomach,
+        stomach_content=str(rng.choice(["water", "food", "gas"])),
+        pancreas=pancreas,
+        heart=heart,
+        dome_left_drop=u(8, 28),
+        diaphragm_drop=u(35, 60),
+        spine_y=spine_y,
+        vert_rx=u(17, 25),
+        vert_ry=u(15, 21),
+        vert_pitch=u(26, 34),
+        rib_pitch=u(21, 27),
+        rib_drop=u(60, 100),
+        rib_top=u(220, 260),
+        iliac_crest_z=crest,
+        acetabulum_z=acet,
+        hip_x=u(82, 100),
+        bladder=bladder,
+        colon_x=Ac * u(0.6, 0.75),
+        aorta_x=u(8, 25),
+        aorta_r=u(10, 14),
+        ivc_x=-u(15, 28),
+        ivc_r=u(9, 13),
+        hu=hu,
+        field_seed=int(rng.integers(0, 2**31 - 1)),
     )
 
 
@@ -313,7 +394,9 @@ def _sample_tumour(rng: np.random.Generator, lobe: Blob) -> Tumour:
     )
 
 
-def sample_exam(rng: np.random.Generator, patient: Patient, index: int = 0, previous: Exam | None = None) -> Exam:
+def sample_exam(
+    rng: np.random.Generator, patient: Patient, index: int = 0, previous: Exam | None = None
+) -> Exam:
     """Draw one examination; ``previous`` makes it a later follow-up of that exam."""
     u = lambda lo, hi: _u(rng, lo, hi)  # noqa: E731
     H = patient.liver_height
@@ -357,8 +440,10 @@ def sample_exam(rng: np.random.Generator, patient: Patient, index: int = 0, prev
 def anatomy_for_exam(p: Patient, e: Exam) -> Patient:
     """The patient as this examination sees it: breathing shift, grown and new lesions."""
     dz = e.breathing_dz
-    tumours = [replace(t, center=(t.center[0], t.center[1], t.center[2] + dz), radius=t.radius * e.tumour_growth)
-               for t in p.tumours]
+    tumours = [
+        replace(t, center=(t.center[0], t.center[1], t.center[2] + dz), radius=t.radius * e.tumour_growth)
+        for t in p.tumours
+    ]
     tumours += [replace(t, center=(t.center[0], t.center[1], t.center[2] + dz)) for t in e.new_tumours]
     return replace(
         p,

@@ -124,7 +124,10 @@ def synth_archive(
                 dome_z_lps=round(e.offset_lps[2] + e.breathing_dz, 2),
             )
             if nifti_dir is not None:
-                img, lab = nifti_dir / "imagesTr" / f"{name}.nii.gz", nifti_dir / "labelsTr" / f"{name}.nii.gz"
+                img, lab = (
+                    nifti_dir / "imagesTr" / f"{name}.nii.gz",
+                    nifti_dir / "labelsTr" / f"{name}.nii.gz",
+                )
                 write_nifti(vol, img, label=label, label_path=lab)
                 case.nifti_image, case.nifti_label = str(img), str(lab)
             if dicom_dir is not None:

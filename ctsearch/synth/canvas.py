@@ -37,7 +37,9 @@ class Canvas:
             self._fields[name] = self._lattices[name].sample(self.z, self.y, self.x)
         return self._fields[name]
 
-    def box(self, xmin: float, xmax: float, ymin: float, ymax: float, zmin: float, zmax: float) -> tuple[slice, slice, slice] | None:
+    def box(
+        self, xmin: float, xmax: float, ymin: float, ymax: float, zmin: float, zmax: float
+    ) -> tuple[slice, slice, slice] | None:
         """Index slices (z, y, x) of the voxels inside a mm box, or None when empty."""
         kz = slice(int(np.searchsorted(self.z, zmin)), int(np.searchsorted(self.z, zmax, side="right")))
         ky = slice(int(np.searchsorted(self.y, ymin)), int(np.searchsorted(self.y, ymax, side="right")))
@@ -72,7 +74,9 @@ class Canvas:
             hu[mask] = np.broadcast_to(value, mask.shape)[mask]
         lab[mask] = label
 
-    def paint_blob(self, b: Blob | None, value, label: int = BACKGROUND, where: Callable | None = None) -> None:
+    def paint_blob(
+        self, b: Blob | None, value, label: int = BACKGROUND, where: Callable | None = None
+    ) -> None:
         """Paint ``b``; ``value`` may be a callable(box) -> array; ``where(box)`` restricts the mask."""
         if b is None:
             return

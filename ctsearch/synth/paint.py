@@ -66,7 +66,9 @@ class BodyFrame:
         dome_r = -k * ((X + 0.45 * Ac) ** 2 + (Y / 1.2) ** 2)
         dome_l = -p.dome_left_drop - k * ((X - 0.4 * Ac) ** 2 + (Y / 1.2) ** 2)
         zdia = np.maximum(dome_r, dome_l) - 15 * np.clip(Y / Bc, 0, 1)
-        return cls(X, Y, Z, A, B, Ac, Bc, rc, rc <= 1, zdia, Z > zdia, e.liver_hu, c.field("fine"), c.field("vessel"))
+        return cls(
+            X, Y, Z, A, B, Ac, Bc, rc, rc <= 1, zdia, Z > zdia, e.liver_hu, c.field("fine"), c.field("vessel")
+        )
 
     # Masks restricted to a blob's box (``Canvas.paint_blob(..., where=...)``).
     def above_dia(self, box) -> np.ndarray:
@@ -106,8 +108,15 @@ def paint_thorax(p: Patient, c: Canvas, f: BodyFrame) -> None:
     lungs = f.cavity & f.above & (f.rc <= 0.97)
     c.paint(FULL, lungs, hu["lung"] + 25 * f.fine + np.where(f.vessels > 1.9, 700.0, 0.0))
     c.paint(FULL, f.cavity & ~f.above & (f.Z > f.zdia - 5), hu["muscle"])  # the diaphragm muscle
-    mediastinum = Blob((p.heart.center[0] * 0.3, 0.05 * p.body_b, 300.0), rx=26, ry=0.45 * p.body_b,
-                       rz_up=200, rz_down=330, p_up=8, p_down=8)  # fmt: skip
+    mediastinum = Blob(
+        (p.heart.center[0] * 0.3, 0.05 * p.body_b, 300.0),
+        rx=26,
+        ry=0.45 * p.body_b,
+        rz_up=200,
+        rz_down=330,
+        p_up=8,
+        p_down=8,
+    )
     c.paint_blob(mediastinum, lambda b: hu["fat"] + 30 + 20 * f.fine[b], where=f.above_dia)
 
 
@@ -115,8 +124,17 @@ def paint_pelvic_organs(p: Patient, c: Canvas, f: BodyFrame) -> None:
     """Bladder (wall and urine) and rectum."""
     c.paint_blob(p.bladder, p.hu["muscle"])
     c.paint_blob(p.bladder.shrunk(3), p.hu["bladder"])
-    rectum = Blob((0.0, p.spine_y - 25, p.acetabulum_z + 40), rx=16, ry=14, rz_up=80, rz_down=120, p_up=6, p_down=6,
-                  tilt=(0, -0.15), wobble=0.1)  # fmt: skip
+    rectum = Blob(
+        (0.0, p.spine_y - 25, p.acetabulum_z + 40),
+        rx=16,
+        ry=14,
+        rz_up=80,
+        rz_down=120,
+        p_up=6,
+        p_down=6,
+        tilt=(0, -0.15),
+        wobble=0.1,
+    )
     c.paint_blob(rectum, lambda b: np.where(c.field("bowel")[b] > 0.6, AIR_HU, 10 + 30 * f.fine[b]))
 
 
@@ -134,10 +152,26 @@ def paint_colon(p: Patient, c: Canvas, f: BodyFrame) -> None:
     stool = lambda b: np.where(bowel[b] > 0.9, AIR_HU, -250 + 200 * np.clip(f.fine[b], -1.5, 1.5))  # noqa: E731
     H = p.liver_height
     asc = Blob((-p.colon_x, 0.0, -H - 60), rx=22, ry=20, rz_up=75, rz_down=120, p_up=6, p_down=6, wobble=0.12)
-    desc = Blob((p.colon_x, 0.15 * p.body_b, -H - 40), rx=18, ry=18, rz_up=H - 20, rz_down=150, p_up=6, p_down=6,
-                wobble=0.12)  # fmt: skip
-    trans = Blob((0.0, -0.45 * p.body_b, -H - 5), rx=0.75 * p.body_a, ry=18, rz_up=20, rz_down=20, p_up=3, p_down=3,
-                 wobble=0.15)  # fmt: skip
+    desc = Blob(
+        (p.colon_x, 0.15 * p.body_b, -H - 40),
+        rx=18,
+        ry=18,
+        rz_up=H - 20,
+        rz_down=150,
+        p_up=6,
+        p_down=6,
+        wobble=0.12,
+    )
+    trans = Blob(
+        (0.0, -0.45 * p.body_b, -H - 5),
+        rx=0.75 * p.body_a,
+        ry=18,
+        rz_up=20,
+        rz_down=20,
+        p_up=3,
+        p_down=3,
+        wobble=0.15,
+    )
     for seg in (asc, desc, trans):
         c.paint_blob(seg, f.L * 0.4 + 20, where=f.in_cavity)
         c.paint_blob(seg.shrunk(4), stool, where=f.in_cavity)
@@ -147,8 +181,16 @@ def paint_upper_abdomen(p: Patient, c: Canvas, f: BodyFrame) -> None:
     """Retroperitoneum and upper abdomen: psoas, kidneys, pancreas, spleen, stomach."""
     hu, L, H, fine = p.hu, f.L, p.liver_height, f.fine
     for side in (-1, 1):
-        psoas = Blob((side * (p.vert_rx + 14), p.spine_y - 5, -H - 80), rx=14, ry=16, rz_up=H * 0.55,
-                     rz_down=max(-p.acetabulum_z - H - 60, 40), p_up=1.5, p_down=3, tilt=(-side * 0.06, 0.1))  # fmt: skip
+        psoas = Blob(
+            (side * (p.vert_rx + 14), p.spine_y - 5, -H - 80),
+            rx=14,
+            ry=16,
+            rz_up=H * 0.55,
+            rz_down=max(-p.acetabulum_z - H - 60, 40),
+            p_up=1.5,
+            p_down=3,
+            tilt=(-side * 0.06, 0.1),
+        )
         c.paint_blob(psoas, lambda b: hu["muscle"] + 5 * fine[b])
     for kid in p.kidneys:
         c.paint_blob(kid, L + hu["kidney_plus"], where=f.below_dia)
@@ -162,7 +204,9 @@ def paint_upper_abdomen(p: Patient, c: Canvas, f: BodyFrame) -> None:
     if p.stomach_content == "food":
         content = lambda b: 45 + 25 * fine[b]  # noqa: E731  (overlaps the liver's HU)
     elif p.stomach_content == "gas":
-        content = lambda b: np.where(c.grid(b)[1] < inner.center[1] - 0.2 * inner.ry, AIR_HU, 10 + 5 * fine[b])  # noqa: E731
+        content = lambda b: np.where(
+            c.grid(b)[1] < inner.center[1] - 0.2 * inner.ry, AIR_HU, 10 + 5 * fine[b]
+        )  # noqa: E731
     else:
         content = lambda b: 12 + 5 * fine[b]  # noqa: E731
     c.paint_blob(inner, content, where=f.below_dia)
@@ -183,8 +227,14 @@ def paint_liver(p: Patient, c: Canvas, f: BodyFrame) -> None:
         c.paint_blob(lobe, texture, label=LIVER, where=under_diaphragm)
     is_liver = lambda b: c.label[b] > 0  # noqa: E731
     for t in p.tumours:
-        tb = Blob(t.center, rx=t.radius * t.aspect[0], ry=t.radius * t.aspect[1], rz_up=t.radius * t.aspect[2],
-                  rz_down=t.radius * t.aspect[2], wobble=0.08)  # fmt: skip
+        tb = Blob(
+            t.center,
+            rx=t.radius * t.aspect[0],
+            ry=t.radius * t.aspect[1],
+            rz_up=t.radius * t.aspect[2],
+            rz_down=t.radius * t.aspect[2],
+            wobble=0.08,
+        )
         if t.rim_hu:
             c.paint_blob(tb, L + t.rim_hu, label=TUMOUR, where=is_liver)
             tb = tb.shrunk(min(3.0, t.radius * 0.3))
@@ -196,18 +246,46 @@ def paint_vessels_and_heart(p: Patient, c: Canvas, f: BodyFrame) -> None:
     """IVC (carves the liver), aorta with its iliac branches, heart above the diaphragm, trachea."""
     hu, L = p.hu, f.L
     bif = p.iliac_crest_z + 15
-    ivc = Blob((p.ivc_x, p.spine_y - p.vert_ry - p.ivc_r - 4, (bif + 10) / 2), rx=p.ivc_r * 1.2, ry=p.ivc_r,
-               rz_up=(10 - bif) / 2, rz_down=(10 - bif) / 2, p_up=10, p_down=10)  # fmt: skip
+    ivc = Blob(
+        (p.ivc_x, p.spine_y - p.vert_ry - p.ivc_r - 4, (bif + 10) / 2),
+        rx=p.ivc_r * 1.2,
+        ry=p.ivc_r,
+        rz_up=(10 - bif) / 2,
+        rz_down=(10 - bif) / 2,
+        p_up=10,
+        p_down=10,
+    )
     c.paint_blob(ivc, L * 0.6 + hu["blood"] * 0.4)
-    aorta = Blob((p.aorta_x, p.spine_y - p.vert_ry - p.aorta_r - 3, (bif + 350) / 2), rx=p.aorta_r, ry=p.aorta_r,
-                 rz_up=(350 - bif) / 2, rz_down=(350 - bif) / 2, p_up=12, p_down=12)  # fmt: skip
+    aorta = Blob(
+        (p.aorta_x, p.spine_y - p.vert_ry - p.aorta_r - 3, (bif + 350) / 2),
+        rx=p.aorta_r,
+        ry=p.aorta_r,
+        rz_up=(350 - bif) / 2,
+        rz_down=(350 - bif) / 2,
+        p_up=12,
+        p_down=12,
+    )
     c.paint_blob(aorta, hu["blood"])
     for side in (-1, 1):
-        iliac = Blob((p.aorta_x * 0.5, aorta.center[1], bif), rx=p.aorta_r * 0.7, ry=p.aorta_r * 0.7, rz_up=1,
-                     rz_down=130, p_down=10, tilt=(-side * 0.45, 0.1))  # fmt: skip
+        iliac = Blob(
+            (p.aorta_x * 0.5, aorta.center[1], bif),
+            rx=p.aorta_r * 0.7,
+            ry=p.aorta_r * 0.7,
+            rz_up=1,
+            rz_down=130,
+            p_down=10,
+            tilt=(-side * 0.45, 0.1),
+        )
         c.paint_blob(iliac, hu["blood"])
-    asc_aorta = Blob((p.heart.center[0] * 0.3, -0.25 * p.body_b, p.heart.center[2] + 90), rx=15, ry=15,
-                     rz_up=80, rz_down=60, p_up=8, p_down=8)  # fmt: skip
+    asc_aorta = Blob(
+        (p.heart.center[0] * 0.3, -0.25 * p.body_b, p.heart.center[2] + 90),
+        rx=15,
+        ry=15,
+        rz_up=80,
+        rz_down=60,
+        p_up=8,
+        p_down=8,
+    )
     c.paint_blob(asc_aorta, hu["blood"])
     c.paint_blob(p.heart.moved(scale=1.06), hu["fat"] + 20, where=f.above_dia)  # pericardial fat
     c.paint_blob(p.heart, lambda b: L * 0.3 + 70 + 5 * f.fine[b], where=f.above_dia)  # myocardium
@@ -250,24 +328,56 @@ def _paint_spine(p: Patient, c: Canvas) -> None:
     phase = lambda box: ((c.grid(box)[2] - 7.0) / p.vert_pitch) % 1.0  # noqa: E731
     disc_frac = 7.0 / p.vert_pitch
     zs = (sacrum_top, 400.0)
-    body = Blob((0.0, p.spine_y, sum(zs) / 2), rx=p.vert_rx, ry=p.vert_ry, rz_up=(zs[1] - zs[0]) / 2,
-                rz_down=(zs[1] - zs[0]) / 2, p_up=20, p_down=20)
+    body = Blob(
+        (0.0, p.spine_y, sum(zs) / 2),
+        rx=p.vert_rx,
+        ry=p.vert_ry,
+        rz_up=(zs[1] - zs[0]) / 2,
+        rz_down=(zs[1] - zs[0]) / 2,
+        p_up=20,
+        p_down=20,
+    )
     c.paint_blob(body, 90.0)  # discs
     _bone(c, body, p, where=lambda box: phase(box) > disc_frac)
     canal_y = p.spine_y + p.vert_ry + 9
-    arch = Blob((0.0, canal_y, body.center[2]), rx=13, ry=12, rz_up=body.rz_up, rz_down=body.rz_down, p_up=20, p_down=20)
+    arch = Blob(
+        (0.0, canal_y, body.center[2]),
+        rx=13,
+        ry=12,
+        rz_up=body.rz_up,
+        rz_down=body.rz_down,
+        p_up=20,
+        p_down=20,
+    )
     post = lambda box: (phase(box) > 0.15) & (phase(box) < 0.8)  # noqa: E731
     c.paint_blob(arch, p.hu["cortical"], where=post)
-    spinous = Blob((0.0, canal_y + 22, body.center[2]), rx=5, ry=12, rz_up=body.rz_up, rz_down=body.rz_down,
-                   p_up=20, p_down=20)
+    spinous = Blob(
+        (0.0, canal_y + 22, body.center[2]),
+        rx=5,
+        ry=12,
+        rz_up=body.rz_up,
+        rz_down=body.rz_down,
+        p_up=20,
+        p_down=20,
+    )
     _bone(c, spinous, p, where=post, shell=1.5)
     for side in (-1, 1):
-        tp = Blob((side * (p.vert_rx + 13), canal_y - 3, body.center[2]), rx=13, ry=5, rz_up=body.rz_up,
-                  rz_down=body.rz_down, p_up=20, p_down=20, angle=side * 0.2)
+        tp = Blob(
+            (side * (p.vert_rx + 13), canal_y - 3, body.center[2]),
+            rx=13,
+            ry=5,
+            rz_up=body.rz_up,
+            rz_down=body.rz_down,
+            p_up=20,
+            p_down=20,
+            angle=side * 0.2,
+        )
         _bone(c, tp, p, where=lambda box: (phase(box) > 0.3) & (phase(box) < 0.65), shell=1.5)
     canal = replace(arch, rx=8, ry=7)
     c.paint_blob(canal, 15.0)
-    sacrum = Blob((0.0, p.spine_y + 10, sacrum_top), rx=48, ry=18, rz_up=1, rz_down=110, p_down=1.6, tilt=(0, -0.35))
+    sacrum = Blob(
+        (0.0, p.spine_y + 10, sacrum_top), rx=48, ry=18, rz_up=1, rz_down=110, p_down=1.6, tilt=(0, -0.35)
+    )
     _bone(c, sacrum, p, shell=3)
 
 
@@ -306,15 +416,34 @@ def _paint_ribs(p: Patient, c: Canvas, Ac, Bc, A, B) -> None:
 def _paint_pelvic_bones(p: Patient, c: Canvas) -> None:
     crest, acet = p.iliac_crest_z, p.acetabulum_z
     for side in (-1, 1):
-        wing = Blob((side * (p.hip_x - 15), p.spine_y * 0.45, crest - 15), rx=55, ry=9, rz_up=15,
-                    rz_down=crest - acet + 5, p_up=2, p_down=3, tilt=(side * 0.2, 0.05), angle=-side * 0.75)
+        wing = Blob(
+            (side * (p.hip_x - 15), p.spine_y * 0.45, crest - 15),
+            rx=55,
+            ry=9,
+            rz_up=15,
+            rz_down=crest - acet + 5,
+            p_up=2,
+            p_down=3,
+            tilt=(side * 0.2, 0.05),
+            angle=-side * 0.75,
+        )
         _bone(c, wing, p, shell=3)
         head = Blob((side * p.hip_x, -0.05 * p.body_b, acet), rx=24, ry=24, rz_up=24, rz_down=24)
         _bone(c, head, p, shell=3)
-        neck = Blob((side * (p.hip_x + 12), -0.05 * p.body_b, acet - 25), rx=16, ry=16, rz_up=20, rz_down=300,
-                    p_up=3, p_down=10, tilt=(-side * 0.12, 0.0))
+        neck = Blob(
+            (side * (p.hip_x + 12), -0.05 * p.body_b, acet - 25),
+            rx=16,
+            ry=16,
+            rz_up=20,
+            rz_down=300,
+            p_up=3,
+            p_down=10,
+            tilt=(-side * 0.12, 0.0),
+        )
         _bone(c, neck, p, shell=5)
-        pubis = Blob((side * 22, -0.45 * p.body_b, acet - 20), rx=20, ry=10, rz_up=15, rz_down=20, angle=side * 0.4)
+        pubis = Blob(
+            (side * 22, -0.45 * p.body_b, acet - 20), rx=20, ry=10, rz_up=15, rz_down=20, angle=side * 0.4
+        )
         _bone(c, pubis, p, shell=2.5)
         ischium = Blob((side * (p.hip_x - 20), 0.3 * p.body_b, acet - 35), rx=14, ry=18, rz_up=25, rz_down=25)
         _bone(c, ischium, p, shell=2.5)

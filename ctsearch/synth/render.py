@@ -50,7 +50,9 @@ def exam_geometry(e: Exam, size: int) -> tuple[float, float, int]:
     return spacing, thickness, n
 
 
-def render(p: Patient, e: Exam, size: int = 512, lattices: dict[str, Lattice] | None = None) -> tuple[Volume, np.ndarray]:
+def render(
+    p: Patient, e: Exam, size: int = 512, lattices: dict[str, Lattice] | None = None
+) -> tuple[Volume, np.ndarray]:
     """Sample patient ``p`` as examination ``e`` on a ``size`` x ``size`` matrix.
 
     Returns:
