@@ -42,7 +42,7 @@ class LocalCluster:
         env.pop("RAY_ADDRESS", None)
         return env
 
-    def ctsearch(self, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    def ctsearch(self, *args, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "ctsearch", *map(str, args)], env=self.env(),
                               capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
@@ -50,7 +50,7 @@ class LocalCluster:
         return subprocess.Popen([sys.executable, "-m", "ctsearch", *map(str, args)], env=self.env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
-    def submit(self, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    def submit(self, *args, timeout: float = 600) -> subprocess.CompletedProcess:
         """``ray job submit`` of one ctsearch command; its output is the job's log."""
         cmd = [str(RAY), "job", "submit", "--address", self.dashboard, "--", sys.executable, "-m", "ctsearch", *map(str, args)]
         return subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout)
