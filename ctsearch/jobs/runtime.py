@@ -201,6 +201,8 @@ def run_job(fn: Callable[..., Any], *args, address: str | None = None, callbacks
 
     from ray.util.queue import Empty, Queue
 
+    _quiet_closed_channels()
+
     local = {name: kwargs.pop(name) for name in callbacks if kwargs.get(name) is not None}
     queue = Queue(actor_options={"num_cpus": 0}) if local else None
     remote_kwargs = {**kwargs, **{name: _Relay(queue, name) for name in local}}
@@ -228,6 +230,19 @@ def run_job(fn: Callable[..., Any], *args, address: str | None = None, callbacks
         raise
     except ConnectionError as e:
         raise CTSearchInputError(None, f"lost the Ray cluster at {cluster_address(address)}: {_reason(e)}") from None
+
+
+def _quiet_closed_channels() -> None:
+    """When the cluster goes away, grpc's connectivity thread dies with "Channel closed" and
+    Python prints its traceback beside our one-line error; that thread's end is expected."""
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if isinstance(args.exc_value, ValueError) and "Channel closed" in str(args.exc_value):
+            return
+        previous(args)
+
+    threading.excepthook = hook
 
 
 @ray.remote(max_retries=0)
