@@ -52,7 +52,11 @@ def _wait_for_job_agent(dashboard: str, timeout: float = 180) -> None:
         try:
             client = JobSubmissionClient(dashboard)
             job = client.submit_job(entrypoint="true")
-            while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            while client.get_job_status(job) not in (
+                JobStatus.SUCCEEDED,
+                JobStatus.FAILED,
+                JobStatus.STOPPED,
+            ):
                 time.sleep(0.5)
             return
         except Exception as e:  # noqa: BLE001 - retried until the deadline, then raised

@@ -21,14 +21,24 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from local_cluster import CLUSTER_ENV
 
 pytestmark = pytest.mark.cluster
 
 LAUNCHER = Path(__file__).with_name("local_cluster.py")
 RAY = Path(sys.executable).with_name("ray")
-TINY = ["--backbone", "tiny", "--image-size", "64", "--init", "random", "--batch-size", "8", "--eval-every", "0"]
+TINY = [
+    "--backbone",
+    "tiny",
+    "--image-size",
+    "64",
+    "--init",
+    "random",
+    "--batch-size",
+    "8",
+    "--eval-every",
+    "0",
+]
 
 
 class LocalCluster:
@@ -52,7 +62,18 @@ class LocalCluster:
 
     def submit(self, *args, timeout: float = 600) -> subprocess.CompletedProcess:
         """``ray job submit`` of one ctsearch command; its output is the job's log."""
-        cmd = [str(RAY), "job", "submit", "--address", self.dashboard, "--", sys.executable, "-m", "ctsearch", *map(str, args)]
+        cmd = [
+            str(RAY),
+            "job",
+            "submit",
+            "--address",
+            self.dashboard,
+            "--",
+            sys.executable,
+            "-m",
+            "ctsearch",
+            *map(str, args),
+        ]
         return subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout)
 
     def kill_node(self, node_id: str) -> None:
@@ -82,7 +103,9 @@ def local_cluster(folder: Path, workers: int = 2):
         deadline = time.monotonic() + 180
         while not info_path.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"local cluster did not start: {(folder / 'cluster.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"local cluster did not start: {(folder / 'cluster.log').read_text()[-2000:]}"
+                )
             time.sleep(0.5)
         yield LocalCluster(json.loads(info_path.read_text()))
     finally:
@@ -137,7 +160,9 @@ def row_set(index_dir: Path) -> list[tuple[str, int]]:
     manifest = json.loads((index_dir / "index.json").read_text())
     rows = []
     for s in manifest["shards"]:
-        t = pq.read_table(index_dir / "embeddings" / f"{s['name']}.parquet", columns=["volume_id", "slice_index"])
+        t = pq.read_table(
+            index_dir / "embeddings" / f"{s['name']}.parquet", columns=["volume_id", "slice_index"]
+        )
         rows += zip(t.column("volume_id").to_pylist(), t.column("slice_index").to_pylist())
     return sorted(rows)
 
@@ -187,7 +212,9 @@ def test_index_through_ray_client_runs_on_the_cluster(client_index, cluster, syn
     assert sum(summary["nodes"]["embed"].values()) == summary["rows_added"]
 
 
-def test_index_through_job_submission_equals_the_ray_client_index(client_index, cluster, synth_archive, model_dir, tmp_path):
+def test_index_through_job_submission_equals_the_ray_client_index(
+    client_index, cluster, synth_archive, model_dir, tmp_path
+):
     reference, _ = client_index
     out = tmp_path / "index"
     summary = job_json(cluster.submit("index", synth_archive / "nifti", "--model", model_dir, "--out", out,
@@ -235,7 +262,9 @@ def test_a_worker_node_killed_during_train_restarts_from_the_checkpoint(slice_da
     with local_cluster(tmp_path, workers=3) as c:
         proc = c.start("train", slice_dataset, run, *TINY, "--epochs", str(epochs), "--workers", "2",
                        "--placement", "spread", "--max-failures", "3", "--address", c.gcs, "--json")  # fmt: skip
-        _wait_for(lambda: (run / "metrics.jsonl").exists() and len(metrics(run)) >= 2, 240, "two epochs", proc)
+        _wait_for(
+            lambda: (run / "metrics.jsonl").exists() and len(metrics(run)) >= 2, 240, "two epochs", proc
+        )
         victim = metrics(run)[-1]["nodes"][0]  # rank 0's node: it writes metrics and checkpoints
         c.kill_node(victim)
         out, err = proc.communicate(timeout=400)
@@ -243,16 +272,29 @@ def test_a_worker_node_killed_during_train_restarts_from_the_checkpoint(slice_da
     rows = [r for r in metrics(run) if "loss" in r]
     assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))  # every epoch once, none twice
     before = [r for r in rows if victim in r["nodes"]]
-    after = rows[len(before):]
+    after = rows[len(before) :]
     assert before and after, "the kill must land mid-run"
     assert all(victim not in r["nodes"] and len(set(r["nodes"])) == 2 for r in after)
     assert json.loads(out)["epochs"] == epochs
 
 
-def test_a_worker_node_killed_during_index_loses_and_doubles_nothing(client_index, synth_archive, model_dir, tmp_path):
+def test_a_worker_node_killed_during_index_loses_and_doubles_nothing(
+    client_index, synth_archive, model_dir, tmp_path
+):
     reference, _ = client_index
     out = tmp_path / "index"
-    args = ["index", synth_archive / "nifti", "--model", model_dir, "--out", out, "--shard-volumes", "1", "--batch-size", "16"]
+    args = [
+        "index",
+        synth_archive / "nifti",
+        "--model",
+        model_dir,
+        "--out",
+        out,
+        "--shard-volumes",
+        "1",
+        "--batch-size",
+        "16",
+    ]
     with local_cluster(tmp_path, workers=3) as c:
         proc = c.start(*args, "--address", c.gcs, "--json")
 
@@ -293,12 +335,14 @@ def test_the_head_going_away_gives_one_line_not_a_hang(way, synth_archive, model
 
 @pytest.mark.parametrize("address", ["head", "ray//head:10001", "head:99999", "http://head:8265"])
 def test_a_malformed_address_is_one_line_and_writes_nothing(address, slice_dataset, tmp_path):
+    from conftest import error_line
     from typer.testing import CliRunner
 
-    from conftest import error_line
     from ctsearch.cli.main import app
 
-    r = CliRunner().invoke(app, ["train", str(slice_dataset), str(tmp_path / "run"), *TINY, "--address", address])
+    r = CliRunner().invoke(
+        app, ["train", str(slice_dataset), str(tmp_path / "run"), *TINY, "--address", address]
+    )
     assert "address" in error_line(r)
     assert not (tmp_path / "run").exists()
 
@@ -318,9 +362,9 @@ def test_an_unreachable_cluster_is_one_line_and_writes_nothing(scheme, synth_arc
 
 
 def test_ray_client_without_its_extra_says_what_to_install(synth_archive, model_dir, tmp_path, monkeypatch):
+    from conftest import error_line
     from typer.testing import CliRunner
 
-    from conftest import error_line
     from ctsearch.cli.main import app
 
     # grpc is what `ray[client]` adds; hiding it is what a plain `pip install ray` looks like.

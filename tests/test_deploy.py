@@ -39,7 +39,12 @@ KEY_SELECTOR = {"name": ANY, "key": ANY, "optional": ANY}
 ENV_VAR = {
     "name": ANY,
     "value": ANY,
-    "valueFrom": {"secretKeyRef": KEY_SELECTOR, "configMapKeyRef": KEY_SELECTOR, "fieldRef": ANY, "resourceFieldRef": ANY},
+    "valueFrom": {
+        "secretKeyRef": KEY_SELECTOR,
+        "configMapKeyRef": KEY_SELECTOR,
+        "fieldRef": ANY,
+        "resourceFieldRef": ANY,
+    },
 }
 RESOURCE_REQUIREMENTS = {"requests": ANY, "limits": ANY, "claims": ANY}
 VOLUME_MOUNT = {"name": ANY, "mountPath": ANY, "subPath": ANY, "readOnly": ANY}
@@ -169,20 +174,53 @@ DOCUMENT_SCHEMAS = {
 
 # Ray cluster launcher, from python/ray/autoscaler/ray-schema.json (Ray 2.60).
 LAUNCHER_TOP = {
-    "cluster_name", "max_workers", "upscaling_speed", "idle_timeout_minutes", "docker", "provider",
-    "auth", "available_node_types", "head_node_type", "file_mounts", "file_mounts_sync_continuously",
-    "cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands",
-    "setup_commands", "head_setup_commands", "worker_setup_commands", "head_start_ray_commands",
-    "worker_start_ray_commands", "no_restart", "metadata",
+    "cluster_name",
+    "max_workers",
+    "upscaling_speed",
+    "idle_timeout_minutes",
+    "docker",
+    "provider",
+    "auth",
+    "available_node_types",
+    "head_node_type",
+    "file_mounts",
+    "file_mounts_sync_continuously",
+    "cluster_synced_files",
+    "rsync_exclude",
+    "rsync_filter",
+    "initialization_commands",
+    "setup_commands",
+    "head_setup_commands",
+    "worker_setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+    "no_restart",
+    "metadata",
 }
 LAUNCHER_DOCKER = {
-    "image", "head_image", "worker_image", "container_name", "pull_before_run", "run_options",
-    "head_run_options", "worker_run_options", "disable_automatic_runtime_detection",
-    "disable_shm_size_detection", "use_podman",
+    "image",
+    "head_image",
+    "worker_image",
+    "container_name",
+    "pull_before_run",
+    "run_options",
+    "head_run_options",
+    "worker_run_options",
+    "disable_automatic_runtime_detection",
+    "disable_shm_size_detection",
+    "use_podman",
 }
 LAUNCHER_NODE_TYPE = {
-    "node_config", "resources", "labels", "min_workers", "max_workers", "idle_timeout_s", "priority",
-    "initialization_commands", "worker_setup_commands", "docker",
+    "node_config",
+    "resources",
+    "labels",
+    "min_workers",
+    "max_workers",
+    "idle_timeout_s",
+    "priority",
+    "initialization_commands",
+    "worker_setup_commands",
+    "docker",
 }
 LAUNCHER_NODE_TYPE_DOCKER = {"pull_before_run", "worker_image", "worker_run_options"}
 
@@ -228,11 +266,7 @@ def _pods() -> list[tuple[str, str, dict, bool]]:
 
 def _containers() -> list[tuple[str, dict, dict]]:
     """(where, container, pod spec) for every container of every Ray pod template."""
-    return [
-        (f"{where}/{c['name']}", c, pod)
-        for where, _, pod, _ in _pods()
-        for c in pod["containers"]
-    ]
+    return [(f"{where}/{c['name']}", c, pod) for where, _, pod, _ in _pods() for c in pod["containers"]]
 
 
 def _unknown_keys(node, schema, path: str) -> list[str]:
@@ -252,8 +286,22 @@ def _unknown_keys(node, schema, path: str) -> list[str]:
 
 
 _QUANTITY = re.compile(r"^([0-9.]+)([KMGTPE]i?|m)?$")
-_SUFFIX = {None: 1, "m": 1e-3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_SUFFIX = {
+    None: 1,
+    "m": 1e-3,
+    "K": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
 
 
 def _quantity(value) -> float:
@@ -330,13 +378,17 @@ def test_there_are_ray_manifests():
 
 @pytest.mark.parametrize("name,doc", _ray_docs(), ids=lambda x: x if isinstance(x, str) else "")
 def test_ray_manifest_api_version(name, doc):
-    assert doc["apiVersion"] == "ray.io/v1", f"{name}: apiVersion {doc['apiVersion']!r}, KubeRay serves ray.io/v1"
+    assert doc["apiVersion"] == "ray.io/v1", (
+        f"{name}: apiVersion {doc['apiVersion']!r}, KubeRay serves ray.io/v1"
+    )
 
 
 @pytest.mark.parametrize("name,doc", _ray_docs(), ids=lambda x: x if isinstance(x, str) else "")
 def test_ray_manifest_has_only_known_fields(name, doc):
     unknown = _unknown_keys(doc, DOCUMENT_SCHEMAS[doc["kind"]], name)
-    assert not unknown, "unknown fields (typo, or not a KubeRay v1 / Kubernetes field):\n" + "\n".join(unknown)
+    assert not unknown, "unknown fields (typo, or not a KubeRay v1 / Kubernetes field):\n" + "\n".join(
+        unknown
+    )
 
 
 def test_unknown_field_check_reports_the_path():
@@ -344,10 +396,14 @@ def test_unknown_field_check_reports_the_path():
     name, doc = _docs("RayJob")[0]
     broken = copy.deepcopy(doc)
     broken["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParam"] = {}
-    broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["volumeMount"] = []
+    broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
+        "volumeMount"
+    ] = []
     unknown = _unknown_keys(broken, DOCUMENT_SCHEMAS["RayJob"], name)
     assert f"{name}.spec.rayClusterSpec.headGroupSpec.rayStartParam" in unknown, unknown
-    assert f"{name}.spec.rayClusterSpec.workerGroupSpecs[0].template.spec.containers[0].volumeMount" in unknown, unknown
+    assert (
+        f"{name}.spec.rayClusterSpec.workerGroupSpecs[0].template.spec.containers[0].volumeMount" in unknown
+    ), unknown
 
 
 def test_ray_start_params_are_strings():
@@ -365,14 +421,16 @@ def test_head_runs_no_tasks():
     # its memory; a task landing there could OOM-kill the GCS with them.
     for name, doc in _ray_docs():
         params = _cluster_spec(doc)["headGroupSpec"]["rayStartParams"]
-        assert params.get("num-cpus") == "0", f"{name}: head rayStartParams needs num-cpus: \"0\""
+        assert params.get("num-cpus") == "0", f'{name}: head rayStartParams needs num-cpus: "0"'
 
 
 def test_head_has_memory_for_the_driver():
     for where, _, pod, is_head in _pods():
         if is_head:
             memory = _quantity(pod["containers"][0]["resources"]["limits"]["memory"])
-            assert memory >= 16 * 2**30, f"{where}: head memory limit below 16Gi leaves no room for the driver"
+            assert memory >= 16 * 2**30, (
+                f"{where}: head memory limit below 16Gi leaves no room for the driver"
+            )
 
 
 def test_head_service_is_not_public():
@@ -395,12 +453,15 @@ def test_containers_mount_a_memory_backed_dev_shm():
         assert mounts, f"{where}: no volume mounted at /dev/shm"
         volume = volumes.get(mounts[0]["name"], {})
         empty_dir = volume.get("emptyDir") or {}
-        assert empty_dir.get("medium") == "Memory", f"{where}: /dev/shm must be an emptyDir with medium: Memory"
+        assert empty_dir.get("medium") == "Memory", (
+            f"{where}: /dev/shm must be an emptyDir with medium: Memory"
+        )
         assert "sizeLimit" in empty_dir, f"{where}: /dev/shm emptyDir needs a sizeLimit"
         # Ray's default object store is 30% of the pod's memory; a smaller /dev/shm makes it use /tmp.
         memory = _quantity(container["resources"]["limits"]["memory"])
         assert _quantity(empty_dir["sizeLimit"]) >= 0.3 * memory, (
-            f"{where}: /dev/shm sizeLimit {empty_dir['sizeLimit']} is below 30% of the memory limit")
+            f"{where}: /dev/shm sizeLimit {empty_dir['sizeLimit']} is below 30% of the memory limit"
+        )
 
 
 def test_containers_mount_the_shared_data_volume():
@@ -410,7 +471,9 @@ def test_containers_mount_the_shared_data_volume():
         mounts = [m for m in container.get("volumeMounts", []) if m.get("mountPath") == "/data"]
         assert mounts, f"{where}: every node must see /data"
         claim = (volumes.get(mounts[0]["name"], {}).get("persistentVolumeClaim") or {}).get("claimName")
-        assert claim in claims, f"{where}: /data must come from a PVC defined under deploy/ ({claims}), got {claim}"
+        assert claim in claims, (
+            f"{where}: /data must come from a PVC defined under deploy/ ({claims}), got {claim}"
+        )
 
 
 def test_containers_use_token_auth_from_a_secret():
@@ -420,14 +483,18 @@ def test_containers_use_token_auth_from_a_secret():
             for container in spec["template"]["spec"]["containers"]:
                 where = f"{name}/{group}/{container['name']}"
                 env = {e["name"]: e for e in container.get("env", [])}
-                assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: needs RAY_AUTH_MODE=token"
+                assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", (
+                    f"{where}: needs RAY_AUTH_MODE=token"
+                )
                 ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
                 assert ref and ref.get("name") and ref.get("key"), (
-                    f"{where}: RAY_AUTH_TOKEN must come from a Secret (valueFrom.secretKeyRef), never a literal")
+                    f"{where}: RAY_AUTH_TOKEN must come from a Secret (valueFrom.secretKeyRef), never a literal"
+                )
                 if auth.get("secretName"):
                     # Otherwise the operator hands its containers another token than ours.
                     assert (ref["name"], ref["key"]) == (auth["secretName"], AUTH_SECRET_KEY), (
-                        f"{where}: RAY_AUTH_TOKEN must read {auth['secretName']}/{AUTH_SECRET_KEY} like authOptions")
+                        f"{where}: RAY_AUTH_TOKEN must read {auth['secretName']}/{AUTH_SECRET_KEY} like authOptions"
+                    )
 
 
 def test_auth_options_use_token_mode():
@@ -443,7 +510,9 @@ def test_gpu_groups_request_gpus_and_others_do_not():
             res = container.get("resources", {})
             gpus = {k: res.get(k, {}).get(GPU_RESOURCE) for k in ("limits", "requests")}
             if "gpu" in group.lower():
-                assert gpus["limits"] and int(gpus["limits"]) >= 1, f"{where}: GPU group needs limits.{GPU_RESOURCE}"
+                assert gpus["limits"] and int(gpus["limits"]) >= 1, (
+                    f"{where}: GPU group needs limits.{GPU_RESOURCE}"
+                )
             else:
                 assert not any(gpus.values()), f"{where}: CPU group or head must not ask for {GPU_RESOURCE}"
 
@@ -465,7 +534,9 @@ def test_entrypoints_call_the_installed_script():
     scripts = _pyproject()["project"]["scripts"]
     for name, doc in _docs("RayJob"):
         command = shlex.split(doc["spec"]["entrypoint"])[0]
-        assert command in scripts, f"{name}: entrypoint runs {command!r}, the image installs {sorted(scripts)}"
+        assert command in scripts, (
+            f"{name}: entrypoint runs {command!r}, the image installs {sorted(scripts)}"
+        )
 
 
 def test_network_policy_selects_the_ray_pods():
@@ -476,7 +547,8 @@ def test_network_policy_selects_the_ray_pods():
         for group, spec, _ in _groups(doc):
             labels = spec["template"].get("metadata", {}).get("labels", {})
             assert any(sel and sel.items() <= labels.items() for sel in selectors), (
-                f"{name}/{group}: pod labels {labels} match no NetworkPolicy podSelector {selectors}")
+                f"{name}/{group}: pod labels {labels} match no NetworkPolicy podSelector {selectors}"
+            )
 
 
 # --- Shared storage ---------------------------------------------------------------------------
@@ -485,7 +557,9 @@ def test_pvc_is_read_write_many():
     assert claims, "deploy/ needs the PersistentVolumeClaim that every pod mounts at /data"
     for name, doc in claims:
         modes = doc["spec"].get("accessModes", [])
-        assert "ReadWriteMany" in modes, f"{name}: pods on many nodes mount it at once, needs ReadWriteMany, has {modes}"
+        assert "ReadWriteMany" in modes, (
+            f"{name}: pods on many nodes mount it at once, needs ReadWriteMany, has {modes}"
+        )
 
 
 # --- Ray cluster launcher (deploy/cluster.yaml) -----------------------------------------------
@@ -500,7 +574,9 @@ def test_launcher_fields_are_known(launcher):
     for node_type, spec in launcher["available_node_types"].items():
         where = f"cluster.yaml.available_node_types.{node_type}"
         problems += [f"{where}.{k}" for k in spec if k not in LAUNCHER_NODE_TYPE]
-        problems += [f"{where}.docker.{k}" for k in spec.get("docker", {}) if k not in LAUNCHER_NODE_TYPE_DOCKER]
+        problems += [
+            f"{where}.docker.{k}" for k in spec.get("docker", {}) if k not in LAUNCHER_NODE_TYPE_DOCKER
+        ]
         for required in ("node_config", "resources"):
             assert required in spec, f"{where}: the launcher requires {required}"
     assert not problems, "fields the Ray cluster launcher does not know:\n" + "\n".join(problems)
@@ -525,17 +601,22 @@ def test_launcher_gives_gpus_only_to_gpu_nodes(launcher):
         is_head = node_type == launcher["head_node_type"]
         wants_gpu = not is_head and spec.get("resources", {}).get("GPU", 0) > 0
         if wants_gpu:
-            assert "--gpus" in options, f"cluster.yaml node type {node_type}: GPU node without --gpus ({options})"
+            assert "--gpus" in options, (
+                f"cluster.yaml node type {node_type}: GPU node without --gpus ({options})"
+            )
         else:
             assert "--gpus" not in options, (
-                f"cluster.yaml node type {node_type}: CPU node or head gets --gpus, docker run fails without GPUs")
+                f"cluster.yaml node type {node_type}: CPU node or head gets --gpus, docker run fails without GPUs"
+            )
 
 
 def test_launcher_gpu_option_check_can_fail(launcher):
     # The old config put --gpus in the shared run_options: every node type must then be flagged.
     broken = copy.deepcopy(launcher)
     broken["docker"]["run_options"] = ["--gpus all"]
-    cpu_types = [t for t, s in broken["available_node_types"].items() if not s.get("resources", {}).get("GPU")]
+    cpu_types = [
+        t for t, s in broken["available_node_types"].items() if not s.get("resources", {}).get("GPU")
+    ]
     assert cpu_types
     for node_type in cpu_types:
         assert "--gpus all" in _effective_launcher_options(broken, node_type)
@@ -557,7 +638,8 @@ def test_launcher_containers_use_token_auth(launcher):
     match = re.search(r"RAY_AUTH_TOKEN_PATH=(\S+)", options)
     assert match, "cluster.yaml: every container needs RAY_AUTH_TOKEN_PATH (a literal token would leak)"
     assert match.group(1) in launcher.get("file_mounts", {}), (
-        f"cluster.yaml: RAY_AUTH_TOKEN_PATH {match.group(1)} is not a file_mounts target")
+        f"cluster.yaml: RAY_AUTH_TOKEN_PATH {match.group(1)} is not a file_mounts target"
+    )
 
 
 # --- Image ------------------------------------------------------------------------------------
@@ -576,10 +658,16 @@ def test_dockerfile_copy_sources_exist_and_are_in_the_context():
 def test_dockerfile_checks_the_entrypoints_at_build_time():
     runs = " ".join(args for op, args in _dockerfile_instructions() if op == "RUN")
     scripts = _pyproject()["project"]["scripts"]
-    assert "pip install" in runs and re.search(r"pip install[^&]*\s\.(\s|$)", runs), "Dockerfile must pip install ."
+    assert "pip install" in runs and re.search(r"pip install[^&]*\s\.(\s|$)", runs), (
+        "Dockerfile must pip install ."
+    )
     for script in scripts:
-        assert f"{script} --help" in runs, f"Dockerfile must run `{script} --help` so a broken install fails the build"
-    assert "ray --version" in runs, "Dockerfile must run `ray --version`: KubeRay and the launcher run `ray start`"
+        assert f"{script} --help" in runs, (
+            f"Dockerfile must run `{script} --help` so a broken install fails the build"
+        )
+    assert "ray --version" in runs, (
+        "Dockerfile must run `ray --version`: KubeRay and the launcher run `ray start`"
+    )
 
 
 def test_ray_dependency_has_client_and_default_extras():

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import threading
+import time
 from typing import Any, Callable
 
 import ray
@@ -31,9 +32,12 @@ from ctsearch.errors import CTSearchInputError
 
 # Bounds on how long a connection may take before it is reported as unreachable.
 CONNECT_TIMEOUT_S = 10
+CLIENT_ATTEMPTS = 3  # Ray Client connections tried before giving up (see _connect)
 # ray:// addresses without a port mean the Ray Client server's default port.
 DEFAULT_CLIENT_PORT = 10001
-_ADDRESS = re.compile(r"^(?:(?P<scheme>ray)://)?(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+)(?::(?P<port>\d{1,5}))?$")
+_ADDRESS = re.compile(
+    r"^(?:(?P<scheme>ray)://)?(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+)(?::(?P<port>\d{1,5}))?$"
+)
 
 
 def parse_address(address: str) -> tuple[str, str, int]:
@@ -114,17 +118,28 @@ def _connect(address: str, quiet: bool) -> None:
             import grpc  # noqa: F401 - what `ray[client]` adds
         except ImportError:
             raise CTSearchInputError(
-                None, f"--address {address}: Ray Client needs the `ray[client]` extra (pip install 'ray[client]')"
+                None,
+                f"--address {address}: Ray Client needs the `ray[client]` extra (pip install 'ray[client]')",
             ) from None
     if kind != "auto":
         _check_reachable(address)
-    try:
-        if kind == "ray":
-            ray.init(address=address)
-        else:
-            ray.init(address=address, log_to_driver=not quiet, logging_level="ERROR" if quiet else "INFO")
-    except Exception as e:  # noqa: BLE001 - every way a connection fails is the user's address problem
-        raise CTSearchInputError(None, f"cannot connect to the Ray cluster at {address}: {_reason(e)}") from None
+    for attempt in range(1, CLIENT_ATTEMPTS + 1):
+        try:
+            if kind == "ray":
+                ray.init(address=address)
+            else:
+                ray.init(address=address, log_to_driver=not quiet, logging_level="ERROR" if quiet else "INFO")
+            break
+        except Exception as e:  # noqa: BLE001 - every way a connection fails is the user's address problem
+            # The Ray Client proxy starts one server process per client; on a loaded head that start
+            # sometimes fails with nothing logged, and a second try succeeds.
+            if kind == "ray" and attempt < CLIENT_ATTEMPTS and "client server failed" in str(e):
+                ray.shutdown()
+                time.sleep(2.0 * attempt)
+                continue
+            raise CTSearchInputError(
+                None, f"cannot connect to the Ray cluster at {address}: {_reason(e)}"
+            ) from None
     if kind == "gcs":
         _watch_head(address)
 
@@ -136,23 +151,20 @@ def _watch_head(address: str, every_s: float = 2.0, misses: int = 5) -> None:
     exit code 1 and no message a user could act on. This watchdog notices first (``misses``
     failed connections in a row, ~10 s) and says what happened.
     """
-    import socket
     import sys
-    import time
-
-    _, host, port = parse_address(address)
 
     def watch() -> None:
         failed = 0
         while True:
             time.sleep(every_s)
-            try:
-                socket.create_connection((host.strip("[]"), port), timeout=every_s).close()
+            if _unreachable(address, every_s) is None:
                 failed = 0
-            except OSError:
+            else:
                 failed += 1
                 if failed >= misses:
-                    sys.__stderr__.write(f"error: lost the Ray cluster at {address}: its head node stopped answering\n")
+                    sys.__stderr__.write(
+                        f"error: lost the Ray cluster at {address}: its head node stopped answering\n"
+                    )
                     sys.__stderr__.flush()
                     os._exit(1)
 
@@ -161,13 +173,20 @@ def _watch_head(address: str, every_s: float = 2.0, misses: int = 5) -> None:
 
 def _check_reachable(address: str) -> None:
     """Fail in seconds, not minutes, when nothing listens at the address (Ray retries for ~1 min+)."""
+    if (e := _unreachable(address, CONNECT_TIMEOUT_S)) is not None:
+        raise CTSearchInputError(None, f"cannot connect to the Ray cluster at {address}: {e.strerror or e}")
+
+
+def _unreachable(address: str, timeout: float) -> OSError | None:
+    """Why nothing accepts a TCP connection at the address, or None when something does."""
     import socket
 
     _, host, port = parse_address(address)
     try:
-        socket.create_connection((host.strip("[]"), port), timeout=CONNECT_TIMEOUT_S).close()
+        socket.create_connection((host.strip("[]"), port), timeout=timeout).close()
     except OSError as e:
-        raise CTSearchInputError(None, f"cannot connect to the Ray cluster at {address}: {e.strerror or e}") from None
+        return e
+    return None
 
 
 def _reason(e: BaseException) -> str:
@@ -185,7 +204,9 @@ def is_client() -> bool:
     return client_ray.is_connected()
 
 
-def run_job(fn: Callable[..., Any], *args, address: str | None = None, callbacks: tuple[str, ...] = (), **kwargs) -> Any:
+def run_job(
+    fn: Callable[..., Any], *args, address: str | None = None, callbacks: tuple[str, ...] = (), **kwargs
+) -> Any:
     """Run ``fn(*args, address=address, **kwargs)``: here, or, through Ray Client, inside the cluster.
 
     With a cluster address the connection is made first, so a wrong address fails before any
@@ -229,7 +250,9 @@ def run_job(fn: Callable[..., Any], *args, address: str | None = None, callbacks
         ray.cancel(ref, force=True)
         raise
     except ConnectionError as e:
-        raise CTSearchInputError(None, f"lost the Ray cluster at {cluster_address(address)}: {_reason(e)}") from None
+        raise CTSearchInputError(
+            None, f"lost the Ray cluster at {cluster_address(address)}: {_reason(e)}"
+        ) from None
 
 
 def _quiet_closed_channels() -> None:
