@@ -13,6 +13,8 @@ Example:
     (2048, 'resnet50-0676ba61.pth')
     >>> backbone_help()
     'resnet50 (2048-d), resnet18 (512-d), tiny (128-d, tests)'
+    >>> TRAINABLE
+    ['resnet50', 'resnet18', 'tiny']
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Backbone:
     imagenet_file: str | None = None
     classifier: str = "fc"
     note: str = ""
+    trainable: bool = True
 
 
 def _headless(net):
@@ -97,6 +100,23 @@ def _tiny_resnet():
     return _headless(net)
 
 
+def _null_encoder(dim: int = 2048):
+    """[n, 3, S, S] -> [n, dim] at no cost: ``dim`` pixels sampled evenly across the image.
+
+    It stands in for a GPU's model on a CPU-only machine (bench/index.py): the pipeline around
+    it must then deliver slices as fast as the CPUs decode them. Its embeddings mean nothing.
+    """
+    from torch import nn
+
+    class NullEncoder(nn.Module):
+        def forward(self, x):
+            flat = x.flatten(1)
+            step = max(1, flat.shape[1] // dim)
+            return flat[:, ::step][:, :dim].float()
+
+    return NullEncoder()
+
+
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
@@ -107,8 +127,10 @@ BACKBONES: dict[str, Backbone] = {
             "resnet18", 512, _torchvision_resnet("resnet18"), _resnet_residual_bns, "resnet18-f37072fd.pth"
         ),
         Backbone("tiny", 128, _tiny_resnet, _resnet_residual_bns, note="tests"),
+        Backbone("null", 2048, _null_encoder, lambda net: (), note="benchmarks only", trainable=False),
     )
 }
+TRAINABLE = [name for name, b in BACKBONES.items() if b.trainable]  # what --backbone offers
 
 
 def get_backbone(name: str) -> Backbone:
@@ -120,4 +142,6 @@ def get_backbone(name: str) -> Backbone:
 
 def backbone_help() -> str:
     """The backbones for ``--help`` texts: name and dimension, in registry order."""
-    return ", ".join(f"{b.name} ({b.dim}-d{', ' + b.note if b.note else ''})" for b in BACKBONES.values())
+    return ", ".join(
+        f"{b.name} ({b.dim}-d{', ' + b.note if b.note else ''})" for b in BACKBONES.values() if b.trainable
+    )

@@ -229,3 +229,35 @@ def test_cli_index_of_nothing_usable_fails_with_one_line(model_dir, ray_session,
         f"error: {bad}: no volume could be indexed (1 failed, 0 unreadable files; see {out / 'errors.parquet'})"
     )
     assert pq.read_table(out / "errors.parquet").column("path").to_pylist() == [str(bad)]
+
+
+def test_the_reading_stage_never_imports_torch():
+    """CPU workers that only read volumes must not pay torch's import (seconds, and memory)."""
+    import subprocess
+    import sys
+
+    code = "import sys, ctsearch.jobs.index; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_slabs_cover_every_slice_and_the_actor_preprocesses_them_alike(synth_archive, model_dir, ray_session):
+    """Volumes leave the reading stage in slabs; the GPU path (HU rows preprocessed inside the
+    embedding actor, here on the CPU) gives the same embeddings as the CPU path (pixels made in
+    the reading tasks)."""
+    from ctsearch.jobs.index import SLAB_SLICES, Embedder, preprocess, read_volume_rows, resolve_source
+    from ctsearch.model import load_encoder
+
+    tasks, _ = resolve_source(synth_archive / "nifti")
+    task = {**tasks[0], "order": 0, "shard": 0, "size": 0, "mtime_ns": 0}
+    slabs = list(read_volume_rows({k: np.asarray([v], dtype=object) for k, v in task.items()}, set()))
+    n = int(slabs[0]["n_rows"][0])
+    assert len(slabs) == -(-n // SLAB_SLICES) > 1
+    assert np.concatenate([s["slice_index"] for s in slabs]).tolist() == list(range(n))
+    _, config = load_encoder(model_dir)
+    embed = Embedder(str(model_dir), threads=1)
+    slab = slabs[1]
+    on_actor = embed(dict(slab))["embedding"]
+    in_tasks = embed(preprocess(dict(slab), config.to_json()))["embedding"]
+    assert on_actor.shape == (len(slab["path"]), config.embedding_dim)
+    np.testing.assert_allclose(on_actor, in_tasks, atol=1e-6)
+    assert np.allclose(np.linalg.norm(on_actor, axis=1), 1.0, atol=1e-5)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from ctsearch.backbones import BACKBONES
+from ctsearch.backbones import TRAINABLE
 from ctsearch.cli.common import err_console, handle_errors
 from ctsearch.errors import CTSearchInputError
 
@@ -144,7 +144,7 @@ def register(app: typer.Typer) -> None:
             64, "--size", help="Slice size in pixels (synthetic archive and model input)."
         ),
         epochs: int = typer.Option(30, "--epochs", help="SimSiam epochs per run."),
-        backbone: str = typer.Option("tiny", "--backbone", help=" | ".join(BACKBONES) + "."),
+        backbone: str = typer.Option("tiny", "--backbone", help=" | ".join(TRAINABLE) + "."),
         seed: int = typer.Option(0, "--seed", help="Seed of the archive, the slice choice and training."),
         masks: int = typer.Option(
             1000, "--masks", help="RELAX masks per explained slice (the paper uses 3000)."

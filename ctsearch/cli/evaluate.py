@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from ctsearch.backbones import BACKBONES
+from ctsearch.backbones import TRAINABLE
 from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, emit_json, emit_result, handle_errors, say
 from ctsearch.explain import RELAX_BATCH
 
@@ -51,7 +51,7 @@ def evaluate_cmd(
         help="ImageNet weight file for --baseline imagenet (default: the local torch cache).",
     ),
     backbone: Optional[str] = typer.Option(
-        None, "--backbone", help=f"Baselines without --model: backbone ({', '.join(BACKBONES)})."
+        None, "--backbone", help=f"Baselines without --model: backbone ({', '.join(TRAINABLE)})."
     ),
     image_size: Optional[int] = typer.Option(
         None, "--image-size", help="Baselines without --model: input size in px."

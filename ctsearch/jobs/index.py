@@ -2,13 +2,18 @@
 
 The pipeline follows Ray's batch-inference guide, one stage per resource:
 
-    volume paths --map_batches(read_volume_rows)--> one row per slice (HU bytes)     CPU tasks
-                 --map_batches(preprocess)-------> eval_transform pixels, 1 channel  CPU tasks
+    volume paths --map_batches(read_volume_rows)--> slabs of slices (HU int16)       CPU tasks
+                 --map_batches(preprocess)-------> eval_transform pixels, 1 channel  CPU tasks (CPU model only)
                  --map_batches(Embedder)---------> L2-normalised embeddings         actor pool (1 model / GPU)
                  --iter_batches (driver)---------> shard complete? write + commit   driver
 
-Only paths travel into the object store; decoding, windowing and the model run in separate
-stages, so Ray Data's streaming executor keeps the model fed while other volumes decode.
+Only paths travel into the object store. CPU tasks do what must be on a CPU: reading and
+decompressing; they never import torch (a worker's first task would pay seconds for it). With
+GPUs the embedding actor windows and resizes whole batches on its device, so a CPU core's time
+goes to decoding alone; with a CPU model, preprocessing runs in the reading tasks, beside the
+model rather than in its process. A volume leaves its reading task as slabs of ``SLAB_SLICES``
+slices, so the model starts on a volume before it is fully read and no block holds a whole
+volume.
 
 The unit of work is a shard: ``shard_volumes`` volumes whose rows are committed together
 (index.IndexWriter.commit_shard). A volume already in the index (same series id and content
@@ -27,7 +32,7 @@ import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -39,10 +44,10 @@ from ctsearch.ids import check_same_salt, is_pseudonym, pseudonymise, pseudonymi
 from ctsearch.index import DEFAULT_ANN_THRESHOLD, IndexWriter, l2_normalize
 from ctsearch.index.params import AnnKind
 from ctsearch.jobs.runtime import node_id, shared_value, start_ray
-from ctsearch.model import load_encoder
 from ctsearch.store import EmbeddingDtype, content_hash, decode_pixels, file_fingerprint
 
 ID_COLUMNS = ("volume_id", "patient_id", "study_id", "series_id", "exam_date")
+SLAB_SLICES = 32  # slices per block leaving a reading task
 
 
 # ----------------------------------------------------------------------------- source -> volume tasks
@@ -108,23 +113,22 @@ def _task(r: dict, base: Path | None, id_salt: bytes | None = None) -> dict:
 
 def read_volume_rows(
     batch: dict[str, np.ndarray], known_ref, id_salt: bytes | None = None
-) -> dict[str, np.ndarray]:
-    """One volume task -> one row per axial slice (HU as int16 bytes), or one status row.
+) -> Iterator[dict[str, np.ndarray]]:
+    """Volume tasks -> slabs of rows, one row per axial slice (HU as int16 bytes), or one status row.
 
     Status rows (``status`` error | duplicate, ``n_rows`` 1) carry no pixels; every row
     carries the volume's ``n_rows`` so the driver knows when a volume, and its shard, is complete.
     With ``id_salt`` every row's ids are already hashed (ctsearch.ids).
     """
-    out: dict[str, list] = defaultdict(list)
     known = shared_value(known_ref)
     here = node_id()
     for i in range(len(batch["path"])):
-        task = {k: batch[k][i] for k in batch}
-        for row in _volume_rows(task, known, id_salt):
-            for k, v in row.items():
-                out[k].append(v)
-            out["read_node"].append(here)
-    return {k: np.asarray(v, dtype=object) if k in _OBJECT_COLS else np.asarray(v) for k, v in out.items()}
+        rows = _volume_rows({k: batch[k][i] for k in batch}, known, id_salt)
+        for a in range(0, len(rows), SLAB_SLICES):
+            slab = rows[a : a + SLAB_SLICES]
+            out = {k: [r[k] for r in slab] for k in slab[0]}
+            out["read_node"] = [here] * len(slab)
+            yield {k: np.asarray(v, dtype=object) if k in _OBJECT_COLS else np.asarray(v) for k, v in out.items()}
 
 
 _OBJECT_COLS = {
@@ -235,33 +239,39 @@ def _series_by_pseudonym(folder: str, pseudonym: str, salt: bytes | None) -> str
     raise CTSearchInputError(folder, f"no DICOM series with pseudonym {pseudonym} here (another salt?)")
 
 
-def preprocess(batch: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
-    """HU rows -> ``pixels`` float32 [n, 1, S, S] by ctsearch.preprocess.eval_transform (CPU stage).
+def preprocess(batch: dict[str, np.ndarray], config: dict, device: str = "cpu"):
+    """HU rows -> ``pixels`` [n, 1, S, S] by ctsearch.preprocess.eval_transform (zeros for status rows).
 
-    One grey channel travels to the model actor, which stacks the pseudo-RGB copies itself:
-    a third of the bytes through the object store (S = 224: 200 kB per slice instead of 600 kB).
+    One grey channel travels to the model, which stacks the pseudo-RGB copies itself: on the CPU
+    path a third of the bytes through the object store (S = 224: 200 kB per slice, not 600 kB).
+    Returns numpy on the CPU (a pipeline stage), a tensor on ``device`` otherwise (in the actor).
     """
+    import torch
+
     from ctsearch.preprocess import eval_transform_each
 
     cfg = ModelConfig.from_json(config)
-    pixels = np.zeros((len(batch["path"]), 1, cfg.image_size, cfg.image_size), np.float32)
+    pixels = torch.zeros((len(batch["path"]), 1, cfg.image_size, cfg.image_size), device=device)
     ok = np.flatnonzero(batch["status"] == "indexed")
     if len(ok):
         hus = [decode_pixels(batch["hu"][i], batch["height"][i], batch["width"][i]) for i in ok]
-        pixels[ok] = eval_transform_each(hus, cfg, channels=1).numpy()
+        pixels[torch.from_numpy(ok).to(device)] = eval_transform_each(hus, cfg, channels=1, device=device)
     out = {k: v for k, v in batch.items() if k != "hu"}
-    out["pixels"] = pixels
+    out["pixels"] = pixels.numpy() if device == "cpu" else pixels
     return out
 
 
 class Embedder:
-    """The encoder, once per actor: ``pixels`` -> ``embedding`` float32 [n, D], L2-normalised.
+    """The encoder, once per actor: ``pixels`` (or ``hu``, preprocessed here) -> ``embedding`` [n, D].
 
-    On a GPU: bf16 autocast and channels_last; on CPU: float32 with ``threads`` torch threads.
+    Embeddings are float32 and L2-normalised. On a GPU: bf16 autocast and channels_last; on CPU:
+    float32 with ``threads`` torch threads.
     """
 
     def __init__(self, model_dir: str, device: str = "cpu", threads: int | None = None):
         import torch
+
+        from ctsearch.model import load_encoder
 
         if device == "cpu" and threads:
             torch.set_num_threads(int(threads))
@@ -275,19 +285,21 @@ class Embedder:
 
         from ctsearch.preprocess import to_rgb
 
-        x = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
-        ok = torch.from_numpy(batch["status"] == "indexed")
+        if "hu" in batch:
+            batch = preprocess(batch, self.config.to_json(), self.device)
+        x = torch.as_tensor(batch["pixels"], device=self.device)
+        ok = torch.from_numpy(batch["status"] == "indexed").to(self.device)
         emb = np.zeros((len(x), self.config.embedding_dim), np.float32)
         if ok.any():
             with torch.inference_mode():
-                xs = to_rgb(x[ok].to(self.device))
+                xs = to_rgb(x[ok])
                 if self.device != "cpu":
                     xs = xs.contiguous(memory_format=torch.channels_last)
                     with torch.autocast("cuda", dtype=torch.bfloat16):
                         e = self.model(xs)
                 else:
                     e = self.model(xs)
-                emb[ok.numpy()] = l2_normalize(e.float().cpu().numpy())
+                emb[ok.cpu().numpy()] = l2_normalize(e.float().cpu().numpy())
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["embedding"] = emb
         out["embed_node"] = np.full(len(x), node_id(), dtype=object)
@@ -357,6 +369,8 @@ def index_source(
     """
     options = replace(options or IndexOptions(), **option_values)
     options.check()
+    from ctsearch.model import load_encoder
+
     _, config = load_encoder(model_dir)  # validates the model dir before any work
     with IndexWriter.open(
         out,
@@ -439,25 +453,20 @@ def _run_pipeline(
     known_ref = ray.put(writer.known_keys())
     device = "cuda" if gpus else "cpu"
     threads = options.threads or os.cpu_count() or 1
-    ds = (
-        ray.data.from_items(pending, override_num_blocks=len(pending))
-        .map_batches(
-            read_volume_rows, batch_size=1, fn_kwargs={"known_ref": known_ref, "id_salt": id_salt}, num_cpus=1
-        )
-        .map_batches(preprocess, batch_size=batch_size, fn_kwargs={"config": config.to_json()}, num_cpus=1)
-        .map_batches(
-            Embedder,
-            batch_size=batch_size,
-            fn_constructor_kwargs={
-                "model_dir": str(writer.root / "model"),
-                "device": device,
-                "threads": threads,
-            },
-            compute=ray.data.ActorPoolStrategy(size=max(1, gpus)),
-            num_gpus=1 if gpus else 0,
-            num_cpus=1,
-            memory=model_memory_bytes(config, batch_size),
-        )
+    ds = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
+        read_volume_rows, batch_size=1, fn_kwargs={"known_ref": known_ref, "id_salt": id_salt}, num_cpus=1
+    )
+    if not gpus:  # a GPU actor preprocesses on its device; a CPU model leaves it to these tasks
+        ds = ds.map_batches(preprocess, batch_size=batch_size, fn_kwargs={"config": config.to_json()}, num_cpus=1)
+    ds = ds.map_batches(
+        Embedder,
+        batch_size=batch_size,
+        fn_constructor_kwargs={"model_dir": str(writer.root / "model"), "device": device, "threads": threads},
+        # Batches queued at each actor: it starts the next as soon as one ends.
+        compute=ray.data.ActorPoolStrategy(size=max(1, gpus), max_tasks_in_flight_per_actor=4),
+        num_gpus=1 if gpus else 0,
+        num_cpus=1,
+        memory=model_memory_bytes(config, batch_size),
     )
     by_shard: dict[int, list[dict]] = defaultdict(list)  # shard -> batches of rows
     remaining = defaultdict(int)  # shard -> volumes not yet complete

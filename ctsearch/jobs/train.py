@@ -36,7 +36,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from ctsearch.backbones import BACKBONES
+from ctsearch.backbones import TRAINABLE
 from ctsearch.config import RUN_CONFIG, ModelConfig, Views
 from ctsearch.errors import CTSearchInputError
 from ctsearch.hu import Rescale
@@ -122,7 +122,7 @@ class TrainOptions:
 def check_options(o: TrainOptions) -> None:
     """Reject impossible combinations with one-line messages before any work starts."""
     choices = {
-        "backbone": sorted(BACKBONES),
+        "backbone": sorted(TRAINABLE),
         "views": list(get_args(Views)),
         "rescale": list(get_args(Rescale)),
         "jitter": ["paper", "reference"],
