@@ -37,6 +37,11 @@ def phantom_slices(n: int, size: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+def min_corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest Pearson correlation between corresponding maps of [n, S, S] stacks."""
+    return float(min(np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in zip(a, b)))
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -65,6 +70,11 @@ def main() -> None:
         default=None,
         help="relax() forward batch, all slices together (default 100 cpu, 1024 cuda)",
     )
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        help="relax()'s arithmetic: auto | float32 | bf16 (the reference stays float32)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per method; the fastest counts")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
@@ -90,13 +100,13 @@ def main() -> None:
     masks = make_masks(n_masks, size, seed=1).to(a.device)
 
     # Warm-up (oneDNN / cuDNN plan selection) on a few masks, untimed.
-    relax(enc, x, masks=masks[:64], batch_size=bs)
+    relax(enc, x, masks=masks[:64], batch_size=bs, precision=a.precision)
     relax_per_mask(enc, x[0], masks[:64])
 
     t_ours, t_ref = [], []
     ours = ref = None
     for _ in range(a.repeats):  # interleaved: a shared machine's load hits both alike
-        dt, ours = timed(lambda: relax(enc, x, masks=masks, batch_size=bs), a.device)
+        dt, ours = timed(lambda: relax(enc, x, masks=masks, batch_size=bs, precision=a.precision), a.device)
         t_ours.append(dt)
         dt, ref = timed(lambda: [relax_per_mask(enc, x[i], masks) for i in range(n_img)], a.device)
         t_ref.append(dt)
@@ -145,6 +155,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch_threads": torch.get_num_threads(),
         "backbone": backbone,
+        "precision": a.precision,
         "image_px": size,
         "masks": n_masks,
         "images": n_img,
@@ -156,6 +167,11 @@ def main() -> None:
         "speedup": tr / to,
         "max_abs_diff_importance": float(np.abs(ours.importance - imp_ref).max()),
         "max_abs_diff_uncertainty": float(np.abs(ours.uncertainty - unc_ref).max()),
+        # Agreement with the float32 reference, per slice: what bf16 may change.
+        "min_correlation_importance": min_corr(ours.importance, imp_ref),
+        "max_diff_over_range_importance": float(
+            max(np.abs(o - r).max() / np.ptp(r) for o, r in zip(ours.importance, imp_ref))
+        ),
         "plain_forward_s_per_explanation": t_fwd / n_img,
         "update_per_mask_loop_s_per_explanation": t_upd_loop / n_img,
         "update_batched_s_per_explanation": t_upd_ours / n_img,
@@ -166,7 +182,7 @@ def main() -> None:
         return
     print(
         f"device {res['device']} ({res['torch_threads']} threads), {backbone} at {size} px, "
-        f"{n_masks} masks, {n_img} slices, relax batch {bs}"
+        f"{n_masks} masks, {n_img} slices, relax batch {bs}, relax() precision {a.precision}"
     )
     print(
         f"relax():             {res['relax_s_per_explanation']:.4f} s/explanation  "
@@ -179,7 +195,8 @@ def main() -> None:
     print(f"speedup:             {res['speedup']:.2f}x")
     print(
         f"max |diff| maps:     importance {res['max_abs_diff_importance']:.2e}, "
-        f"uncertainty {res['max_abs_diff_uncertainty']:.2e}"
+        f"uncertainty {res['max_abs_diff_uncertainty']:.2e}; importance: min correlation "
+        f"{res['min_correlation_importance']:.5f}, max |diff| / range {res['max_diff_over_range_importance']:.2e}"
     )
     print(
         f"breakdown per explanation: plain forward {res['plain_forward_s_per_explanation']:.4f} s, "

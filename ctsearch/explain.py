@@ -45,6 +45,7 @@ class ExplainOptions:
     seed: int = 0
     tolerance: float | None = None
     check_every: int = 300
+    precision: str = "auto"  # ctsearch.relax.PRECISIONS: auto = bf16 on CUDA, float32 on a CPU
     slices_per_call: int = 4
     keep_maps: bool = True
     render_png: bool = True
@@ -62,6 +63,12 @@ class ExplainOptions:
             )
         if self.tolerance is not None and self.tolerance <= 0:
             raise CTSearchInputError(None, "--tolerance must be positive")
+        from ctsearch.relax import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise CTSearchInputError(
+                None, f"--precision must be one of {list(PRECISIONS)}, got {self.precision!r}"
+            )
 
     def relax_kwargs(self, device: str) -> dict:
         """The keyword arguments of ``ctsearch.relax.relax`` these options stand for, on ``device``."""
@@ -73,6 +80,7 @@ class ExplainOptions:
             "seed": self.seed,
             "tolerance": self.tolerance,
             "check_every": self.check_every,
+            "precision": self.precision,
         }
 
 

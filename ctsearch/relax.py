@@ -25,11 +25,14 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ctsearch.errors import CTSearchInputError
 
 # Initial sum of weights in the reference's running mean; keeps never-covered pixels at R = 0.
 _W0 = 1e-10
@@ -117,16 +120,40 @@ def _device_of(encoder: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _embed(encoder: nn.Module, x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
-    """Representations in float32; bf16 autocast on CUDA.
+Precision = Literal["auto", "float32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` -> bf16 on CUDA, float32 on a CPU; bf16 on a CPU only where it has bf16 instructions.
+
+    On a CPU bf16 is opt-in: the maps move by about 1 % of their range (docs/benchmarks.md, RELAX).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    cuda = torch.device(device).type == "cuda"
+    if precision == "auto":
+        return "bf16" if cuda else "float32"
+    if precision == "bf16" and not cuda and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise CTSearchInputError(
+            None,
+            "--precision bf16 needs a CPU with bf16 instructions (avx512_bf16 or AMX); this one has none",
+        )
+    return precision
+
+
+def _embed(
+    encoder: nn.Module, x: torch.Tensor, channels_last: bool = True, precision: str = "auto"
+) -> torch.Tensor:
+    """Representations in float32, computed in ``precision`` (bf16 through autocast).
 
     channels_last input lets oneDNN (CPU) and cuDNN (GPU) pick their fast NHWC convolutions
     (about 1.5-2x on CPU for these ResNets) without touching the caller's encoder weights.
     """
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    if x.device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    if resolve_precision(precision, x.device) == "bf16":
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
             return encoder(x).float()
     return encoder(x).float()
 
@@ -144,6 +171,7 @@ def relax(
     tolerance: float | None = None,
     check_every: int = 300,
     target: torch.Tensor | None = None,
+    precision: Precision = "auto",
 ) -> RelaxResult:
     """Importance and uncertainty maps of ``encoder``'s representation of ``image``.
 
@@ -159,6 +187,8 @@ def relax(
             value range between two checks ``check_every`` masks apart; ``masks_used`` says how many.
         target: [D] or [n, D] representation to compare the masked image with instead of the
             image's own (pair explanations: target = the retrieved slice's representation).
+        precision: the encoder's arithmetic: ``auto`` (bf16 on CUDA, float32 on a CPU), ``float32``
+            or ``bf16`` (on a CPU: about 2x faster where it has bf16 instructions, maps within ~1 %).
 
     Returns:
         RelaxResult with importance and uncertainty [S, S] (or [n, S, S]) and masks_used.
@@ -168,6 +198,7 @@ def relax(
     if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != x.shape[3]:
         raise ValueError(f"image must be [3, S, S] or [n, 3, S, S], got {tuple(image.shape)}")
     device = _device_of(encoder)
+    precision = resolve_precision(precision, device)
     x = x.to(device, torch.float32)
     n, size = x.shape[0], x.shape[-1]
 
@@ -182,7 +213,7 @@ def relax(
         get_masks = lambda a, b: sampler.sample(a, b, device)  # noqa: E731
 
     if target is None:
-        h = _embed(encoder, x)
+        h = _embed(encoder, x, precision=precision)
     else:
         h = torch.as_tensor(target, device=device).float()
         h = h[None] if h.ndim == 1 else h
@@ -198,7 +229,7 @@ def relax(
         stop = min(used + per_pass, total)
         m = get_masks(used, stop)  # [b, S, S]
         xm = (x[:, None] * m[None, :, None]).reshape(-1, 3, size, size)  # [n*b, 3, S, S], image-major
-        hm = _embed(encoder, xm).reshape(n, stop - used, -1)
+        hm = _embed(encoder, xm, precision=precision).reshape(n, stop - used, -1)
         sims = F.cosine_similarity(h[:, None, :], hm, dim=-1)  # [n, b]
         acc.add(sims, m)
         used = stop

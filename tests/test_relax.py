@@ -135,3 +135,21 @@ def test_bad_shapes(tiny):
         relax(tiny, torch.rand(1, S, S), num_masks=4)
     with pytest.raises(ValueError):
         relax(tiny, torch.rand(3, S, S), masks=torch.rand(4, S + 1, S + 1))
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 instructions")
+def test_bf16_on_the_cpu_agrees_with_float32(tiny):
+    """The opt-in CPU bf16 path: the same maps to within what bf16 arithmetic allows (corr >= 0.99)."""
+    x = torch.rand(2, 3, S, S)
+    f32 = relax(tiny, x, num_masks=400, batch_size=100, seed=0, precision="float32")
+    bf16 = relax(tiny, x, num_masks=400, batch_size=100, seed=0, precision="bf16")
+    assert not np.array_equal(f32.importance, bf16.importance)  # bf16 was really used
+    for a, b in zip(f32.importance, bf16.importance):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.99
+    auto = relax(tiny, x, num_masks=400, batch_size=100, seed=0)
+    np.testing.assert_array_equal(auto.importance, f32.importance)  # auto is float32 on a CPU
+
+
+def test_unknown_precision_is_refused(tiny):
+    with pytest.raises(ValueError, match="precision"):
+        relax(tiny, torch.rand(3, S, S), num_masks=8, precision="fp8")

@@ -305,7 +305,7 @@ def _claim_folder(out: Path, dataset: Path, model_dir, options: ExplainOptions) 
     maps = {
         k: v
         for k, v in asdict(options).items()
-        if k in ("num_masks", "grid", "p", "seed", "tolerance", "check_every", "keep_maps")
+        if k in ("num_masks", "grid", "p", "seed", "tolerance", "check_every", "precision", "keep_maps")
     }
     # The dataset's content, not only its path: a re-run `prepare` may choose other slices.
     run = {

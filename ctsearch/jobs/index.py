@@ -128,7 +128,9 @@ def read_volume_rows(
             slab = rows[a : a + SLAB_SLICES]
             out = {k: [r[k] for r in slab] for k in slab[0]}
             out["read_node"] = [here] * len(slab)
-            yield {k: np.asarray(v, dtype=object) if k in _OBJECT_COLS else np.asarray(v) for k, v in out.items()}
+            yield {
+                k: np.asarray(v, dtype=object) if k in _OBJECT_COLS else np.asarray(v) for k, v in out.items()
+            }
 
 
 _OBJECT_COLS = {
@@ -457,7 +459,9 @@ def _run_pipeline(
         read_volume_rows, batch_size=1, fn_kwargs={"known_ref": known_ref, "id_salt": id_salt}, num_cpus=1
     )
     if not gpus:  # a GPU actor preprocesses on its device; a CPU model leaves it to these tasks
-        ds = ds.map_batches(preprocess, batch_size=batch_size, fn_kwargs={"config": config.to_json()}, num_cpus=1)
+        ds = ds.map_batches(
+            preprocess, batch_size=batch_size, fn_kwargs={"config": config.to_json()}, num_cpus=1
+        )
     ds = ds.map_batches(
         Embedder,
         batch_size=batch_size,
