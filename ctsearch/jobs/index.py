@@ -44,7 +44,7 @@ from ctsearch.ids import check_same_salt, is_pseudonym, pseudonymise, pseudonymi
 from ctsearch.index import DEFAULT_ANN_THRESHOLD, IndexWriter, l2_normalize
 from ctsearch.index.params import AnnKind
 from ctsearch.jobs.runtime import node_id, shared_value, start_ray
-from ctsearch.store import EmbeddingDtype, content_hash, decode_pixels, file_fingerprint
+from ctsearch.store import EmbeddingDtype, content_hash, file_fingerprint
 
 ID_COLUMNS = ("volume_id", "patient_id", "study_id", "series_id", "exam_date")
 SLAB_SLICES = 32  # slices per block leaving a reading task
@@ -250,14 +250,20 @@ def preprocess(batch: dict[str, np.ndarray], config: dict, device: str = "cpu"):
     """
     import torch
 
-    from ctsearch.preprocess import eval_transform_each
+    from ctsearch.preprocess import eval_transform
 
     cfg = ModelConfig.from_json(config)
     pixels = torch.zeros((len(batch["path"]), 1, cfg.image_size, cfg.image_size), device=device)
-    ok = np.flatnonzero(batch["status"] == "indexed")
-    if len(ok):
-        hus = [decode_pixels(batch["hu"][i], batch["height"][i], batch["width"][i]) for i in ok]
-        pixels[torch.from_numpy(ok).to(device)] = eval_transform_each(hus, cfg, channels=1, device=device)
+    ok = batch["status"] == "indexed"
+    shapes = np.stack([batch["height"], batch["width"]], axis=1)
+    for h, w in {tuple(hw) for hw in shapes[ok]}:
+        rows = np.flatnonzero(ok & (shapes[:, 0] == h) & (shapes[:, 1] == w))
+        # One copy of a same-sized group's bytes, then one window + resize for the whole group.
+        hu = np.empty((len(rows), h, w), np.int16)
+        for j, r in enumerate(rows):
+            hu[j] = np.frombuffer(batch["hu"][r], dtype="<i2").reshape(h, w)
+        hu = torch.from_numpy(hu).to(device, non_blocking=True)
+        pixels[torch.from_numpy(rows).to(device)] = eval_transform(hu, cfg, channels=1)
     out = {k: v for k, v in batch.items() if k != "hu"}
     out["pixels"] = pixels.numpy() if device == "cpu" else pixels
     return out
