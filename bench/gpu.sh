@@ -1,36 +1,65 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a lent H100/H200 machine (results: docs/benchmarks.md).
-#   bash bench/gpu.sh OUT_DIR
-# Needs python3 with a CUDA torch and ctsearch's dependencies importable; the repo root goes on
-# PYTHONPATH here. Each step has its own time limit and log (OUT_DIR/<step>.log); a failing step
-# does not stop the others. The limits add up to 580 s, inside one 10-minute device call.
+#   bash bench/gpu.sh OUT_DIR [STEP...]      STEP: index relax train search e2e (default: all)
+# Needs python3 with a CUDA torch. ctsearch's other dependencies come from .whl/ when python3
+# cannot import ray (bench/gpu_wheels.sh fills it on a machine with a package registry); nothing
+# is fetched from the internet. Each step has its own time limit and log (OUT_DIR/<step>.log); a
+# failing step does not stop the others. All steps take ~11 minutes: run them as two calls
+# (index relax | train search e2e) where one call may take at most 10 minutes.
 set -u
 out=${1:-gpu-out}
+shift || true
+steps=${*:-index relax train search e2e}
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-work=$(mktemp -d)
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import ray, nibabel, pydicom, faiss" 2>/dev/null; then
+    if [ ! -d /tmp/site/ray ]; then
+        echo "=== installing .whl/ into /tmp/site"
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+    fi
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+work=${GPU_WORK:-/tmp/ctsearch-gpu}
+mkdir -p "$work"
 
 step() {  # step NAME SECONDS CMD...
     local name=$1 limit=$2; shift 2
     echo "=== $name (limit ${limit}s): $*"
     local t0=$SECONDS
-    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    timeout "$limit" "$@" >>"$out/$name.log" 2>&1
     local rc=$?
-    tail -n 30 "$out/$name.log"
+    grep -v "Warning\|warn(" "$out/$name.log" | tail -n 14
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
 }
 
 nvidia-smi -L
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-step train 130 python3 bench/train.py --device cuda
-step relax 50 python3 bench/relax.py --device cuda
-step search 180 python3 bench/search.py --device cuda --sizes 1000000 --queries 100 --baseline-queries 1
-step index 80 python3 bench/index.py --device cuda --backbone resnet50 --volumes 8 --size 256
-step e2e 140 bash -c "set -ex
-  python3 -m ctsearch synth $work/a --volumes 6 --size 128 --format nifti --quiet
-  python3 -m ctsearch prepare $work/a/nifti $work/p --protocol decathlon --train-volumes 4 --quiet
-  python3 -m ctsearch train $work/p $work/r --backbone resnet50 --image-size 128 --init random --epochs 2 \
-      --batch-size 16 --eval-every 1 --workers 1 --gpus-per-worker 1 --json
-  python3 -m ctsearch index $work/a/nifti --model $work/r --out $work/i --gpus 1 --json
-  python3 -m ctsearch search $work/i liver_0:20 -k 3 --device cuda --json
-  python3 -m ctsearch evaluate $work/p --model $work/r --gpus 1 --relax-masks 300 --json"
+python3 -c "import torch, ray; print('torch', torch.__version__, torch.cuda.get_device_name(), '| ray', ray.__version__)"
+for s in $steps; do
+    case $s in
+    index)
+        # The GPU pipeline against min(bare model, cores x decode), then the null encoder on the
+        # same archive: the pipeline against the node's 16 decoding cores alone.
+        step index 230 python3 bench/index.py --device cuda --backbone resnet50 --volumes 96 --distinct 4 \
+            --size 512 --batch-size 256 --archive "$work/arc"
+        step index 120 python3 bench/index.py --backbone null --volumes 96 --size 512 --batch-size 256 \
+            --num-cpus "$(($(nproc) + 1))" --archive "$work/arc" ;;
+    relax)
+        step relax 70 python3 bench/relax.py --device cuda --repeats 2
+        step relax 110 python3 bench/relax.py --device cuda --repeats 2 --compile ;;
+    train)
+        step train 150 python3 bench/train.py --device cuda ;;
+    search)
+        step search 90 python3 bench/search.py --device cuda --sizes 300000 --queries 100 --baseline-queries 1 ;;
+    e2e)
+        step e2e 140 bash -c "set -ex; w=$work/e2e; rm -rf \$w
+          python3 -m ctsearch synth \$w/a --volumes 6 --size 128 --format nifti --quiet
+          python3 -m ctsearch prepare \$w/a/nifti \$w/p --protocol decathlon --train-volumes 4 --quiet
+          python3 -m ctsearch train \$w/p \$w/r --backbone resnet50 --image-size 128 --init random --epochs 2 \
+              --batch-size 16 --eval-every 1 --workers 1 --gpus-per-worker 1 --json
+          python3 -m ctsearch index \$w/a/nifti --model \$w/r --out \$w/i --gpus 1 --json
+          python3 -m ctsearch search \$w/i liver_0:20 -k 3 --device cuda --json
+          python3 -m ctsearch evaluate \$w/p --model \$w/r --gpus 1 --relax-masks 300 --json" ;;
+    *) echo "unknown step $s" ;;
+    esac
+done

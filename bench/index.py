@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs given to Ray (default: all cores)")
+    ap.add_argument("--archive", type=Path, default=None, help="keep the archive here and reuse it next time")
     args = ap.parse_args()
     torch.manual_seed(0)
     gpus = 1 if args.device == "cuda" else 0
@@ -124,16 +125,23 @@ def main() -> None:
     decode_cores = max(1, ray_cpus - 1)  # the embedding actor holds one
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        t0 = time.perf_counter()
-        paths = make_archive(tmp, args.volumes, min(args.distinct, args.volumes), args.size)
-        print(f"archive: {len(paths)} volumes of {args.size} px written in {time.perf_counter() - t0:.0f} s")
+        arc = args.archive or tmp / "archive"
+        paths = sorted((arc / "flat").glob("*.nii.gz"))
+        if len(paths) != args.volumes:
+            shutil.rmtree(arc, ignore_errors=True)
+            arc.mkdir(parents=True)
+            t0 = time.perf_counter()
+            paths = make_archive(arc, args.volumes, min(args.distinct, args.volumes), args.size)
+            print(
+                f"archive: {len(paths)} volumes of {args.size} px written in {time.perf_counter() - t0:.0f} s"
+            )
         cfg = ModelConfig(backbone=args.backbone, image_size=args.image_size)
         save_encoder(build_encoder(cfg), cfg, tmp / "model")
         read_rate, decode_rate = decode_one_core(paths[: min(len(paths), 4)], cfg, with_preprocess=not gpus)
         ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         ray.data.DataContext.get_current().enable_progress_bars = False
         t0 = time.perf_counter()
-        s = index_source(tmp / "flat", tmp / "model", tmp / "idx", gpus=gpus, batch_size=args.batch_size)
+        s = index_source(arc / "flat", tmp / "model", tmp / "idx", gpus=gpus, batch_size=args.batch_size)
         wall = time.perf_counter() - t0
         pipe = s.rows_added / wall
         ray.shutdown()
