@@ -74,6 +74,16 @@ def test_explain_needs_query_or_model(tmp_path):
     assert r.exit_code == 1 and "QUERY" in r.output
 
 
+def test_a_bad_precision_is_one_line_and_writes_nothing(slice_dataset, model_dir, tmp_path):
+    out = tmp_path / "expl"
+    r = CliRunner().invoke(
+        app,
+        ["explain", str(slice_dataset), "--model", str(model_dir), "--out", str(out), "--precision", "fp8"],
+    )
+    assert r.exit_code == 1 and "--precision must be one of" in r.output and "Traceback" not in r.output
+    assert not out.exists()
+
+
 def test_explain_query_and_top_k(synth_archive, model_dir, ray_session, tmp_path):
     from ctsearch.jobs.index import index_source
 

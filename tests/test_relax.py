@@ -137,7 +137,9 @@ def test_bad_shapes(tiny):
         relax(tiny, torch.rand(3, S, S), masks=torch.rand(4, S + 1, S + 1))
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 instructions")
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 instructions"
+)
 def test_bf16_on_the_cpu_agrees_with_float32(tiny):
     """The opt-in CPU bf16 path: the same maps to within what bf16 arithmetic allows (corr >= 0.99)."""
     x = torch.rand(2, 3, S, S)
