@@ -29,6 +29,7 @@ content hash) differ but decoding it costs the same.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import tempfile
@@ -117,6 +118,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs given to Ray (default: all cores)")
+    ap.add_argument(
+        "--stats", action="store_true", help="print Ray Data's per-stage statistics of the pipeline"
+    )
     ap.add_argument("--archive", type=Path, default=None, help="keep the archive here and reuse it next time")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -140,9 +144,26 @@ def main() -> None:
         read_rate, decode_rate = decode_one_core(paths[: min(len(paths), 4)], cfg, with_preprocess=not gpus)
         ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         ray.data.DataContext.get_current().enable_progress_bars = False
+        if args.stats:
+            logging.basicConfig()
+            logging.getLogger("ctsearch.jobs.index").setLevel(logging.DEBUG)
+        done_at: list[float] = []
         t0 = time.perf_counter()
-        s = index_source(arc / "flat", tmp / "model", tmp / "idx", gpus=gpus, batch_size=args.batch_size)
+        s = index_source(
+            arc / "flat",
+            tmp / "model",
+            tmp / "idx",
+            gpus=gpus,
+            batch_size=args.batch_size,
+            on_volume=lambda done, total: done_at.append(time.perf_counter()),
+        )
         wall = time.perf_counter() - t0
+        # Start-up (Ray Data planning, workers, the model actor) until the first volume is embedded,
+        # then the steady rate over the remaining volumes (all volumes have about the same size).
+        first, last = done_at[0] - t0, done_at[-1] - done_at[0]
+        steady = (
+            s.rows_added * (len(done_at) - 1) / len(done_at) / last if len(done_at) > 1 and last > 0 else 0.0
+        )
         pipe = s.rows_added / wall
         ray.shutdown()
         bare = bare_model(tmp / "model", s.rows_added, args.batch_size, args.device)
@@ -158,6 +179,7 @@ def main() -> None:
     print(
         f"pipeline            {pipe:9.1f} slices/s   (end to end: Ray start of the dataset, parquet + FAISS)"
     )
+    print(f"  of which          {first:9.1f} s to the first volume, then {steady:.1f} slices/s (steady)")
     feed = decode_cores * decode_rate
     if args.backbone == "null" or gpus:
         limit = feed if args.backbone == "null" else min(bare, feed)

@@ -42,7 +42,9 @@ def index_cmd(
     gpus: int = typer.Option(
         0, help="GPUs to embed on, one model per GPU (bf16, channels_last); 0: one model on the CPU."
     ),
-    batch_size: int = typer.Option(64, help="Slices per model batch."),
+    batch_size: Optional[int] = typer.Option(
+        None, help="Slices per model batch (default 64 on CPU, 256 per GPU: an H100/H200 needs big batches)."
+    ),
     dtype: str = typer.Option(
         "float32", help="Stored embedding type: float32, or float16 to halve the files."
     ),

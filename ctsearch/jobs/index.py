@@ -2,8 +2,8 @@
 
 The pipeline follows Ray's batch-inference guide, one stage per resource:
 
-    volume paths --map_batches(read_volume_rows)--> slabs of slices (HU int16)       CPU tasks
-                 --map_batches(preprocess)-------> eval_transform pixels, 1 channel  CPU tasks (CPU model only)
+    volume paths --map_batches(read_volume_rows)--> slabs of slices: HU int16, or    CPU tasks, one per volume
+                                                    eval_transform pixels (CPU model)
                  --map_batches(Embedder)---------> L2-normalised embeddings         actor pool (1 model / GPU)
                  --iter_batches (driver)---------> shard complete? write + commit   driver
 
@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
@@ -48,6 +49,7 @@ from ctsearch.store import EmbeddingDtype, content_hash, file_fingerprint
 
 ID_COLUMNS = ("volume_id", "patient_id", "study_id", "series_id", "exam_date")
 SLAB_SLICES = 32  # slices per block leaving a reading task
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- source -> volume tasks
@@ -112,13 +114,14 @@ def _task(r: dict, base: Path | None, id_salt: bytes | None = None) -> dict:
 
 
 def read_volume_rows(
-    batch: dict[str, np.ndarray], known_ref, id_salt: bytes | None = None
+    batch: dict[str, np.ndarray], known_ref, id_salt: bytes | None = None, config: dict | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
     """Volume tasks -> slabs of rows, one row per axial slice (HU as int16 bytes), or one status row.
 
     Status rows (``status`` error | duplicate, ``n_rows`` 1) carry no pixels; every row
     carries the volume's ``n_rows`` so the driver knows when a volume, and its shard, is complete.
-    With ``id_salt`` every row's ids are already hashed (ctsearch.ids).
+    With ``id_salt`` every row's ids are already hashed (ctsearch.ids). With a model ``config``
+    each slab is preprocessed here (``pixels`` instead of ``hu``): the CPU model's path.
     """
     known = shared_value(known_ref)
     here = node_id()
@@ -128,9 +131,10 @@ def read_volume_rows(
             slab = rows[a : a + SLAB_SLICES]
             out = {k: [r[k] for r in slab] for k in slab[0]}
             out["read_node"] = [here] * len(slab)
-            yield {
+            cols = {
                 k: np.asarray(v, dtype=object) if k in _OBJECT_COLS else np.asarray(v) for k, v in out.items()
             }
+            yield cols if config is None else preprocess(cols, config)
 
 
 _OBJECT_COLS = {
@@ -322,7 +326,7 @@ class IndexOptions:
     """What ``ctsearch index`` builds (docs/scaling.md); how it runs (address, progress) is separate."""
 
     gpus: int = 0  # GPUs to embed on, one model each; 0: one model on the CPU
-    batch_size: int = 64  # slices per model batch
+    batch_size: int | None = None  # slices per model batch; None: 64 on CPU, 256 on a GPU
     dtype: EmbeddingDtype = "float32"  # stored embeddings; float16 halves the files
     ann_threshold: int = DEFAULT_ANN_THRESHOLD  # vectors from which a shard gets an ANN index
     ann: AnnKind = "ivfpq"  # ANN kind at or above the threshold
@@ -330,7 +334,7 @@ class IndexOptions:
     threads: int | None = None  # torch threads of the CPU model (None: all cores)
 
     def check(self) -> None:
-        if self.shard_volumes < 1 or self.batch_size < 1:
+        if self.shard_volumes < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise CTSearchInputError(None, "--shard-volumes and --batch-size must be >= 1")
 
 
@@ -454,20 +458,23 @@ def _run_pipeline(
     id_salt: bytes | None,
 ) -> None:
     start_ray(address)
-    gpus, batch_size, shard_volumes = options.gpus, options.batch_size, options.shard_volumes
+    gpus, shard_volumes = options.gpus, options.shard_volumes
+    batch_size = options.batch_size or (256 if gpus else 64)
     for j, t in enumerate(pending):
         t["order"], t["shard"] = j, j // shard_volumes
     n_shards = (len(pending) + shard_volumes - 1) // shard_volumes
     known_ref = ray.put(writer.known_keys())
     device = "cuda" if gpus else "cpu"
     threads = options.threads or os.cpu_count() or 1
+    # One task per volume. Preprocessing is part of the task for a CPU model; a GPU actor does it
+    # on its device. (A separate preprocess stage would be fused with reading and take its batch
+    # size: 64 volumes per task, one core reading a whole archive.)
     ds = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
-        read_volume_rows, batch_size=1, fn_kwargs={"known_ref": known_ref, "id_salt": id_salt}, num_cpus=1
+        read_volume_rows,
+        batch_size=1,
+        fn_kwargs={"known_ref": known_ref, "id_salt": id_salt, "config": None if gpus else config.to_json()},
+        num_cpus=1,
     )
-    if not gpus:  # a GPU actor preprocesses on its device; a CPU model leaves it to these tasks
-        ds = ds.map_batches(
-            preprocess, batch_size=batch_size, fn_kwargs={"config": config.to_json()}, num_cpus=1
-        )
     ds = ds.map_batches(
         Embedder,
         batch_size=batch_size,
@@ -500,6 +507,8 @@ def _run_pipeline(
                         on_volume(done, len(pending))
             if remaining[shard] == 0:
                 _commit(writer, by_shard.pop(shard), summary)
+    if log.isEnabledFor(logging.DEBUG):  # where the time went, stage by stage (bench/index.py --stats)
+        log.debug("%s", ds.stats())
     if any(remaining.values()) or by_shard:
         raise RuntimeError(
             f"pipeline ended with {sum(remaining.values())} volumes incomplete (of {n_shards} shards)"
