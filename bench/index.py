@@ -85,6 +85,7 @@ def decode_one_core(paths: list[Path], config: ModelConfig, with_preprocess: boo
 def bare_model(model_dir: Path, n: int, batch_size: int, device: str) -> float:
     """slices/s of the encoder alone on ready 3-channel batches (bf16 + channels_last on a GPU)."""
     model, config = load_encoder(model_dir, device=device)
+    torch.backends.cudnn.benchmark = device != "cpu"  # as the embedding actor does
     S = config.image_size
     x = to_rgb(torch.rand(batch_size, 1, S, S)).to(device)
     if device != "cpu":

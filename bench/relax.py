@@ -88,6 +88,7 @@ def main() -> None:
     n_img = a.images or (8 if cuda else 4)
     bs = a.batch_size or (1024 if cuda else 100)
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = cuda  # as the explain job's actors do
 
     cfg = ModelConfig(backbone=backbone, image_size=size)
     enc = build_encoder(cfg).eval()

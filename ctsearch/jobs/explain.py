@@ -83,6 +83,8 @@ class Explainer:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # RELAX runs thousands of same-shaped batches: let cuDNN time its algorithms once.
+        torch.backends.cudnn.benchmark = self.device == "cuda"
         self.encoder, self.config = encoder_spec.load(self.device)
         self.opts = ExplainOptions(**options)
         self.relax_kwargs = self.opts.relax_kwargs(self.device)

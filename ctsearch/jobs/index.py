@@ -288,6 +288,8 @@ class Embedder:
         if device == "cpu" and threads:
             torch.set_num_threads(int(threads))
         self.device = device
+        # Every batch has the same shape but the last: let cuDNN time its algorithms once.
+        torch.backends.cudnn.benchmark = device != "cpu"
         self.model, self.config = load_encoder(model_dir, device=device)
         if device != "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
