@@ -86,6 +86,8 @@ class Explainer:
         # RELAX runs thousands of same-shaped batches: let cuDNN time its algorithms once.
         torch.backends.cudnn.benchmark = self.device == "cuda"
         self.encoder, self.config = encoder_spec.load(self.device)
+        if self.device == "cuda":  # NHWC weights beside relax()'s NHWC inputs: no layout conversions
+            self.encoder = self.encoder.to(memory_format=torch.channels_last)
         self.opts = ExplainOptions(**options)
         self.relax_kwargs = self.opts.relax_kwargs(self.device)
 
