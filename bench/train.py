@@ -139,7 +139,7 @@ def step_rate(args, batch: int, device: str) -> float:
     sync()
     steps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < args.seconds or steps < 3:
-        train_step(model, opt, x1, x2, autocast)
+        train_step(model, opt, x1, x2, autocast, sync=False)  # no host sync per step, as the Ray worker
         steps += 1
     sync()
     return steps * batch / (time.perf_counter() - t0)
@@ -147,14 +147,14 @@ def step_rate(args, batch: int, device: str) -> float:
 
 def views_rate(args, batch: int, device: str | None) -> float:
     """Slices/s of making both views alone (no model): torchvision on one CPU thread (device None,
-    at most 32 slices a call) or ctsearch.device_views on ``device`` with the HU batch already there."""
+    at most 8 slices a call) or ctsearch.device_views on ``device`` with the HU batch already there."""
     from ctsearch.device_views import BatchedTwoViews
     from ctsearch.model import ModelConfig
     from ctsearch.views import TwoViews
 
     torch.set_num_threads(args.threads)
     cfg = ModelConfig(backbone=args.backbone, image_size=args.image_size)
-    n = batch if device else min(batch, 32)
+    n = batch if device else min(batch, 8)
     hu = np.random.default_rng(0).integers(-300, 400, (n, args.slice_size, args.slice_size)).astype(np.int16)
     if device:
         views, x = BatchedTwoViews(cfg), torch.from_numpy(hu).to(device)
@@ -230,6 +230,8 @@ def main() -> None:
         row["step"] = round(step_rate(args, batch, args.device), 1)
         row["views_alone_torchvision_1_thread"] = round(views_rate(args, batch, None), 1)
         row["views_alone_device"] = round(views_rate(args, batch, args.device), 1)
+        if cuda:
+            torch.cuda.empty_cache()  # give the Ray worker the memory this process cached
         print(json.dumps({**result, **row}), flush=True)
         for name, choice, slices in (("cpu", "cpu", cpu_slices), ("device", device_views, dev_slices)):
             if name not in views:

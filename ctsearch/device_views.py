@@ -21,9 +21,10 @@ batch moves to the device as int16 and every step runs on the whole batch:
 
 Agreement with torchvision for the same parameters (tests/test_views_device.py): flip,
 grayscale, brightness and the crop boxes exactly; the resize within 2e-6, the jitter within
-5e-6 and the whole pipeline within 1e-5 (float32 rounding of the matmul and of the blends). On pseudo-RGB slices
-(three equal channels) saturation, hue and grayscale change nothing but the 1e-4 of grey-weight
-rounding torchvision has too; they are implemented for general RGB and tested on colour images.
+5e-6 and the whole pipeline within 1e-5 (float32 rounding of the matmul and of the blends).
+On pseudo-RGB slices (three equal channels) saturation, hue and grayscale change nothing but
+the 1e-4 of grey-weight rounding that torchvision has too (0.2989 + 0.587 + 0.114 = 0.9999);
+they are implemented for general RGB and tested on colour images.
 
 Example:
     >>> import torch
@@ -203,8 +204,9 @@ def _jitter_op(op: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def color_jitter(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
-    """ColorJitter on [n, 3, h, w] in [0, 1], each jittered image's ops in its own order (in place)."""
-    # One host->device copy of every (step, op) group's image indices; counts stay on the CPU.
+    """ColorJitter on [n, C, h, w] in [0, 1] (C = 3, or 1 for pseudo-RGB), each image's ops in its order (in place)."""
+    # One host->device copy holds every (step, op) group's image indices and the factors (as int64
+    # bits); the group sizes stay on the CPU, so slicing it needs no device sync.
     groups = [
         (k, op, torch.nonzero(p.jitter & (p.order[:, k] == op))[:, 0]) for k in range(4) for op in range(4)
     ]

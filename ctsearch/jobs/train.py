@@ -389,10 +389,13 @@ def train_loop_per_worker(cfg: dict) -> None:
                 x1, x2 = views(decode_hu(batch))
             x1 = x1.to(device, non_blocking=True).contiguous(memory_format=mf)
             x2 = x2.to(device, non_blocking=True).contiguous(memory_format=mf)
-            losses.append(train_step(model, optimizer, x1, x2, autocast))
+            # No host sync per step (the loss stays on the device): the next batch's ingest and views
+            # overlap this step on the GPU.
+            losses.append(train_step(model, optimizer, x1, x2, autocast, sync=False))
         if not losses:
             raise RuntimeError(f"worker {rank} got no full batch of {local_batch} slices in epoch {number}")
-        loss = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device)
+        total = torch.stack(losses).double().sum()
+        loss = torch.stack([total, torch.full_like(total, len(losses))]).to(device)
         if world > 1:
             torch.distributed.all_reduce(loss)
         row = {
