@@ -1,17 +1,26 @@
-"""Training throughput: Ray Train against a bare torch loop, same model, batch and machine.
+"""Training throughput: Ray Train with CPU views and with device views against the bare step, in one run.
 
-CPU (default): runs ``ctsearch.jobs.train.train`` (Ray Data ingest, views, SimSiam step, a
-checkpoint and a report per epoch) and the same views + ``ctsearch.ssl.train_step`` in a plain
-loop over numpy slices, with the same torch thread count, and prints images/s of both and their
-ratio (target >= 0.9). Ray's rate is taken between the end times of consecutive epochs, so it
-includes checkpointing and reporting; the first epoch is warm-up in both.
+For each batch size it measures, side by side on one machine:
 
-``--device cuda``: images/s of the bare SimSiam step in bf16 autocast + channels_last at batch 32
-and 256 (default ResNet50, 224 px; views pre-made on the GPU, so this is the model's ceiling),
-then the Ray-vs-bare ratio at batch 32 with one GPU worker.
+- ``step``: the bare SimSiam step (``ctsearch.ssl.train_step``) on views already on the device:
+  bf16 autocast + channels_last on CUDA, float32 on CPU. The model's ceiling.
+- ``views_alone_*``: slices/s of making the two views alone, torchvision on one CPU thread and
+  the batched views on the device (HU already there).
+- ``ray_cpu_views``: ``ctsearch.jobs.train.train`` (Ray Data ingest, views, step, a checkpoint
+  and a report per epoch) with ``--views-device cpu``: torchvision, one image at a time.
+- ``ray_device_views``: the same with the batched views on the worker's device
+  (``--views-device cuda``; on a CPU machine ``cpu-batched``, so the script runs anywhere).
 
-    .venv/bin/python bench/train.py                       # CPU, about 2-3 minutes on 2 cores
-    .venv/bin/python bench/train.py --device cuda         # GPU, under a minute
+Ray rates are images/s over the epochs after the first (warm-up): ``*_in_loop`` inside the
+epochs' step loops (ingest + views + step: what keeps the device busy) and ``*_wall`` between
+epoch ends (adds the per-epoch checkpoint and report, which real, longer epochs amortise). The
+ratios divide by ``step`` (on CPU by the mean of ``step`` and ``step_after``, measured again
+after the Ray runs because a shared machine's load drifts). Target on a GPU: ray_device_views >= 0.8 x step.
+``--bare-loop`` adds the earlier comparison: views + step in a plain loop against Ray.
+
+    .venv/bin/python bench/train.py                  # CPU: ResNet18 96 px, batch 32, ~3 min on 2 cores
+    .venv/bin/python bench/train.py --backbone tiny --image-size 32 --slice-size 64 --epochs 2   # smoke
+    python3 bench/train.py --device cuda             # GPU: ResNet50 224 px, batch 32 and 256, ~90 s
 """
 
 from __future__ import annotations
@@ -74,11 +83,8 @@ def bare_loop(dataset: str, args, device: str) -> float:
     return per_epoch * (args.epochs - 1) / (stamps[-1] - stamps[0])
 
 
-def ray_loop(dataset: str, args, gpus: float) -> tuple[float, float]:
-    """images/s of the same work through ctsearch.jobs.train (Ray Train V2), epochs after the first.
-
-    Returns (wall rate between epoch ends, rate inside the epochs' step loops).
-    """
+def ray_loop(dataset: str, args, batch: int, views_device: str, gpus: float) -> tuple[float, float]:
+    """images/s of ctsearch.jobs.train (Ray Train V2), epochs after the first: (wall between epoch ends, in the step loops)."""
     import ray
 
     from ctsearch.jobs.train import TrainOptions, read_metrics, train
@@ -96,11 +102,12 @@ def ray_loop(dataset: str, args, gpus: float) -> tuple[float, float]:
         image_size=args.image_size,
         init="random",
         epochs=args.epochs,
-        batch_size=args.batch_size,
+        batch_size=batch,
         eval_every=0,
         cpus_per_worker=args.threads,
         gpus_per_worker=gpus,
         max_failures=0,
+        views_device=views_device,
     )
     train(dataset, out, opts)
     rows = read_metrics(out)
@@ -109,29 +116,59 @@ def ray_loop(dataset: str, args, gpus: float) -> tuple[float, float]:
     return images / (rows[-1]["finished_at"] - rows[0]["finished_at"]), in_loop
 
 
-def gpu_step(args, batch: int) -> float:
-    """images/s of the bare bf16 + channels_last SimSiam step with views already on the GPU."""
+def step_rate(args, batch: int, device: str) -> float:
+    """images/s of the bare SimSiam step with views already on the device (bf16 + channels_last on CUDA)."""
     from ctsearch.model import ModelConfig, SimSiam
     from ctsearch.ssl import build_optimizer, train_step
 
+    cuda = device == "cuda"
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    mf = torch.channels_last if cuda else torch.contiguous_format
     cfg = ModelConfig(backbone=args.backbone, image_size=args.image_size)
-    model = SimSiam(cfg).cuda().to(memory_format=torch.channels_last)
+    model = SimSiam(cfg).to(device, memory_format=mf)
     opt = build_optimizer(model, batch_size=batch)
     x1, x2 = (
-        torch.rand(batch, 3, args.image_size, args.image_size, device="cuda").contiguous(
-            memory_format=torch.channels_last
-        )
+        torch.rand(batch, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=mf)
         for _ in range(2)
     )
-    for _ in range(3):
-        train_step(model, opt, x1, x2, torch.bfloat16)
-    torch.cuda.synchronize()
+    autocast = torch.bfloat16 if cuda else None
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(2):
+        train_step(model, opt, x1, x2, autocast)
+    sync()
     steps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < args.seconds:
-        train_step(model, opt, x1, x2, torch.bfloat16)
+    while time.perf_counter() - t0 < args.seconds or steps < 3:
+        train_step(model, opt, x1, x2, autocast, sync=False)  # no host sync per step, as the Ray worker
         steps += 1
-    torch.cuda.synchronize()
+    sync()
     return steps * batch / (time.perf_counter() - t0)
+
+
+def views_rate(args, batch: int, device: str | None) -> float:
+    """Slices/s of making both views alone (no model): torchvision on one CPU thread (device None,
+    at most 8 slices a call) or ctsearch.device_views on ``device`` with the HU batch already there."""
+    from ctsearch.device_views import BatchedTwoViews
+    from ctsearch.model import ModelConfig
+    from ctsearch.views import TwoViews
+
+    torch.set_num_threads(args.threads)
+    cfg = ModelConfig(backbone=args.backbone, image_size=args.image_size)
+    n = batch if device else min(batch, 8)
+    hu = np.random.default_rng(0).integers(-300, 400, (n, args.slice_size, args.slice_size)).astype(np.int16)
+    if device:
+        views, x = BatchedTwoViews(cfg), torch.from_numpy(hu).to(device)
+    else:
+        views, x = TwoViews(cfg), hu
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    views(x)
+    sync()
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 1.0 or calls < 2:
+        views(x)
+        calls += 1
+    sync()
+    return calls * n / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -139,46 +176,93 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--backbone", default=None, help="default: resnet18 on CPU, resnet50 on CUDA")
     ap.add_argument("--image-size", type=int, default=None, help="default: 96 on CPU, 224 on CUDA")
-    ap.add_argument("--slice-size", type=int, default=128, help="side of the stored synthetic slices")
-    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument(
-        "--slices", type=int, default=None, help="training slices (default: 4 batches on CPU, 16 on CUDA)"
+        "--slice-size",
+        type=int,
+        default=None,
+        help="side of the synthetic HU slices (default: 128 CPU, 512 CUDA)",
     )
-    ap.add_argument("--epochs", type=int, default=3, help="epochs per loop; the first is warm-up")
+    ap.add_argument(
+        "--batch-sizes", default=None, help="comma-separated (default: 32 on CPU, 32,256 on CUDA)"
+    )
+    ap.add_argument(
+        "--slices",
+        default=None,
+        help="slices per Ray epoch (whole batches, at least one), device views,CPU views "
+        "(default 128,128 on CPU; 1024,256 on CUDA, where the CPU views run at ~110 images/s)",
+    )
+    ap.add_argument(
+        "--views", default="cpu,device", help="which Ray runs: cpu (torchvision views), device, or both"
+    )
+    ap.add_argument(
+        "--epochs", type=int, default=None, help="epochs per Ray run, the first is warm-up (3 CPU, 2 CUDA)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads = CPUs of the Ray worker")
-    ap.add_argument("--seconds", type=float, default=8.0, help="CUDA: seconds per step measurement")
+    ap.add_argument(
+        "--seconds", type=float, default=None, help="seconds per bare-step measurement (5 CPU, 3 CUDA)"
+    )
+    ap.add_argument(
+        "--bare-loop", action="store_true", help="also views + step in a plain loop (the older comparison)"
+    )
     args = ap.parse_args()
     cuda = args.device == "cuda"
     args.backbone = args.backbone or ("resnet50" if cuda else "resnet18")
     args.image_size = args.image_size or (224 if cuda else 96)
-    args.slices = args.slices or args.batch_size * (16 if cuda else 4)
+    args.slice_size = args.slice_size or (512 if cuda else 128)
+    args.epochs = args.epochs or (2 if cuda else 3)
+    args.seconds = args.seconds or (3.0 if cuda else 5.0)
+    batches = [int(b) for b in (args.batch_sizes or ("32,256" if cuda else "32")).split(",")]
+    dev_slices, cpu_slices = (int(s) for s in (args.slices or ("1024,256" if cuda else "128,128")).split(","))
+    views = args.views.split(",")
+    device_views = "cuda" if cuda else "cpu-batched"
     result: dict = {
         "device": args.device,
         "backbone": args.backbone,
         "image_size": args.image_size,
-        "batch_size": args.batch_size,
+        "slice_size": args.slice_size,
         "threads": args.threads,
+        "epochs": args.epochs,
     }
     if cuda:
         result["gpu"] = torch.cuda.get_device_name()
-        for batch in (32, 256):
-            result[f"bare_bf16_images_per_s_batch{batch}"] = round(gpu_step(args, batch), 1)
-            print(json.dumps(result), flush=True)
-    with tempfile.TemporaryDirectory() as d:
-        make_dataset(d, args.slices, args.slice_size)
-        bare = bare_loop(d, args, "cuda" if cuda else "cpu")
-        ray_rate, ray_in_loop = ray_loop(d, args, 1.0 if cuda else 0.0)
-        # The bare loop again, after Ray, so that drift in a shared machine's load shows up.
-        bare_after = bare_loop(d, args, "cuda" if cuda else "cpu")
-    bare = (bare + bare_after) / 2
-    result.update(
-        bare_images_per_s=round(bare, 2),
-        ray_images_per_s=round(ray_rate, 2),
-        ratio=round(ray_rate / bare, 3),
-        ray_step_loop_images_per_s=round(ray_in_loop, 2),
-        step_loop_ratio=round(ray_in_loop / bare, 3),
-        slices_per_epoch=args.slices,
-    )
+    for batch in batches:
+        row: dict = {"batch": batch}
+        row["step"] = round(step_rate(args, batch, args.device), 1)
+        row["views_alone_torchvision_1_thread"] = round(views_rate(args, batch, None), 1)
+        row["views_alone_device"] = round(views_rate(args, batch, args.device), 1)
+        if cuda:
+            torch.cuda.empty_cache()  # give the Ray worker the memory this process cached
+        print(json.dumps({**result, **row}), flush=True)
+        for name, choice, slices in (("cpu", "cpu", cpu_slices), ("device", device_views, dev_slices)):
+            if name not in views:
+                continue
+            with tempfile.TemporaryDirectory() as d:
+                n = batch * max(1, slices // batch)
+                make_dataset(d, n, args.slice_size)
+                wall, in_loop = ray_loop(d, args, batch, choice, 1.0 if cuda else 0.0)
+                if args.bare_loop and name == "cpu":
+                    args.batch_size = batch
+                    row["bare_loop_cpu_views"] = round(bare_loop(d, args, args.device), 1)
+            row[f"{name}_views_slices_per_epoch"] = n
+            row[f"ray_{name}_views_in_loop"] = round(in_loop, 1)
+            row[f"ray_{name}_views_wall"] = round(wall, 1)
+            row[f"ratio_{name}_views"] = round(in_loop / row["step"], 3)
+            row[f"ratio_{name}_views_wall"] = round(wall / row["step"], 3)
+            print(json.dumps({**result, **row}), flush=True)
+        if not cuda:
+            # A shared CPU's load drifts over minutes: measure the step again after the Ray runs and
+            # divide by the mean (a GPU machine is not shared; the one measurement stands).
+            row["step_after"] = round(step_rate(args, batch, args.device), 1)
+            step = (row["step"] + row["step_after"]) / 2
+            for name in views:
+                if f"ray_{name}_views_in_loop" in row:
+                    row[f"ratio_{name}_views"] = round(row[f"ray_{name}_views_in_loop"] / step, 3)
+                    row[f"ratio_{name}_views_wall"] = round(row[f"ray_{name}_views_wall"] / step, 3)
+        if "ray_cpu_views_in_loop" in row and "ray_device_views_in_loop" in row:
+            row["device_over_cpu_views"] = round(
+                row["ray_device_views_in_loop"] / row["ray_cpu_views_in_loop"], 2
+            )
+        result[f"batch{batch}"] = row
     print(json.dumps(result))
 
 

@@ -90,8 +90,12 @@ def train_step(
     x1: torch.Tensor,
     x2: torch.Tensor,
     autocast_dtype: torch.dtype | None = None,
-) -> float:
+    sync: bool = True,
+) -> float | torch.Tensor:
     """One SGD step on a pair of views [n, 3, S, S]; returns the loss as a float.
+
+    ``sync=False`` returns it as a 0-d tensor on the device instead, so the host does not wait for
+    the step: it prepares the next batch while the GPU computes (the training loop sums an epoch).
 
     ``autocast_dtype`` (e.g. ``torch.bfloat16`` on GPU) runs the forward pass under autocast on
     the inputs' device; the loss itself is always computed in float32.
@@ -105,4 +109,4 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return float(loss.detach())
+    return float(loss.detach()) if sync else loss.detach()

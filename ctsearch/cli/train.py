@@ -38,6 +38,10 @@ def train_cmd(
         0.2,
         help="Smallest RandomResizedCrop area, fraction of the slice (paper 0.2; larger keeps more anatomy per view at small image sizes).",
     ),
+    views_device: str = typer.Option(
+        "auto",
+        help="Where the two views are made: auto (the worker's device), cpu (torchvision, one image at a time: the reference), cuda (batched on the worker's GPU), cpu-batched (batched on the CPU).",
+    ),
     train_slices: str = typer.Option(
         "protocol",
         help="Slices SimSiam trains on: protocol (train.parquet) or all (train_all.parquet: every slice of the train volumes, from `prepare --train-all-slices`). Evaluation always uses the protocol.",
@@ -92,6 +96,7 @@ def train_cmd(
         rescale=rescale,
         jitter=jitter,
         crop_scale=crop_scale,
+        views_device=views_device,
         train_slices=train_slices,
         init=init,
         zero_init_residual=zero_init_residual,

@@ -54,6 +54,9 @@ FAIL_MARKER = ".injected_failure"
 # --train-slices -> the file of DATASET_DIR that SimSiam trains on (evaluation always uses
 # train.parquet as the database and test.parquet as the queries, the paper's protocol).
 TRAIN_FILES = {"protocol": "train.parquet", "all": "train_all.parquet"}
+# --views-device: auto (the worker's device), cpu (torchvision, one image at a time: the reference),
+# cuda (ctsearch.device_views on the worker's GPU), cpu-batched (ctsearch.device_views on the CPU).
+VIEWS_DEVICES = ("auto", "cpu", "cuda", "cpu-batched")
 SHUFFLE_BUFFER = 256  # rows held per worker for the local shuffle (~128 MiB of 512x512 slices)
 
 
@@ -67,6 +70,7 @@ class TrainOptions:
     rescale: str = "reference"
     jitter: str = "paper"
     crop_scale: float = 0.2
+    views_device: str = "auto"
     train_slices: str = "protocol"
     init: str = "imagenet"
     zero_init_residual: bool = True
@@ -129,6 +133,7 @@ def check_options(o: TrainOptions) -> None:
         "schedule": ["constant", "cosine"],
         "train_slices": list(TRAIN_FILES),
         "placement": ["pack", "spread"],
+        "views_device": list(VIEWS_DEVICES),
     }
     for name, allowed in choices.items():
         if getattr(o, name) not in allowed:
@@ -148,6 +153,8 @@ def check_options(o: TrainOptions) -> None:
             None,
             f"--batch-size {o.batch_size} must split into >= 2 slices per worker over {o.workers} workers",
         )
+    if o.views_device == "cuda" and not o.gpus_per_worker:
+        raise CTSearchInputError(None, "--views-device cuda needs GPU workers (--gpus-per-worker > 0)")
     if o.eval_every < 0 or o.max_failures < -1 or o.cpus_per_worker <= 0 or o.gpus_per_worker < 0:
         raise CTSearchInputError(
             None, "--eval-every >= 0, --max-failures >= -1, --cpus-per-worker > 0, --gpus-per-worker >= 0"
@@ -220,6 +227,24 @@ def decode_hu(batch: dict) -> list[np.ndarray]:
     return [decode_pixels(buf, h, w) for buf, h, w in zip(batch["hu"], batch["height"], batch["width"])]
 
 
+def hu_tensor(batch: dict, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Ray Data batch -> (int16 HU [n, Y, X], zero-padded where sizes differ; sizes [n, 2]).
+
+    Decoded straight into one tensor (page-locked with ``pin``, so its copy to the GPU is
+    asynchronous): one copy of the pixels on the CPU, for the batched views on the device.
+    """
+    sizes = torch.from_numpy(np.stack([batch["height"], batch["width"]], 1).astype(np.int64))
+    same = bool((sizes == sizes[0]).all())
+    shape = (len(sizes), *sizes.max(0).values.tolist())
+    out = (torch.empty if same else torch.zeros)(shape, dtype=torch.int16, pin_memory=pin)
+    pixels = out.numpy()
+    for i, (buf, (h, w)) in enumerate(zip(batch["hu"], sizes.tolist())):
+        if len(buf) != 2 * h * w:
+            raise ValueError(f"holds {len(buf)} bytes, expected {2 * h * w} for {h}x{w} int16")
+        pixels[i, :h, :w] = np.frombuffer(buf, "<i2").reshape(h, w)
+    return out, sizes
+
+
 def _evaluate(model: SimSiam, config: ModelConfig, eval_data, device) -> dict:
     """MAP@5 and 5-NN accuracy of the encoder (test queries, train database) and the collapse monitor."""
     from ctsearch.metrics import knn_accuracy, map_at_k
@@ -277,6 +302,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     """Ray Train worker: resume or initialise, then one report (and checkpoint) per epoch."""
     import ray.train.torch
 
+    from ctsearch.device_views import BatchedTwoViews, resolve_views_device
     from ctsearch.views import TwoViews
 
     opts = TrainOptions(**cfg["options"])
@@ -329,7 +355,10 @@ def train_loop_per_worker(cfg: dict) -> None:
         gathered: list = [None] * world
         torch.distributed.all_gather_object(gathered, nodes[0])
         nodes = gathered
-    views = TwoViews(mcfg, opts.jitter, opts.crop_scale)
+    # Where the two views are made: None = torchvision on this CPU, else the batched views on that
+    # device, which then receives the int16 HU batch (a quarter of the bytes of two float views).
+    views_on = resolve_views_device(opts.views_device, device)
+    views = (BatchedTwoViews if views_on else TwoViews)(mcfg, opts.jitter, opts.crop_scale)
     shard = ray.train.get_dataset_shard("train")
     local_batch = opts.batch_size // world
     autocast = torch.bfloat16 if on_gpu else None
@@ -351,15 +380,22 @@ def train_loop_per_worker(cfg: dict) -> None:
             local_shuffle_buffer_size=SHUFFLE_BUFFER,
             local_shuffle_seed=opts.seed * 1009 + epoch,
         )
+        mf = torch.channels_last if on_gpu else torch.contiguous_format
         for batch in batches:
-            x1, x2 = views(decode_hu(batch))
-            mf = torch.channels_last if on_gpu else torch.contiguous_format
-            x1 = x1.to(device, non_blocking=True, memory_format=mf)
-            x2 = x2.to(device, non_blocking=True, memory_format=mf)
-            losses.append(train_step(model, optimizer, x1, x2, autocast))
+            if views_on:
+                hu, sizes = hu_tensor(batch, pin=views_on.startswith("cuda"))
+                x1, x2 = views(hu.to(views_on, non_blocking=True), sizes)
+            else:
+                x1, x2 = views(decode_hu(batch))
+            x1 = x1.to(device, non_blocking=True).contiguous(memory_format=mf)
+            x2 = x2.to(device, non_blocking=True).contiguous(memory_format=mf)
+            # No host sync per step (the loss stays on the device): the next batch's ingest and views
+            # overlap this step on the GPU.
+            losses.append(train_step(model, optimizer, x1, x2, autocast, sync=False))
         if not losses:
             raise RuntimeError(f"worker {rank} got no full batch of {local_batch} slices in epoch {number}")
-        loss = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device)
+        total = torch.stack(losses).double().sum()
+        loss = torch.stack([total, torch.full_like(total, len(losses))]).to(device)
         if world > 1:
             torch.distributed.all_reduce(loss)
         row = {
