@@ -40,15 +40,15 @@ for s in $steps; do
     index)
         # The GPU pipeline against min(bare model, cores x decode), then the null encoder on the
         # same archive: the pipeline against the node's 16 decoding cores alone.
-        step index 150 python3 bench/index.py --device cuda --backbone resnet50 --volumes 64 --distinct 4 \
+        step index 130 python3 bench/index.py --device cuda --backbone resnet50 --volumes 64 --distinct 4 \
             --size 512 --batch-size 256 --archive "$work/arc"
-        step index 80 python3 bench/index.py --backbone null --volumes 64 --size 512 --batch-size 256 \
+        step index 70 python3 bench/index.py --backbone null --volumes 64 --size 512 --batch-size 256 \
             --num-cpus "$(($(nproc) + 1))" --archive "$work/arc" ;;
     relax)
         step relax 50 python3 bench/relax.py --device cuda --repeats 2
         step relax 120 python3 bench/relax.py --device cuda --repeats 2 --compile ;;
     train)
-        step train 150 python3 bench/train.py --device cuda ;;
+        step train 120 python3 bench/train.py --device cuda --seconds 2 --slices 512,128 ;;
     search)
         step search 90 python3 bench/search.py --device cuda --sizes 300000 --queries 100 --baseline-queries 1 ;;
     e2e)
