@@ -41,7 +41,7 @@ for s in $steps; do
         # The GPU pipeline against min(bare model, cores x decode), then the null encoder on the
         # same archive: the pipeline against the node's 16 decoding cores alone.
         step index 130 python3 bench/index.py --device cuda --backbone resnet50 --volumes 64 --distinct 4 \
-            --size 512 --batch-size 256 --archive "$work/arc"
+            --size 512 --batch-size 256 --archive "$work/arc" --stats
         step index 70 python3 bench/index.py --backbone null --volumes 64 --size 512 --batch-size 256 \
             --num-cpus "$(($(nproc) + 1))" --archive "$work/arc" ;;
     relax)
