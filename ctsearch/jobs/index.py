@@ -116,9 +116,11 @@ def _task(r: dict, base: Path | None, id_salt: bytes | None = None) -> dict:
 def read_volume_rows(
     batch: dict[str, np.ndarray], known_ref, id_salt: bytes | None = None, config: dict | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Volume tasks -> slabs of rows, one row per axial slice (HU as int16 bytes), or one status row.
+    """Volume tasks -> slabs of rows, one row per axial slice, or one status row.
 
-    Status rows (``status`` error | duplicate, ``n_rows`` 1) carry no pixels; every row
+    A slab's ``hu`` is one int16 array [rows, y, x] (Ray Data keeps it as one tensor buffer: no
+    per-slice objects to copy). Status rows (``status`` error | duplicate, ``n_rows`` 1) carry an
+    empty [rows, 0, 0] ``hu``; every row
     carries the volume's ``n_rows`` so the driver knows when a volume, and its shard, is complete.
     With ``id_salt`` every row's ids are already hashed (ctsearch.ids). With a model ``config``
     each slab is preprocessed here (``pixels`` instead of ``hu``): the CPU model's path.
@@ -126,7 +128,7 @@ def read_volume_rows(
     known = shared_value(known_ref)
     here = node_id()
     for i in range(len(batch["path"])):
-        rows = _volume_rows({k: batch[k][i] for k in batch}, known, id_salt)
+        rows, hu = _volume_rows({k: batch[k][i] for k in batch}, known, id_salt)
         for a in range(0, len(rows), SLAB_SLICES):
             slab = rows[a : a + SLAB_SLICES]
             out = {k: [r[k] for r in slab] for k in slab[0]}
@@ -134,6 +136,7 @@ def read_volume_rows(
             cols = {
                 k: np.asarray(v, dtype=object) if k in _OBJECT_COLS else np.asarray(v) for k, v in out.items()
             }
+            cols["hu"] = hu[a : a + SLAB_SLICES] if hu is not None else np.zeros((len(slab), 0, 0), np.int16)
             yield cols if config is None else preprocess(cols, config)
 
 
@@ -144,14 +147,16 @@ _OBJECT_COLS = {
     "status",
     "error",
     "content_hash",
-    "hu",
     "stage",
     "read_node",
     *ID_COLUMNS,
 }
 
 
-def _volume_rows(task: dict, known: set, id_salt: bytes | None = None) -> list[dict]:
+def _volume_rows(
+    task: dict, known: set, id_salt: bytes | None = None
+) -> tuple[list[dict], np.ndarray | None]:
+    """(a volume's rows, its HU [n, y, x] int16), or ([one status row], None)."""
     path = str(task["path"])
     from ctsearch.io import read_volume
 
@@ -162,7 +167,6 @@ def _volume_rows(task: dict, known: set, id_salt: bytes | None = None) -> list[d
         error="",
         stage="",
         content_hash="",
-        hu=b"",
         height=0,
         width=0,
         slice_index=-1,
@@ -176,22 +180,14 @@ def _volume_rows(task: dict, known: set, id_salt: bytes | None = None) -> list[d
             series = _series_by_pseudonym(path, series, id_salt)
         vol = read_volume(path, series_id=series)
     except CTSearchInputError as e:
-        return [{**base, **status, "status": "error", "stage": "read", "error": e.problem, "n_rows": 1}]
+        return [{**base, **status, "status": "error", "stage": "read", "error": e.problem, "n_rows": 1}], None
     except Exception as e:  # a reader bug must not stop the archive: record it and go on
-        return [
-            {
-                **base,
-                **status,
-                "status": "error",
-                "stage": "read",
-                "error": f"{type(e).__name__}: {e}",
-                "n_rows": 1,
-            }
-        ]
+        error = f"{type(e).__name__}: {e}"
+        return [{**base, **status, "status": "error", "stage": "read", "error": error, "n_rows": 1}], None
     ids = _final_ids(task, vol, path, id_salt)
     status.update(ids, content_hash=chash)
     if f"{ids['series_id']}|{chash}" in known:
-        return [{**base, **status, "status": "duplicate", "n_rows": 1}]
+        return [{**base, **status, "status": "duplicate", "n_rows": 1}], None
     hu, z = np.ascontiguousarray(vol.hu, dtype="<i2"), vol.z_mm()
     n, h, w = hu.shape
     if n == 0:
@@ -204,12 +200,11 @@ def _volume_rows(task: dict, known: set, id_salt: bytes | None = None) -> list[d
                 "error": "volume has no slices",
                 "n_rows": 1,
             }
-        ]
+        ], None
     return [
         {
             **base,
             **status,
-            "hu": hu[k].tobytes(),
             "height": h,
             "width": w,
             "slice_index": k,
@@ -217,7 +212,7 @@ def _volume_rows(task: dict, known: set, id_salt: bytes | None = None) -> list[d
             "n_rows": n,
         }
         for k in range(n)
-    ]
+    ], hu
 
 
 def _final_ids(task: dict, vol, path: str, salt: bytes | None) -> dict:
@@ -258,19 +253,31 @@ def preprocess(batch: dict[str, np.ndarray], config: dict, device: str = "cpu"):
 
     cfg = ModelConfig.from_json(config)
     pixels = torch.zeros((len(batch["path"]), 1, cfg.image_size, cfg.image_size), device=device)
-    ok = batch["status"] == "indexed"
-    shapes = np.stack([batch["height"], batch["width"]], axis=1)
-    for h, w in {tuple(hw) for hw in shapes[ok]}:
-        rows = np.flatnonzero(ok & (shapes[:, 0] == h) & (shapes[:, 1] == w))
-        # One copy of a same-sized group's bytes, then one window + resize for the whole group.
-        hu = np.empty((len(rows), h, w), np.int16)
-        for j, r in enumerate(rows):
-            hu[j] = np.frombuffer(batch["hu"][r], dtype="<i2").reshape(h, w)
-        hu = torch.from_numpy(hu).to(device, non_blocking=True)
+    for rows, hu in _hu_groups(batch):
+        hu = torch.from_numpy(np.ascontiguousarray(hu)).to(device, non_blocking=True)
         pixels[torch.from_numpy(rows).to(device)] = eval_transform(hu, cfg, channels=1)
     out = {k: v for k, v in batch.items() if k != "hu"}
     out["pixels"] = pixels.numpy() if device == "cpu" else pixels
     return out
+
+
+def _hu_groups(batch: dict[str, np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(row indices, HU [rows, y, x]) per slice size among the batch's indexed rows.
+
+    Ray Data hands a batch whose slices are all one size over as one array (no copy); mixed
+    sizes, or status rows among them, come as an object array of per-row arrays.
+    """
+    ok = batch["status"] == "indexed"
+    hu = batch["hu"]
+    if hu.dtype != object:
+        rows = np.flatnonzero(ok)
+        if len(rows):
+            yield rows, hu if len(rows) == len(hu) else hu[rows]
+        return
+    shapes = np.array([h.shape for h in hu])
+    for shape in {tuple(shapes[i]) for i in np.flatnonzero(ok)}:
+        rows = np.flatnonzero(ok & (shapes == shape).all(axis=1))
+        yield rows, np.stack([hu[i] for i in rows])
 
 
 class Embedder:
