@@ -56,6 +56,7 @@ def embed_query(
             "slice_index": s,
             "z_mm": float(vol.z_mm()[s]),
             "path": str(p),
+            "pixel_hash": vol.pixel_hash(),  # recognises the index's copies of this scan (crossexam)
         }
         return v, query_ids(index, meta, id_salt)
     vid, sep, si = str(query).rpartition(":")

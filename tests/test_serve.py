@@ -463,7 +463,16 @@ def test_sharded_deployment_returns_exactly_the_single_process_results(server, c
             assert [{k: h[k] for k in keys} for h in got] == [{k: h[k] for k in keys} for h in expect]
         got = get_json(server, f"/api/crossexam?query={ref}&per_exam=4")["exams"]
         assert got == json.loads(
-            json.dumps(cross_exam(index, v, meta["patient_id"], exclude_volume=ex["volume_id"], per_exam=4))
+            json.dumps(
+                cross_exam(
+                    index,
+                    v,
+                    meta["patient_id"],
+                    exclude_volume=ex["volume_id"],
+                    per_exam=4,
+                    query_slice=10 + 11 * p,
+                )["exams"]
+            )
         )
     s, _, body = call(server, "/api/search?query=nope:1")
     assert "unknown volume" in one_line_error(s, body, 404)
