@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,6 +165,7 @@ def match_exams(
     query_volume: str | None = None,
     query_slice: int | None = None,
     query_hash: str | None = None,
+    series: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
     per_exam: int = 5,
     window_mm: float = WINDOW_MM,
 ) -> dict:
@@ -175,6 +177,9 @@ def match_exams(
             aligned, the query found by ``query_slice``).
         query_hash: the query volume's pixel hash; volumes with it are copies of the query's scan
             (not offered; one of them is aligned when the query volume itself is not indexed).
+        series: for a query from a file: returns its whole series embedded (float [m, d] in slice
+            order, z float [m]), to align when the index holds neither it nor a copy; called
+            only then (embedding a series costs seconds).
     Returns:
         ``{"exams": [...], "copies_of_query": [volume ids], "context_slices": m, "message": str | None}``;
         per exam (by date, study, volume): volume_id, study_id, series_id, exam_date, best and
@@ -187,17 +192,22 @@ def match_exams(
     copies_of_query = [
         v for v in volumes if v["volume_id"] != query_volume and query_hash and v["pixel_hash"] == query_hash
     ]
-    # What is aligned: its own volume, else a copy of it, else the query slice alone.
-    source = (own + copies_of_query)[:1]
-    hit_row = (
-        [i for i, s in enumerate(source[0]["slices"]) if s["slice_index"] == query_slice] if source else []
-    )
-    if hit_row:
-        source = source[0]
-        ctx_vectors, z_ctx = source["vectors"], np.array([s["z_mm"] for s in source["slices"]])
-        at = float(z_ctx[hit_row[0]])
+    # What is aligned: the query's volume in the index, else a copy of it, else the series the
+    # caller can embed (a file or an upload), else the query slice alone.
+    indexed = [
+        (v["vectors"], np.array([s["z_mm"] for s in v["slices"]]), i)
+        for v in own + copies_of_query
+        for i, s in enumerate(v["slices"])
+        if s["slice_index"] == query_slice
+    ]
+    if indexed:
+        ctx_vectors, z_ctx, row = indexed[0]
+    elif series is not None and query_slice is not None:
+        ctx_vectors, z_ctx = series()
+        row = int(query_slice)
     else:
-        ctx_vectors, z_ctx, at = query[None], np.zeros(1), 0.0
+        ctx_vectors, z_ctx, row = query[None], np.zeros(1), 0
+    at = float(z_ctx[row])
     skip = {c["volume_id"] for c in copies_of_query}
     groups: dict[str, list[dict]] = {}  # one exam per distinct pixel content
     for v in volumes:
@@ -232,7 +242,7 @@ def match_exams(
     return {
         "exams": exams,
         "copies_of_query": [c["volume_id"] for c in copies_of_query],
-        "context_slices": int(len(z_ctx)) if hit_row else 1,
+        "context_slices": int(len(z_ctx)),
         "message": message,
     }
 
@@ -246,12 +256,14 @@ def cross_exam(
     *,
     query_slice: int | None = None,
     query_hash: str | None = None,
+    series: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
     window_mm: float = WINDOW_MM,
 ) -> dict:
     """``match_exams`` over ``patient_id``'s series in ``index`` (ctsearch.index.Index).
 
     ``exclude_volume`` is the query's own volume; ``query_slice`` its slice index there (or in a
-    copy); ``query_hash`` the pixel hash of a query read from a file.
+    copy); ``query_hash`` the pixel hash of a query read from a file, ``series`` its series (see
+    ``match_exams``).
     """
     from ctsearch.index import l2_normalize
 
@@ -262,6 +274,7 @@ def cross_exam(
         query_volume=exclude_volume,
         query_slice=query_slice,
         query_hash=query_hash,
+        series=series,
         per_exam=per_exam,
         window_mm=window_mm,
     )

@@ -68,6 +68,18 @@ def embed_query(
     raise CTSearchInputError(query, "no such file or folder, and not a row reference volume_id:slice_index")
 
 
+def embed_series(index: Index, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Every slice of a file/folder query: (unit vectors float32 [n, d] in slice order, z float [n] mm),
+    embedded with the index's model; what ``search --cross-exam`` aligns when the index holds
+    neither the query's series nor a copy of it."""
+    from ctsearch.io import read_volume
+    from ctsearch.model import embed, load_encoder
+
+    vol = read_volume(path)
+    encoder, config = load_encoder(index.model_dir)
+    return l2_normalize(embed(encoder, vol.hu, config)), vol.z_mm()
+
+
 def query_ids(index: Index, meta: dict, id_salt: bytes | None) -> dict:
     """A file query's ids as ``index`` stores them: hashed with ``id_salt`` on a pseudonymised index
     (which must be the index's salt), withheld there without one, else as given."""

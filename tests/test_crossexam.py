@@ -4,6 +4,7 @@ top-k, copies of one scan, and the one-exam message (no Ray)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from ctsearch.crossexam import coherent_match, cross_exam, plain_topk, rank_corr
 from ctsearch.errors import CTSearchInputError
 from ctsearch.index import Index, l2_normalize
 from ctsearch.io import read_volume, scan_archive
+from ctsearch.report import ReportInputs, build_report
 from ctsearch.synth import anatomical_positions
 
 
@@ -174,6 +176,19 @@ def test_one_exam_gets_a_message_not_an_empty_table(two_exams, both_formats_inde
     assert r.exit_code == 0 and json.loads(r.stdout)["exams"] == []
 
 
+def test_a_file_query_aligns_its_whole_series_when_the_index_lacks_it(two_exams, random_encoder, tmp_path):
+    _, summary = two_exams
+    first, second = summary.cases[0], summary.cases[1]
+    later = [e for e in scan_archive(Path(second.nifti_image).parent.parent)[0] if e.volume_id == second.case]
+    idx = index_entries(later, random_encoder, tmp_path / "idx")
+    args = ["search", str(idx), first.nifti_image, "--slice", "30", "--cross-exam", "--json"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert [e["volume_id"] for e in res["exams"]] == [second.case]
+    assert res["context_slices"] == first.shape[0] and res["copies_of_query"] == []
+
+
 def test_evaluate_measures_both_methods_and_refuses_one_exam_archives(
     two_exams, random_encoder, slice_dataset, tmp_path
 ):
@@ -191,6 +206,11 @@ def test_evaluate_measures_both_methods_and_refuses_one_exam_archives(
     ex = c["example"]
     assert ex["coherent"]["best"] in ex["coherent"]["run"] and len(ex["plain"]) == 5
     assert 0 <= ex["true_slice"] < len(ex["anatomical_mm"])
+    # The report shows the table and the example: query, matched run, truth, plain top-k.
+    (tmp_path / "evaluation.json").write_text(json.dumps(res))
+    page, info = build_report(ReportInputs(evaluation=tmp_path / "evaluation.json"))
+    assert "crossexam" in info["sections"] and "coherent (one z offset per exam)" in page
+    assert page.count("data:image/png;base64,") == 1 and "No example figure" not in page
     with pytest.raises(CTSearchInputError, match="two examinations"):
         evaluate(slice_dataset, [str(random_encoder)], relax_masks=0, crossexam=True)
 

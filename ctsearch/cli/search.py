@@ -73,7 +73,7 @@ def search_cmd(
     from ctsearch.errors import CTSearchInputError
     from ctsearch.ids import load_salt
     from ctsearch.index import Index
-    from ctsearch.query import embed_query
+    from ctsearch.query import embed_query, embed_series
 
     id_salt = load_salt(id_salt_file)
     index = Index.open(index_dir, device=device)
@@ -103,6 +103,7 @@ def search_cmd(
             per_exam=per_exam,
             query_slice=qmeta.get("slice_index"),
             query_hash=qmeta.get("pixel_hash"),
+            series=(lambda: embed_series(index, query)) if Path(query).exists() else None,
         )
         if json_out:
             emit_json({"query": {k: qmeta.get(k) for k in JSON_KEYS if k in qmeta}, **res})

@@ -289,6 +289,17 @@ class SearchService:
         meta = query_ids(self.index, meta, self.id_salt)  # the same hashing as `ctsearch search FILE`
         return Resolved(vector, {**meta, "upload": True, "n_slices": n}, np.asarray(vol.hu[s]))
 
+    def _upload_series(self, q: Query) -> tuple[np.ndarray, np.ndarray]:
+        """Every slice of an uploaded series embedded (cross-exam aligns the whole exam)."""
+        from ctsearch.index import l2_normalize
+        from ctsearch.model import embed
+
+        vol = self._uploads.get_or_make(
+            upload_digest(q.upload), lambda: read_upload(q.upload, self.max_upload_bytes)
+        )
+        with self._torch.inference_mode():
+            return l2_normalize(embed(self.encoder, vol.hu, self.config)), vol.z_mm()
+
     # --------------------------------------------------------------------- search
     async def search_vector(
         self,
@@ -395,6 +406,7 @@ class SearchService:
             query_volume=own,
             query_slice=r.meta.get("slice_index"),
             query_hash=r.meta.get("pixel_hash"),
+            series=(lambda: self._upload_series(q)) if r.meta.get("upload") else None,
             per_exam=per_exam,
         )
         return {"query": self.public_query(r.meta), **res}
