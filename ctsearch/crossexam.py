@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # How much of the query exam is aligned, in mm either side of the query slice: all of it. On
-# synthetic exams (docs/evaluation.md) a whole-exam offset beat every shorter stretch tried (40-300 mm).
+# synthetic exams (docs/evaluation.md) a whole-exam offset beat every shorter stretch tried (40-200 mm).
 WINDOW_MM = float("inf")
 RIVAL_MM = 20.0  # positions farther than this from the best one compete for the confidence
 

@@ -203,7 +203,10 @@ def test_upload_zipped_dicom_series_and_cross_exam(server, catalogue):
     assert res["query"]["patient_id"] == e["patient_id"] and res["query"]["series_id"] == e["series_id"]
     assert res["hits"][0]["score"] == pytest.approx(1.0, abs=1e-5)
     cross = get_json(server, "/api/crossexam?slice=12", data=buf.getvalue())
-    assert {x["volume_id"] for x in cross["exams"]} == {x["volume_id"] for x in catalogue[0]["exams"]}
+    # The upload is the indexed series itself (same pixels): aligned, not offered as another exam.
+    assert cross["copies_of_query"] == [e["volume_id"]]
+    others = {x["volume_id"] for x in catalogue[0]["exams"]} - {e["volume_id"]}
+    assert {x["volume_id"] for x in cross["exams"]} == others and cross["context_slices"] == e["n_slices"]
 
 
 def test_bad_requests_get_one_line_4xx(server, catalogue):
