@@ -337,6 +337,7 @@ def score_pair(
 def summarise(scores: list[dict[str, np.ndarray]]) -> dict:
     """Pooled ``score_pair`` results -> per method: queries, mean and median |dz| (mm), share
     within one slice thickness of the other exam, mean rank correlation and run overlap."""
+    scores = [s for s in scores if s]  # a pair whose scans do not overlap has no queries
     cat = {key: np.concatenate([s[key] for s in scores]) for key in scores[0]} if scores else {}
     out: dict = {"queries": int(len(cat.get("query", [])))}
     for method in ("plain", "coherent"):

@@ -90,6 +90,8 @@ def test_coherent_match_recovers_the_offset_where_single_slices_are_ambiguous():
     clear = coherent_match(exam(z_a, 0.0) @ exam(z_b, 0.0).T, z_a, z_b, z_a[30], k=5)
     assert m.confidence < 0.5 < clear.confidence and clear.offset_mm == pytest.approx(0.0, abs=2.5)
     summary = summarise([s])
+    far = score_pair(ea, z_a, z_a, eb, z_b + 1000, z_b + 1000)  # scans that share no anatomy: no queries
+    assert far == {} and summarise([far, s]) == summary and summarise([far])["coherent"]["mean_dz_mm"] is None
     assert summary["coherent"]["within_thickness"] == 1.0
     assert summary["coherent"]["rank_corr"] == pytest.approx(1.0)  # a run is in anatomical order
     assert summary["plain"]["mean_dz_mm"] > summary["coherent"]["mean_dz_mm"]
