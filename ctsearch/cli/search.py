@@ -155,22 +155,20 @@ def _print_exams(qmeta: dict, res: dict) -> None:
     t = Table(title=f"{title}: the same anatomy in the other examinations")
     for col in (
         "exam date",
-        "study",
         "volume",
         "best slice",
-        "best z mm",
+        "z mm",
         "score",
         "confidence",
         "run by z (slice@z:score)",
     ):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for e in res["exams"]:
         b = e["best"]
-        ms = "  ".join(f"{m['slice_index']}@{m['z_mm']:.0f}:{m['score']:.3f}" for m in e["matches"])
+        ms = " ".join(f"{m['slice_index']}@{m['z_mm']:.0f}:{m['score']:.3f}" for m in e["matches"])
         volume = str(e["volume_id"]) + (f" (= {', '.join(e['copies'])})" if e["copies"] else "")
         t.add_row(
             str(e["exam_date"] or ""),
-            str(e["study_id"]),
             volume,
             str(b["slice_index"]),
             f"{b['z_mm']:.1f}",
