@@ -56,6 +56,7 @@ def embed_query(
             "slice_index": s,
             "z_mm": float(vol.z_mm()[s]),
             "path": str(p),
+            "pixel_hash": vol.pixel_hash(),  # recognises the index's copies of this scan (crossexam)
         }
         return v, query_ids(index, meta, id_salt)
     vid, sep, si = str(query).rpartition(":")
@@ -65,6 +66,18 @@ def embed_query(
         v, meta = index.lookup(vid, int(si))
         return l2_normalize(v[None])[0], meta
     raise CTSearchInputError(query, "no such file or folder, and not a row reference volume_id:slice_index")
+
+
+def embed_series(index: Index, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Every slice of a file/folder query: (unit vectors float32 [n, d] in slice order, z float [n] mm),
+    embedded with the index's model; what ``search --cross-exam`` aligns when the index holds
+    neither the query's series nor a copy of it."""
+    from ctsearch.io import read_volume
+    from ctsearch.model import embed, load_encoder
+
+    vol = read_volume(path)
+    encoder, config = load_encoder(index.model_dir)
+    return l2_normalize(embed(encoder, vol.hu, config)), vol.z_mm()
 
 
 def query_ids(index: Index, meta: dict, id_salt: bytes | None) -> dict:

@@ -117,24 +117,29 @@ def serve_archive(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def serve_index(serve_archive, model_dir, tmp_path_factory):
-    """The DICOM copy of ``serve_archive`` indexed with ``model_dir``, 2 volumes per shard (3 shards).
+    """The DICOM copy of ``serve_archive`` indexed with ``model_dir``, 2 volumes per shard (3 shards)."""
+    from ctsearch.io import scan_archive
+
+    entries, _ = scan_archive(serve_archive / "dicom")
+    return index_entries(entries, model_dir, tmp_path_factory.mktemp("serve-index") / "idx")
+
+
+def index_entries(entries, model_dir, out, volumes_per_shard: int = 2):
+    """Index scan entries (ctsearch.io.ScanEntry) into ``out`` with the encoder in ``model_dir``.
 
     Written with the library's IndexWriter in this process (as `ctsearch index` writes it, without
     the Ray Data pipeline, which costs a minute on 2 cores and is tested elsewhere)."""
     import numpy as np
 
     from ctsearch.index import IndexWriter, l2_normalize
-    from ctsearch.io import scan_archive
     from ctsearch.model import embed, load_encoder
     from ctsearch.store import content_hash, file_fingerprint
 
     encoder, config = load_encoder(model_dir)
-    entries, _ = scan_archive(serve_archive / "dicom")
-    out = tmp_path_factory.mktemp("serve-index") / "idx"
     with IndexWriter.open(out, config, model_dir) as w:
-        for start in range(0, len(entries), 2):
+        for start in range(0, len(entries), volumes_per_shard):
             rows, vectors, volumes = [], [], []
-            for e in entries[start : start + 2]:
+            for e in entries[start : start + volumes_per_shard]:
                 vol = e.read()
                 vectors.append(l2_normalize(embed(encoder, vol.hu, config)))
                 z = vol.z_mm()
@@ -159,6 +164,7 @@ def serve_index(serve_archive, model_dir, tmp_path_factory):
                         volume_id=e.volume_id,
                         series_id=e.series_id,
                         content_hash=content_hash(e.path),
+                        pixel_hash=vol.pixel_hash(),
                         size=size,
                         mtime_ns=mtime,
                         n_slices=vol.hu.shape[0],

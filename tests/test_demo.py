@@ -71,6 +71,7 @@ def test_demo_runs_end_to_end(tmp_path, ray_session):
     assert page.tags.count("svg") == 4  # loss and retrieval curves of both runs
     assert any(t == "img" and k == "src" and v.startswith("data:image/png;base64,") for t, k, v in page.attrs)
     assert "Archive and index" in text
+    assert "The same anatomy in the patient's earlier examination" in text and "coherent" in text
     assert not any(
         n in text for n in ("No evaluation result", "No training run", "No explain folder", "No index or")
     )

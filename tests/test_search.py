@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import SimulatedCrash, crash_index_writer
 
-from ctsearch.crossexam import best_by_volume, cross_exam
+from ctsearch.crossexam import cross_exam
 from ctsearch.errors import CTSearchInputError
 from ctsearch.index import (
     Index,
@@ -237,22 +237,6 @@ def test_torch_exact_search_matches_faiss(tmp_path):
     assert (i_t == i_f).all()
 
 
-def test_best_by_volume_orders_matches_along_z():
-    rng = np.random.default_rng(0)
-    v = l2_normalize(rng.standard_normal((9, 16)))
-    vol = np.array(["a"] * 4 + ["b"] * 5)
-    z = np.array([30.0, 10.0, 20.0, 0.0, 5.0, 50.0, 15.0, 25.0, 35.0])
-    q = v[2]
-    out = best_by_volume(q, v, vol, z, per_volume=3)
-    assert [m["volume"] for m in out] == ["a", "b"]
-    for m in out:
-        assert np.all(np.diff(z[m["rows"]]) >= 0)
-        rows = np.flatnonzero(vol == m["volume"])
-        s = v[rows] @ q
-        assert set(m["rows"]) == set(rows[np.argsort(-s)[:3]])
-        assert m["best"] == rows[np.argmax(s)]
-
-
 def test_cross_exam_finds_the_same_level_in_the_other_exam(tmp_path):
     """Two exams of one patient: slice i of exam 1 and slice i+3 of exam 2 show the same anatomy."""
     rng = np.random.default_rng(1)
@@ -302,8 +286,9 @@ def test_cross_exam_finds_the_same_level_in_the_other_exam(tmp_path):
         ]
     )
     idx = make_index(tmp_path / "i", np.concatenate([e1, e2, other]), rows, [45, 45])
-    exams = cross_exam(idx, e1[10], "p", exclude_volume="e1", per_exam=3)
+    exams = cross_exam(idx, e1[10], "p", exclude_volume="e1", per_exam=3, query_slice=10)["exams"]
     assert [e["volume_id"] for e in exams] == ["e2"]
+    assert exams[0]["offset_mm"] == pytest.approx(100.0 - 6.0)  # e2's slice i + 3 lies at e1's z + 94 mm
     assert exams[0]["best"]["slice_index"] == 7
     zs = [m["z_mm"] for m in exams[0]["matches"]]
     assert zs == sorted(zs) and len(zs) == 3

@@ -203,7 +203,10 @@ def test_upload_zipped_dicom_series_and_cross_exam(server, catalogue):
     assert res["query"]["patient_id"] == e["patient_id"] and res["query"]["series_id"] == e["series_id"]
     assert res["hits"][0]["score"] == pytest.approx(1.0, abs=1e-5)
     cross = get_json(server, "/api/crossexam?slice=12", data=buf.getvalue())
-    assert {x["volume_id"] for x in cross["exams"]} == {x["volume_id"] for x in catalogue[0]["exams"]}
+    # The upload is the indexed series itself (same pixels): aligned, not offered as another exam.
+    assert cross["copies_of_query"] == [e["volume_id"]]
+    others = {x["volume_id"] for x in catalogue[0]["exams"]} - {e["volume_id"]}
+    assert {x["volume_id"] for x in cross["exams"]} == others and cross["context_slices"] == e["n_slices"]
 
 
 def test_bad_requests_get_one_line_4xx(server, catalogue):
@@ -463,7 +466,16 @@ def test_sharded_deployment_returns_exactly_the_single_process_results(server, c
             assert [{k: h[k] for k in keys} for h in got] == [{k: h[k] for k in keys} for h in expect]
         got = get_json(server, f"/api/crossexam?query={ref}&per_exam=4")["exams"]
         assert got == json.loads(
-            json.dumps(cross_exam(index, v, meta["patient_id"], exclude_volume=ex["volume_id"], per_exam=4))
+            json.dumps(
+                cross_exam(
+                    index,
+                    v,
+                    meta["patient_id"],
+                    exclude_volume=ex["volume_id"],
+                    per_exam=4,
+                    query_slice=10 + 11 * p,
+                )["exams"]
+            )
         )
     s, _, body = call(server, "/api/search?query=nope:1")
     assert "unknown volume" in one_line_error(s, body, 404)

@@ -127,6 +127,7 @@ def demo_steps(
             "random",
             "--relax-masks",
             s(masks),
+            "--crossexam",
             "--out",
             s(out / "evaluation.json"),
         ],

@@ -58,6 +58,14 @@ def evaluate_cmd(
     ),
     gpus: int = typer.Option(0, "--gpus", help="GPUs for the RELAX part (one actor each); 0 = CPU actors."),
     workers: int = typer.Option(1, "--workers", help="CPU actors for the RELAX part when --gpus is 0."),
+    crossexam: bool = typer.Option(
+        False,
+        "--crossexam",
+        help="Also measure cross-examination retrieval on the test split's patients with two or more exams "
+        "(every slice as a query against the patient's other exam; ground truth from `ctsearch synth --exams 2`): "
+        "|Δz| of the top-1 slice from the true position, share within one slice thickness, rank correlation of "
+        "the returned run with anatomical order, for plain top-k and the coherent method of `search --cross-exam`.",
+    ),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Also write the whole result as JSON to this file (what `ctsearch report` reads)."
     ),
@@ -89,6 +97,7 @@ def evaluate_cmd(
         imagenet_weights=str(weights) if weights else None,
         gpus=gpus,
         workers=workers,
+        crossexam=crossexam,
     )
     res = run_job(
         evaluate,
@@ -116,3 +125,12 @@ def evaluate_cmd(
         + (f"; RR over liver slices with {relax_masks} RELAX masks each" if relax_masks else "; RR skipped"),
         quiet,
     )
+    if res["crossexam"]:
+        c = res["crossexam"]
+        emit_result("\n" + c["table"])
+        say(
+            f"cross-exam: {c['queries']} query slices in {c['exam_pairs']} ordered exam pairs of {c['patients']} test "
+            f"patients with two or more exams ({c['single_exam_patients']} with one exam left out); "
+            f"|Δz| = distance of the top-1 slice from the true anatomical position; run = {c['k']} slices",
+            quiet,
+        )

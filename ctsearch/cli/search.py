@@ -55,9 +55,12 @@ def search_cmd(
     cross_exam: bool = typer.Option(
         False,
         "--cross-exam",
-        help="Instead: per other series of the query's patient, the best-matching slices ordered by z.",
+        help="Instead: the query's anatomy in each other examination of its patient: the query exam's "
+        "stretch around the slice aligned with the other exam along z, returning the matched slice, "
+        "a run of slices around it (inferior to superior) and a confidence. Copies of the query's scan "
+        "(same pixels) are not offered.",
     ),
-    per_exam: int = typer.Option(3, help="Slices per series with --cross-exam."),
+    per_exam: int = typer.Option(5, help="Length of the run of slices per examination with --cross-exam."),
     device: str = typer.Option("cpu", help="cpu (FAISS) or cuda (exact search with torch on the GPU)."),
     nprobe: Optional[int] = typer.Option(
         None, help="IVF lists probed in IVF-PQ shards (default: stored per shard)."
@@ -70,7 +73,7 @@ def search_cmd(
     from ctsearch.errors import CTSearchInputError
     from ctsearch.ids import load_salt
     from ctsearch.index import Index
-    from ctsearch.query import embed_query
+    from ctsearch.query import embed_query, embed_series
 
     id_salt = load_salt(id_salt_file)
     index = Index.open(index_dir, device=device)
@@ -90,13 +93,22 @@ def search_cmd(
             )
         if not qmeta.get("patient_id"):
             raise CTSearchInputError(query, "has no patient id; --cross-exam needs one")
-        exams = run(
-            index, vector, qmeta["patient_id"], exclude_volume=qmeta.get("volume_id"), per_exam=per_exam
+        if per_exam < 1:
+            raise CTSearchInputError(None, "--per-exam must be at least 1")
+        res = run(
+            index,
+            vector,
+            qmeta["patient_id"],
+            exclude_volume=qmeta.get("volume_id"),
+            per_exam=per_exam,
+            query_slice=qmeta.get("slice_index"),
+            query_hash=qmeta.get("pixel_hash"),
+            series=(lambda: embed_series(index, query)) if Path(query).exists() else None,
         )
         if json_out:
-            emit_json(exams)
+            emit_json({"query": {k: qmeta.get(k) for k in JSON_KEYS if k in qmeta}, **res})
         else:
-            _print_exams(qmeta, exams)
+            _print_exams(qmeta, res)
         return
     res = index.search(vector, k=k, patient=patient, exclude_patient=exclude_patient, nprobe=nprobe)
     hits = [{key: h.get(key) for key in JSON_KEYS} for h in res.hits[0]]
@@ -128,34 +140,46 @@ def _print_hits(qmeta: dict, hits: list[dict]) -> None:
     Console(file=result_stream()).print(t)
 
 
-def _print_exams(qmeta: dict, exams: list[dict]) -> None:
+def _print_exams(qmeta: dict, res: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(
-        title=f"query {qmeta.get('volume_id')}:{qmeta.get('slice_index')} at z {qmeta.get('z_mm', float('nan')):.1f} mm, "
-        f"patient {qmeta.get('patient_id')}: other series"
+    console = Console(file=result_stream())
+    title = (
+        f"query {qmeta.get('volume_id')}:{qmeta.get('slice_index')} at z {qmeta.get('z_mm', float('nan')):.1f} mm, "
+        f"patient {qmeta.get('patient_id')}"
     )
+    if res["message"]:  # one exam only: say so rather than print an empty table
+        console.print(f"{title}: {res['message']}.", soft_wrap=True, markup=False)
+        return
+    t = Table(title=f"{title}: the same anatomy in the other examinations")
     for col in (
         "exam date",
-        "study",
         "volume",
         "best slice",
-        "best z mm",
+        "z mm",
         "score",
-        "matches by z (slice@z:score)",
+        "confidence",
+        "run by z (slice@z:score)",
     ):
-        t.add_column(col)
-    for e in exams:
+        t.add_column(col, overflow="fold")
+    for e in res["exams"]:
         b = e["best"]
-        ms = "  ".join(f"{m['slice_index']}@{m['z_mm']:.0f}:{m['score']:.3f}" for m in e["matches"])
+        ms = " ".join(f"{m['slice_index']}@{m['z_mm']:.0f}:{m['score']:.3f}" for m in e["matches"])
+        volume = str(e["volume_id"]) + (f" (= {', '.join(e['copies'])})" if e["copies"] else "")
         t.add_row(
             str(e["exam_date"] or ""),
-            str(e["study_id"]),
-            str(e["volume_id"]),
+            volume,
             str(b["slice_index"]),
             f"{b['z_mm']:.1f}",
             f"{b['score']:.4f}",
+            f"{e['confidence']:.2f}",
             ms,
         )
-    Console(file=result_stream()).print(t)
+    console.print(t)
+    if res["copies_of_query"]:
+        console.print(
+            f"not shown: {', '.join(res['copies_of_query'])}, a copy of the query's own scan (same pixels)",
+            soft_wrap=True,
+            markup=False,
+        )

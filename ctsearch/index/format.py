@@ -42,6 +42,7 @@ VOLUMES_SCHEMA = pa.schema(
         ("volume_id", pa.string()),
         ("series_id", pa.string()),
         ("content_hash", pa.string()),
+        ("pixel_hash", pa.string()),  # Volume.pixel_hash: equal for copies of one scan in other formats
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
         ("n_slices", pa.int32()),

@@ -124,6 +124,20 @@ class Index:
             np.flatnonzero(self._column(s, "patient_id") == patient_id).astype(np.int64) for s in self.shards
         ]
 
+    def pixel_hashes(self, volume_ids) -> dict[str, str]:
+        """volume_id -> ``Volume.pixel_hash`` of the indexed volumes among ``volume_ids``; volumes
+        indexed before ctsearch recorded it are left out (their copies cannot be recognised)."""
+        want, out = set(volume_ids), {}
+        for s in self.shards:
+            path = self.root / "volumes" / f"{s.name}.parquet"
+            if not s.volumes or not path.is_file():
+                continue
+            t = _read_volumes(str(path), path.stat().st_mtime_ns)
+            for vid, h, status in zip(t["volume_id"], t["pixel_hash"], t["status"]):
+                if vid in want and h and status == "indexed":
+                    out[vid] = h
+        return out
+
     def lookup(self, volume_id: str, slice_index: int) -> tuple[np.ndarray, dict]:
         """The stored vector [d] and metadata of row ``volume_id:slice_index``."""
         found = []
@@ -250,6 +264,16 @@ class Index:
 def _read_column(path: str, mtime_ns: int, name: str) -> np.ndarray:
     col = pq.read_table(path, columns=[name]).column(name)
     return np.asarray(col.to_pylist(), dtype=object) if pa.types.is_string(col.type) else col.to_numpy()
+
+
+@lru_cache(maxsize=64)
+def _read_volumes(path: str, mtime_ns: int) -> dict[str, list]:
+    t = pq.read_table(path)
+    n = t.num_rows
+    return {
+        c: t.column(c).to_pylist() if c in t.column_names else [None] * n
+        for c in ("volume_id", "pixel_hash", "status")
+    }
 
 
 @lru_cache(maxsize=64)

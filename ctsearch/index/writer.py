@@ -324,7 +324,8 @@ class IndexWriter:
         if len(flats) < 2 or sum(s.rows for s in flats) < m["ann_threshold"]:
             return None
         read = lambda sub: pa.concat_tables(
-            [pq.read_table(self.root / sub / f"{s.name}.parquet") for s in flats]
+            [pq.read_table(self.root / sub / f"{s.name}.parquet") for s in flats],
+            promote_options="default",  # shards written before a column was added (pixel_hash) lack it
         )  # noqa: E731
         table, vols, errs = read("embeddings"), read("volumes").to_pylist(), read("errors").to_pylist()
         name = f"shard-{m['next_shard']:05d}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -38,6 +39,19 @@ class Volume:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.hu.shape)
+
+    def pixel_hash(self) -> str:
+        """sha256 of the shape and the int16 HU in canonical order: equal for copies of one scan
+        (a NIfTI and a DICOM export), whatever their file bytes, names or ids.
+
+        Example:
+            >>> v = Volume(np.zeros((2, 3, 3), np.int16), (1.0, 1.0, 1.0), np.eye(4))
+            >>> v.pixel_hash() == Volume(v.hu.copy(), (5.0, 1.0, 1.0), np.eye(4), patient_id="x").pixel_hash()
+            True
+        """
+        h = hashlib.sha256(repr(self.shape).encode())
+        h.update(np.ascontiguousarray(self.hu, dtype="<i2"))  # the buffer itself: no copy
+        return h.hexdigest()
 
     def z_mm(self) -> np.ndarray:
         """float64 [z]: each slice's position along the body axis (LPS z, mm)."""

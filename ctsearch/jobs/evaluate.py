@@ -117,6 +117,7 @@ class EvaluateOptions:
     imagenet_weights: str | None = None  # local ImageNet file of the imagenet baseline
     gpus: int = 0  # for the RELAX part, one actor each; 0: CPU actors
     workers: int = 1  # CPU actors of the RELAX part
+    crossexam: bool = False  # also measure cross-exam retrieval on the test split's two-exam patients
 
 
 @dataclass
@@ -132,6 +133,7 @@ class EvaluateResult:
     runs: list[dict]  # one per run or baseline: name, source and each metric's value
     rows: list[dict]  # one per name: n, sources and each metric's summary_stats
     table: str  # the markdown table of the rows
+    crossexam: dict | None = None  # with --crossexam: crossexam_table's input, its table and an example
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -195,6 +197,7 @@ def evaluate(
         render_png=False,
     )
     relax.check()
+    cross = crossexam_volumes(dataset_dir) if o.crossexam else None  # read before the runs: fail early
     per_run = []
     for name, source, spec in entries:
         log(f"{name}: {source}")
@@ -205,6 +208,8 @@ def evaluate(
         row.update({m.key: m.score(ranking) if k >= m.needs_k else None for m in METRICS if m.score})
         if o.relax_masks > 0:
             row.update(rr_of(spec, test_path, relax, o.gpus, o.workers, address))
+        if cross is not None:
+            row["crossexam"] = crossexam_of(spec, cross["patients"], k, device)
         per_run.append(row)
 
     groups: dict[str, list[dict]] = {}
@@ -231,4 +236,128 @@ def evaluate(
         runs=per_run,
         rows=rows,
         table=markdown_table(rows, k),
+        crossexam=None if cross is None else crossexam_summary(cross, per_run, k),
     )
+
+
+# ----------------------------------------------------------------------------- cross-examination
+
+
+def crossexam_volumes(dataset_dir: str | os.PathLike) -> dict:
+    """The test split's patients with two or more examinations, read whole, with ground truth.
+
+    Returns ``{"patients": {patient: [volume dicts by exam date]}, "single_exam_patients": n}``;
+    a volume dict holds volume_id, exam_date, path, hu (int16 [n, y, x]), z (float [n], mm) and
+    anat (float [n], ``ctsearch.synth.anatomical_positions``). Ground truth exists for archives
+    written by ``ctsearch synth --exams 2`` (or more); anything else is a one-line error.
+    """
+    import pyarrow.parquet as pq
+
+    from ctsearch.io import read_volume
+    from ctsearch.store import read_json
+    from ctsearch.synth import anatomical_positions
+
+    root = Path(dataset_dir)
+    protocol = read_json(
+        root / "protocol.json", "slice protocol (from ctsearch prepare --protocol decathlon)"
+    )
+    test = {v["volume_id"] for v in protocol.get("volumes", []) if v.get("split") == "test"}
+    by_patient: dict[str, list[dict]] = {}
+    for r in pq.read_table(root / "manifest.parquet").to_pylist():
+        if r["volume_id"] in test:
+            by_patient.setdefault(r["patient_id"], []).append(r)
+    several = {p: rs for p, rs in by_patient.items() if len(rs) > 1}
+    if not several:
+        raise CTSearchInputError(
+            root,
+            f"no patient of the test split has two examinations ({len(by_patient)} patients with one each); "
+            "--crossexam needs an archive like `ctsearch synth --exams 2`",
+        )
+    truth = anatomical_positions([r["path"] for rs in several.values() for r in rs])
+    patients = {}
+    for p, rs in sorted(several.items()):
+        vols = []
+        for r in sorted(rs, key=lambda r: (r["exam_date"] or "", r["volume_id"])):
+            vol = read_volume(r["path"])
+            keys = ("volume_id", "exam_date", "path")
+            vols.append({**{k: r[k] for k in keys}, "hu": vol.hu, "z": vol.z_mm(), "anat": truth[r["path"]]})
+        patients[p] = vols
+    return {"patients": patients, "single_exam_patients": len(by_patient) - len(several)}
+
+
+def crossexam_of(spec: EncoderSpec, patients: dict[str, list[dict]], k: int, device: str) -> dict:
+    """Plain top-k vs the coherent method (ctsearch.crossexam) for one encoder: every slice of every
+    exam as a query against each other exam of its patient. Returns ``crossexam.summarise``'s dict
+    plus ``example``: a later exam's mid-liver slice against the earlier exam (the report's figure)."""
+    from ctsearch.crossexam import coherent_match, plain_topk, score_pair, summarise
+    from ctsearch.index import l2_normalize
+
+    scores, example = [], None
+    for vols in patients.values():
+        emb = [l2_normalize(embed_split(spec, v["hu"], device)) for v in vols]
+        for a, qa in enumerate(vols):
+            for b, ob in enumerate(vols):
+                if a != b:
+                    scores.append(score_pair(emb[a], qa["z"], qa["anat"], emb[b], ob["z"], ob["anat"], k))
+        if example is None:
+            # As in the paper's case study: a slice of the newest exam, 6 cm below the liver dome
+            # (mid-liver), looked up in the exam before it.
+            (q, o), (eq, eo) = (vols[-1], vols[-2]), (emb[-1], emb[-2])
+            i = int(np.argmin(np.abs(q["anat"] + 60.0)))
+            sim = eq @ eo.T
+            m = coherent_match(sim, q["z"], o["z"], float(q["z"][i]), k)
+            example = {
+                "query": {
+                    "volume_id": q["volume_id"],
+                    "path": q["path"],
+                    "exam_date": q["exam_date"],
+                    "slice_index": i,
+                    "z_mm": float(q["z"][i]),
+                    "anatomical_mm": float(q["anat"][i]),
+                },
+                "other": {"volume_id": o["volume_id"], "path": o["path"], "exam_date": o["exam_date"]},
+                "true_slice": int(np.argmin(np.abs(o["anat"] - q["anat"][i]))),
+                "coherent": {"best": m.best, "run": m.run.tolist(), "confidence": m.confidence},
+                "plain": plain_topk(sim[i], k).tolist(),
+                "anatomical_mm": o["anat"].round(2).tolist(),
+            }
+    return {**summarise(scores), "pairs": len(scores), "example": example}
+
+
+CROSSEXAM_COLUMNS = (
+    ("mean_dz_mm", "mean \\|Δz\\| mm", "{:.1f}"),
+    ("median_dz_mm", "median \\|Δz\\| mm", "{:.1f}"),
+    ("within_thickness", "within 1 slice thickness", "{:.1%}"),
+    ("rank_corr", "rank corr. of run with z", "{:.2f}"),
+    ("run_overlap", "run overlap with truth", "{:.1%}"),
+)
+
+
+def crossexam_summary(cross: dict, per_run: list[dict], k: int) -> dict:
+    """evaluate's ``crossexam`` block: counts, one row per run and method, the markdown table, an example."""
+    rows = []
+    for r in per_run:
+        for method in ("plain", "coherent"):
+            rows.append(
+                {"name": r["name"], "source": r["source"], "method": method, **r["crossexam"][method]}
+            )
+    first = per_run[0]["crossexam"]
+    example = first["example"]
+    for r in per_run:  # one example (the first run's) is enough for the report
+        r["crossexam"].pop("example", None)
+    header = "| encoder | method | " + " | ".join(c[1] for c in CROSSEXAM_COLUMNS) + " |"
+    lines = [header, "|---|---|" + "---|" * len(CROSSEXAM_COLUMNS)]
+    label = {"plain": f"plain top-{k}", "coherent": "coherent (z offset)"}
+    for row in rows:
+        cells = ["" if row[c] is None else f.format(row[c]) for c, _, f in CROSSEXAM_COLUMNS]
+        lines.append(f"| {row['name']} | {label[row['method']]} | " + " | ".join(cells) + " |")
+    return {
+        "patients": len(cross["patients"]),
+        "single_exam_patients": cross["single_exam_patients"],
+        "exam_pairs": first["pairs"],
+        "queries": first["queries"],
+        "k": k,
+        "rows": rows,
+        "table": "\n".join(lines),
+        "example": {"name": per_run[0]["name"], **example},
+    }

@@ -147,6 +147,7 @@ _OBJECT_COLS = {
     "status",
     "error",
     "content_hash",
+    "pixel_hash",
     "stage",
     "read_node",
     *ID_COLUMNS,
@@ -167,6 +168,7 @@ def _volume_rows(
         error="",
         stage="",
         content_hash="",
+        pixel_hash="",
         height=0,
         width=0,
         slice_index=-1,
@@ -185,7 +187,8 @@ def _volume_rows(
         error = f"{type(e).__name__}: {e}"
         return [{**base, **status, "status": "error", "stage": "read", "error": error, "n_rows": 1}], None
     ids = _final_ids(task, vol, path, id_salt)
-    status.update(ids, content_hash=chash)
+    # pixel_hash: copies of one scan in other files (NIfTI + DICOM) are not another exam (crossexam).
+    status.update(ids, content_hash=chash, pixel_hash=vol.pixel_hash())
     if f"{ids['series_id']}|{chash}" in known:
         return [{**base, **status, "status": "duplicate", "n_rows": 1}], None
     hu, z = np.ascontiguousarray(vol.hu, dtype="<i2"), vol.z_mm()
@@ -552,6 +555,7 @@ def _commit(writer: IndexWriter, parts: list[dict], summary: IndexSummary) -> No
                 "volume_id": str(r["volume_id"]),
                 "series_id": str(r["series_id"]),
                 "content_hash": str(r["content_hash"]),
+                "pixel_hash": str(r["pixel_hash"]),
                 "size": int(r["size"]),
                 "mtime_ns": int(r["mtime_ns"]),
                 "n_slices": int(b - a) if status == "indexed" else 0,

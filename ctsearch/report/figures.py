@@ -150,3 +150,26 @@ def query_figure(
         rows.append([blank] + [overlay(hus[j + 1], maps["pair_hit_importance"][j], size) for j in range(n)])
         caps += [["", *["query -> this hit"] * n], ["", *["this hit -> query"] * n]]
     return grid(rows, caps)
+
+
+def crossexam_figure(query: np.ndarray, other: np.ndarray, example: dict, size: int = 128) -> Image.Image:
+    """The report's cross-exam example: top row the query slice, then the coherent run in the earlier
+    exam along z (inferior to superior); bottom row the true matching slice, then plain top-k by score.
+
+    ``query``: HU [h, w]; ``other``: the earlier exam, HU [n, h, w]; ``example``: evaluate's
+    ``crossexam.example`` (slice indices into ``other``, ``anatomical_mm`` per slice of ``other``).
+    Each caption gives the slice and its distance from the true position (mm, + = superior).
+    """
+    anat, truth = example["anatomical_mm"], example["query"]["anatomical_mm"]
+    label = lambda j: f"{j}: {anat[j] - truth:+.0f} mm"  # noqa: E731
+    best = example["coherent"]["best"]
+    run, plain = example["coherent"]["run"], example["plain"]
+    rows = [
+        [slice_rgb(query, size)] + [slice_rgb(other[j], size) for j in run],
+        [slice_rgb(other[example["true_slice"]], size)] + [slice_rgb(other[j], size) for j in plain],
+    ]
+    caps = [
+        ["query"] + [("best " if j == best else "") + label(j) for j in run],
+        [f"truth {label(example['true_slice'])}"] + [f"#{r + 1} {label(j)}" for r, j in enumerate(plain)],
+    ]
+    return grid(rows, caps)

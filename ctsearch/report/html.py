@@ -263,6 +263,65 @@ liver. Higher means the model looks at the liver; "n/a" when it was not measured
 </dl>"""
 
 
+def crossexam_section(cross: dict) -> str:
+    """``evaluate --crossexam``: plain top-k against the coherent method, and one example figure."""
+    from ctsearch.report.figures import crossexam_figure, png_bytes
+
+    pct = lambda v: "" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    num = lambda v, d=1: "" if v is None else f"{v:.{d}f}"  # noqa: E731
+    k = cross.get("k", 5)
+    rows = [
+        [
+            r["name"],
+            f"plain top-{k}" if r["method"] == "plain" else "coherent (one z offset per exam)",
+            num(r["mean_dz_mm"]),
+            num(r["median_dz_mm"]),
+            pct(r["within_thickness"]),
+            num(r["rank_corr"], 2),
+            pct(r["run_overlap"]),
+        ]
+        for r in cross["rows"]
+    ]
+    header = ["encoder", "method", "mean |Δz| (mm)", "median |Δz| (mm)", "within 1 slice (%)"]
+    table = _table(header + ["rank corr. with z", "run overlap (%)"], rows, "results")
+    ex = cross.get("example") or {}
+    figure = '<p class="note">No example (its volumes could not be read).</p>'
+    try:
+        from ctsearch.io import read_volume
+
+        q, o = ex["query"], ex["other"]
+        img = crossexam_figure(read_volume(q["path"]).hu[q["slice_index"]], read_volume(o["path"]).hu, ex)
+        figure = _img(
+            png_bytes(img), "query, the matched run in the earlier exam, truth and plain top-k", "figure"
+        )
+        figure += f"""<p>Query: slice {q["slice_index"]} of {escape(str(q["volume_id"]))} (examination of
+{escape(str(q.get("exam_date")))}, {-q["anatomical_mm"]:.0f} mm below the liver dome), looked up in
+{escape(str(o["volume_id"]))} (examination of {escape(str(o.get("exam_date")))}) with {escape(str(ex.get("name")))}.
+Top row: the query, then the run the coherent method returns along z, inferior to superior (confidence
+{ex["coherent"]["confidence"]:.2f}). Bottom row: the slice at the true position, then plain top-{k} by
+similarity. Captions: slice number and its distance from the true position (+ = superior).</p>"""
+    except (KeyError, TypeError, OSError, CTSearchInputError) as e:
+        figure = f'<p class="note">No example figure: {escape(str(e))}.</p>'
+    return f"""
+<p>As in the paper's case study: a slice of a new examination is looked up in the same patient's
+other examination, which was scanned over another range, at another table position and slice
+thickness. Every slice of the {escape(str(cross["patients"]))} test patients with two examinations
+({escape(str(cross["queries"]))} queries in {escape(str(cross["exam_pairs"]))} ordered exam pairs) was a
+query; the true position comes from the synthetic archive's anatomical frame.</p>
+{table}
+<dl class="legend">
+<dt>|Δz|</dt><dd>How far the top slice lies from the true position along the body, in millimetres.</dd>
+<dt>within 1 slice</dt><dd>Share of queries whose top slice is within one slice thickness of the other exam of the truth.</dd>
+<dt>rank corr. with z</dt><dd>Spearman correlation of the {k} slices, in the order returned, with their order
+along the body (1: returned in anatomical order; plain top-{k} returns them by similarity).</dd>
+<dt>run overlap</dt><dd>Share of the {k} returned slices among the {k} slices nearest the true position.</dd>
+<dt>plain top-{k}</dt><dd>The {k} slices of the other exam most similar to the query slice, chosen one by one.</dd>
+<dt>coherent</dt><dd>The whole query exam laid onto the other exam at one z offset (where its slices agree
+best); the slice at the query's position and the {k} slices around it (ctsearch search --cross-exam).</dd>
+</dl>
+{figure}"""
+
+
 def run_section(run: Path) -> str:
     """One training run: its key settings and its curves (loss; MAP@5 and 5-NN accuracy over epochs)."""
     cfg, opts, model = read_run_settings(run)
@@ -519,6 +578,7 @@ _SECTIONS = (
     ("evaluation", "Retrieval and explanation quality (Table 1)"),
     ("training", "Training runs"),
     ("query", "An example query, its most similar slices, and where the model looks"),
+    ("crossexam", "The same anatomy in the patient's earlier examination"),
     ("archive", "Archive and index"),
 )
 
@@ -535,6 +595,9 @@ def build_report(parts: ReportInputs, title: str = "ctsearch report") -> tuple[s
     notes: list[str] = []
     if parts.evaluation:
         body["evaluation"] = evaluation_section(parts.evaluation)
+        cross = read_json(parts.evaluation, "evaluation result").get("crossexam")
+        if cross:
+            body["crossexam"] = crossexam_section(cross)
     else:
         notes.append(
             "No evaluation result: run ctsearch evaluate ... --out evaluation.json and pass the file."

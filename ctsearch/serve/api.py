@@ -9,7 +9,7 @@ Routes (docs/serve.md has curl examples):
     GET  /api/volumes/{id}      the volume's indexed slices with z, for the slider
     GET  /api/search            ?query=VOLUME:SLICE&k=5[&patient=P|&exclude_patient=P][&one_per=series|study]
     POST /api/search            the same with a NIfTI / DICOM / zipped DICOM series as the body (&slice=N)
-    GET|POST /api/crossexam     ?query=...&per_exam=3
+    GET|POST /api/crossexam     ?query=...&per_exam=5
     GET|POST /api/explain       ?query=...&hit=VOLUME:SLICE[&masks=1000] -> PNG
     GET  /api/thumbnail         ?volume_id=V&slice=N (or ?query=V:N)&window=wide|narrow|liver|L,W[&size=256] -> PNG
     POST /api/thumbnail         the uploaded query's slice (&slice=N) -> PNG
@@ -175,7 +175,7 @@ def build_app(service: SearchService, token_sha256: str | None = None):
     @app.api_route("/api/crossexam", methods=["GET", "POST"])
     async def crossexam(request: Request):
         q = await query_of(request)
-        return await service.cross_exam(q, per_exam=_int(request.query_params, "per_exam", 3))
+        return await service.cross_exam(q, per_exam=_int(request.query_params, "per_exam", 5))
 
     @app.api_route("/api/explain", methods=["GET", "POST"])
     async def explain(request: Request):

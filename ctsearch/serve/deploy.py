@@ -139,8 +139,8 @@ class ShardGroupDeployment:
     def search(self, vectors, k, patient=None, exclude_patient=None):
         return self.group.search(vectors, k, patient, exclude_patient)
 
-    def cross_exam(self, query, patient_id, exclude_volume, per_exam):
-        return self.group.cross_exam(query, patient_id, exclude_volume, per_exam)
+    def patient_volumes(self, patient_id):
+        return self.group.patient_volumes(patient_id)
 
     def catalogue(self):
         return self.group.catalogue()

@@ -284,9 +284,21 @@ class SearchService:
             "slice_index": s,
             "z_mm": float(vol.z_mm()[s]),
             "path": None,
+            "pixel_hash": vol.pixel_hash(),  # an indexed copy of the upload is not another exam
         }
         meta = query_ids(self.index, meta, self.id_salt)  # the same hashing as `ctsearch search FILE`
         return Resolved(vector, {**meta, "upload": True, "n_slices": n}, np.asarray(vol.hu[s]))
+
+    def _upload_series(self, q: Query) -> tuple[np.ndarray, np.ndarray]:
+        """Every slice of an uploaded series embedded (cross-exam aligns the whole exam)."""
+        from ctsearch.index import l2_normalize
+        from ctsearch.model import embed
+
+        vol = self._uploads.get_or_make(
+            upload_digest(q.upload), lambda: read_upload(q.upload, self.max_upload_bytes)
+        )
+        with self._torch.inference_mode():
+            return l2_normalize(embed(self.encoder, vol.hu, self.config)), vol.z_mm()
 
     # --------------------------------------------------------------------- search
     async def search_vector(
@@ -369,8 +381,11 @@ class SearchService:
             out["n_slices"] = self._catalogue[meta["volume_id"]]["n_slices"]
         return out
 
-    async def cross_exam(self, q: Query, per_exam: int = 3) -> dict:
-        """Per other series of the query's patient, the best-matching slices ordered by z (``crossexam``)."""
+    async def cross_exam(self, q: Query, per_exam: int = 5) -> dict:
+        """The query's anatomy in each other examination of its patient (``crossexam.match_exams``):
+        the groups send the patient's volumes, the front aligns them as ``ctsearch search --cross-exam``."""
+        from ctsearch.crossexam import match_exams
+
         if not 1 <= per_exam <= 50:
             raise ServeError(400, f"per_exam must be between 1 and 50, got {per_exam}")
         r = await self.resolve(q)
@@ -382,15 +397,19 @@ class SearchService:
                 else "the query has no patient id"
             )
             raise ServeError(400, f"cross-exam needs the query's patient: {why}")
-        exclude = None if r.meta.get("upload") else r.meta.get("volume_id")
-        parts = await asyncio.gather(
-            *(g.call("cross_exam", r.vector, patient, exclude, per_exam) for g in self.groups)
+        own = None if r.meta.get("upload") else r.meta.get("volume_id")
+        parts = await asyncio.gather(*(g.call("patient_volumes", patient) for g in self.groups))
+        res = await asyncio.to_thread(
+            match_exams,
+            r.vector,
+            [v for p in parts for v in p],
+            query_volume=own,
+            query_slice=r.meta.get("slice_index"),
+            query_hash=r.meta.get("pixel_hash"),
+            series=(lambda: self._upload_series(q)) if r.meta.get("upload") else None,
+            per_exam=per_exam,
         )
-        exams = sorted(
-            (e for p in parts for e in p),
-            key=lambda e: (e["exam_date"] or "", e["study_id"] or "", e["volume_id"]),
-        )
-        return {"query": self.public_query(r.meta), "exams": exams}
+        return {"query": self.public_query(r.meta), **res}
 
     # --------------------------------------------------------------------- pictures
     async def thumbnail(self, volume_id: str, slice_index: int, window: str | None, size: int = 256) -> bytes:

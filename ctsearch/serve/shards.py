@@ -148,13 +148,11 @@ class ShardGroup:
             return [[] for _ in range(len(np.atleast_2d(vectors)))]
         return self.index.search(vectors, k=k, patient=patient, exclude_patient=exclude_patient).hits
 
-    def cross_exam(
-        self, query: np.ndarray, patient_id: str, exclude_volume: str | None, per_exam: int
-    ) -> list[dict]:
-        """``ctsearch.crossexam.cross_exam`` over this group's shards."""
-        from ctsearch.crossexam import cross_exam
+    def patient_volumes(self, patient_id: str) -> list[dict]:
+        """``ctsearch.crossexam.patient_volumes`` over this group's shards (a volume lies in one shard)."""
+        from ctsearch.crossexam import patient_volumes
 
-        return cross_exam(self.index, query, patient_id, exclude_volume=exclude_volume, per_exam=per_exam)
+        return patient_volumes(self.index, patient_id)
 
     def catalogue(self) -> list[dict]:
         """One dict per volume in this group: CATALOGUE_KEYS, n_slices, slice_min/max, z_min/max."""

@@ -33,7 +33,7 @@ from ctsearch.synth.anatomy import (
     sample_exam,
     sample_patient,
 )
-from ctsearch.synth.archive import FORMATS, SynthCase, SynthSummary, synth_archive
+from ctsearch.synth.archive import FORMATS, SynthCase, SynthSummary, anatomical_positions, synth_archive
 from ctsearch.synth.canvas import AIR_HU
 from ctsearch.synth.render import PAD_HU, exam_geometry, max_slices, render, synth_volume
 
@@ -52,6 +52,7 @@ __all__ = [
     "SynthCase",
     "SynthSummary",
     "Tumour",
+    "anatomical_positions",
     "anatomy_for_exam",
     "exam_geometry",
     "max_slices",

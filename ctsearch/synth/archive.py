@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,9 @@ class SynthCase:
     noise_hu: float
     scan_range_mm: tuple[float, float]  # patient Z (0 = liver dome) of slice 0 and the last slice
     dome_z_lps: float  # LPS z of the anatomical liver dome in this exam (cross-exam ground truth)
+    # Per slice (index order): mm above this exam's liver dome, the patient's own frame; the same
+    # anatomy has the same value in every exam (ctsearch evaluate --crossexam, docs/synthetic.md).
+    z_anatomical_mm: list[float] = field(default_factory=list)
     nifti_image: str | None = None
     nifti_label: str | None = None
     dicom_folder: str | None = None
@@ -122,6 +125,7 @@ def synth_archive(
                 noise_hu=round(e.noise_hu, 1),
                 scan_range_mm=(round(e.z_bottom, 1), round(e.z_bottom + spacing[0] * (vol.shape[0] - 1), 1)),
                 dome_z_lps=round(e.offset_lps[2] + e.breathing_dz, 2),
+                z_anatomical_mm=np.round(vol.z_mm() - (e.offset_lps[2] + e.breathing_dz), 2).tolist(),
             )
             if nifti_dir is not None:
                 img, lab = (
@@ -179,3 +183,47 @@ def _write_dataset_json(nifti_dir: Path, cases: list[SynthCase]) -> None:
         "test": [],
     }
     (nifti_dir / "dataset.json").write_text(json.dumps(doc, indent=2))
+
+
+TRUTH_FILE = "synth.json"
+
+
+def anatomical_positions(paths: Iterable[str | os.PathLike]) -> dict[str, np.ndarray]:
+    """Each synthetic volume's per-slice anatomical z (float64 [n], mm above its liver dome).
+
+    ``paths`` are volumes as ``synth_archive`` wrote them (a NIfTI image or a DICOM series
+    folder); the ground truth is the ``synth.json`` of the archive they are in (found among
+    their parent folders). Returns ``{str(path): z}``; a path outside a synthetic archive is an
+    input error.
+
+    Example:
+        >>> z = anatomical_positions(["synth/nifti/imagesTr/liver_1.nii.gz"])  # doctest: +SKIP
+    """
+    from ctsearch.errors import CTSearchInputError
+
+    out, loaded = {}, {}
+    for p in paths:
+        path = Path(p).resolve()
+        root = next((d for d in path.parents if (d / TRUTH_FILE).is_file()), None)
+        if root is None:
+            raise CTSearchInputError(
+                p, f"not in a synthetic archive: no {TRUTH_FILE} above it holds its anatomical ground truth"
+            )
+        if root not in loaded:
+            cases = json.loads((root / TRUTH_FILE).read_text())["cases"]
+            loaded[root] = {
+                key: c.get("z_anatomical_mm")
+                for c in cases
+                for key in (
+                    f"nifti/imagesTr/{c['case']}.nii.gz",
+                    f"dicom/{c['patient_id']}/study-{c['exam']}/series-1",
+                )
+            }
+        z = loaded[root].get(path.relative_to(root).as_posix())
+        if not z:
+            raise CTSearchInputError(
+                p,
+                f"has no per-slice anatomical positions in {root / TRUTH_FILE} (written by an older ctsearch synth?)",
+            )
+        out[str(p)] = np.asarray(z, np.float64)
+    return out

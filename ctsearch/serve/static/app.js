@@ -288,7 +288,7 @@ function showCrossExam(res) {
   const box = $("crossexam");
   box.innerHTML = "";
   if (res.error) { box.append(el("p", { className: "empty", textContent: res.error })); return; }
-  if (!res.exams.length) { box.append(el("p", { className: "empty", textContent: "The index holds no other examination of this patient." })); return; }
+  if (!res.exams.length) { box.append(el("p", { className: "empty", textContent: `${res.message || "The index holds no other examination of this patient"}.` })); return; }
   for (const e of res.exams) {
     const strip = el("div", { className: "strip" });
     for (const m of e.matches) {
@@ -299,9 +299,12 @@ function showCrossExam(res) {
       track(img, thumbURL(e.volume_id, m.slice_index));
     }
     box.append(el("div", { className: "exam" }, [
-      el("div", { textContent: `${e.exam_date || "date unknown"} · series ${shortId(e.series_id || e.volume_id)} · best slice ${e.best.slice_index} at z ${fmtZ(e.best.z_mm)}` }),
+      el("div", { textContent: `${e.exam_date || "date unknown"} · series ${shortId(e.series_id || e.volume_id)} · best slice ${e.best.slice_index} at z ${fmtZ(e.best.z_mm)} · confidence ${e.confidence.toFixed(2)}${e.copies.length ? ` · also stored as ${e.copies.map(shortId).join(", ")}` : ""}` }),
       strip,
     ]));
+  }
+  if (res.copies_of_query && res.copies_of_query.length) {
+    box.append(el("p", { className: "empty", textContent: `Not shown: ${res.copies_of_query.map(shortId).join(", ")}, a copy of the query's own scan (same pixels).` }));
   }
 }
 
