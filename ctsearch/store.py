@@ -213,12 +213,44 @@ def read_run_settings(run_dir: str | os.PathLike) -> tuple[dict, dict, dict]:
 
 
 def read_model_config(model_dir: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig in MODEL_DIR/model.json; an unreadable file is a one-line error."""
+    """The ModelConfig in MODEL_DIR/model.json; an unreadable or impossible config is a one-line error."""
     path = Path(model_dir) / MODEL_JSON
+    d = read_json(path, "model config")
     try:
-        return ModelConfig.from_json(json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
-        raise CTSearchInputError(path, f"unreadable model config ({e})") from None
+        config = ModelConfig.from_json(d)
+        config.check()
+    except CTSearchInputError as e:  # an unknown backbone
+        raise CTSearchInputError(path, e.problem) from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise CTSearchInputError(path, f"unusable model config ({' '.join(str(e).split())})") from None
+    return config
+
+
+ENCODER_SHA_KEY = "encoder_sha256"  # model.json's (and index.json's "model" block's) record of the weights
+
+
+def verify_encoder(model_dir: str | os.PathLike, expected: str | None = None, recorded_in: str = "") -> str:
+    """Check MODEL_DIR/encoder.safetensors against the sha256 recorded for it; returns the file's sha256.
+
+    ``expected`` (from index.json) wins; else model.json's ``encoder_sha256`` (written by
+    ``save_encoder``; older folders have none and are not checked). Replaced or damaged weights
+    would otherwise give confident, wrong embeddings, so a mismatch is an error, never a warning.
+    """
+    d = Path(model_dir)
+    enc = d / ENCODER_FILE
+    if expected is None and (d / MODEL_JSON).is_file():
+        expected, recorded_in = read_json(d / MODEL_JSON, "model config").get(ENCODER_SHA_KEY), MODEL_JSON
+    try:
+        actual = content_hash(enc)
+    except OSError as e:
+        raise CTSearchInputError(enc, f"cannot read the encoder weights ({e.strerror or e})") from None
+    if expected and actual != expected:
+        raise CTSearchInputError(
+            enc,
+            f"does not match the sha256 recorded in {recorded_in or MODEL_JSON} (recorded {expected[:12]}, "
+            f"file {actual[:12]}): the weights were replaced or damaged; restore them or rebuild",
+        )
+    return actual
 
 
 LOCK_FILE = ".lock"

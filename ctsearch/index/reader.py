@@ -72,6 +72,11 @@ class Index:
     def model_dir(self) -> Path:
         return self.root / self.manifest["model"]["dir"]
 
+    @property
+    def encoder_sha256(self) -> str | None:
+        """The sha256 index.json records for INDEX/model/encoder.safetensors (None in an index without a model)."""
+        return self.manifest["model"].get("encoder_sha256") or None
+
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_json(self.manifest["model"]["config"])
 

@@ -59,6 +59,7 @@ from ctsearch.store import (
     content_hash,
     errors_table,
     lock_dir,
+    verify_encoder,
 )
 
 
@@ -136,6 +137,9 @@ class IndexWriter:
         if mpath.is_file():
             manifest = read_manifest(root)
             old = manifest["model"]
+            if old.get("encoder_sha256"):
+                # Extending with a replaced copy would mix two models' vectors in one index.
+                verify_encoder(root / old.get("dir", "model"), old["encoder_sha256"], INDEX_JSON)
             if old.get("encoder_sha256") and enc_sha and old["encoder_sha256"] != enc_sha:
                 raise CTSearchInputError(
                     model_dir,

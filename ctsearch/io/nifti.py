@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
+from nibabel.openers import ImageOpener
 import numpy as np
 
 from ctsearch.errors import CTSearchInputError
@@ -186,6 +187,7 @@ def _open_checked(path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarr
         raise CTSearchInputError(path, problem or f"not a readable NIfTI file ({_describe(e)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise CTSearchInputError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
+    _check_ct_header(path, img)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
@@ -213,6 +215,28 @@ def _open_checked(path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarr
     except ValueError as e:
         raise CTSearchInputError(path, str(e)) from None
     return img, shape, affine_lps
+
+
+def _check_ct_header(path: str, img) -> None:
+    """Refuse voxel types that cannot hold CT numbers and geometry the reader would make up.
+
+    Both would otherwise be read "successfully" into a volume that is wrong: complex or RGB
+    values flattened to numbers, and a zero pixdim silently replaced by nibabel with 1 mm.
+    """
+    # The header as stored: nibabel's loaded header has its zero pixdims already "fixed" to 1.
+    with ImageOpener(path) as f:
+        header = type(img.header).from_fileobj(f, check=False)
+    dtype = header.get_data_dtype()
+    if dtype.fields is not None or dtype.kind in "cbV":
+        kind = {"c": "complex", "b": "boolean"}.get(dtype.kind, "RGB/structured")
+        raise CTSearchInputError(path, f"{kind} voxels ({dtype}) cannot be CT values")
+    # With an sform the affine (and so the spacing) comes from it; otherwise nibabel builds it
+    # from pixdim and turns a 0 there into 1 mm without saying so.
+    pixdim = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    if int(header.get("sform_code", 0)) == 0 and not np.all(np.isfinite(pixdim) & (pixdim != 0)):
+        raise CTSearchInputError(
+            path, f"voxel size (pixdim) is {pixdim.tolist()} mm: no usable geometry (zero or not a number)"
+        )
 
 
 def _check_gzip_size(path: str, size: int, needed: int) -> None:
