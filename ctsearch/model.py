@@ -72,7 +72,9 @@ def save_encoder(encoder: nn.Module, config: ModelConfig, out_dir: str | os.Path
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     atomic_write(out / ENCODER_FILE, lambda tmp: save_file(state, tmp))
     # model.json records the weights' sha256, so replaced or damaged weights are refused on load.
-    atomic_write_json({**config.to_json(), ENCODER_SHA_KEY: content_hash(out / ENCODER_FILE)}, out / MODEL_JSON)
+    atomic_write_json(
+        {**config.to_json(), ENCODER_SHA_KEY: content_hash(out / ENCODER_FILE)}, out / MODEL_JSON
+    )
     return out
 
 
@@ -96,7 +98,8 @@ def load_encoder(
     except Exception as e:  # noqa: BLE001 - safetensors header errors and key/shape mismatches alike
         why = " ".join(str(e).split())[:200]
         raise CTSearchInputError(
-            p / ENCODER_FILE, f"not a {config.backbone} encoder as {MODEL_JSON} says ({type(e).__name__}: {why})"
+            p / ENCODER_FILE,
+            f"not a {config.backbone} encoder as {MODEL_JSON} says ({type(e).__name__}: {why})",
         ) from None
     return encoder.to(device).eval(), config
 

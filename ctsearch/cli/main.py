@@ -41,6 +41,7 @@ COMMAND_MODULES = [
     "prepare",
     "train",
     "index",
+    "verify",
     "search",
     "explain",
     "evaluate",

@@ -14,6 +14,7 @@ from ctsearch.cli.common import (
     emit_json,
     handle_errors,
     result_stream,
+    say,
 )
 
 JSON_KEYS = (
@@ -43,7 +44,9 @@ def search_cmd(
     slice_: Optional[int] = typer.Option(
         None, "--slice", help="Slice of a file/folder QUERY (0 = most inferior; default: the middle slice)."
     ),
-    k: int = typer.Option(5, "-k", "--k", help="Number of results."),
+    k: int = typer.Option(
+        5, "-k", "--k", min=1, help="Number of results (more than the index holds: all of them)."
+    ),
     patient: Optional[str] = typer.Option(
         None,
         help="Only return slices of this patient id (on a pseudonymised index: the pseudonym, or the original id with --id-salt-file).",
@@ -57,7 +60,7 @@ def search_cmd(
         "--cross-exam",
         help="Instead: per other series of the query's patient, the best-matching slices ordered by z.",
     ),
-    per_exam: int = typer.Option(3, help="Slices per series with --cross-exam."),
+    per_exam: int = typer.Option(3, min=1, help="Slices per series with --cross-exam."),
     device: str = typer.Option("cpu", help="cpu (FAISS) or cuda (exact search with torch on the GPU)."),
     nprobe: Optional[int] = typer.Option(
         None, help="IVF lists probed in IVF-PQ shards (default: stored per shard)."
@@ -98,6 +101,8 @@ def search_cmd(
         else:
             _print_exams(qmeta, exams)
         return
+    if k > len(index):
+        say(f"-k {k} is more than the index's {len(index)} slices: returning all of them")
     res = index.search(vector, k=k, patient=patient, exclude_patient=exclude_patient, nprobe=nprobe)
     hits = [{key: h.get(key) for key in JSON_KEYS} for h in res.hits[0]]
     if json_out:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
-from nibabel.openers import ImageOpener
 import numpy as np
+from nibabel.openers import ImageOpener
 
 from ctsearch.errors import CTSearchInputError
 from ctsearch.io.entry import ScanEntry, case_number
