@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ctsearch.errors import CTSearchInputError
+from ctsearch.errors import CTSearchInputError, printable
 
 err_console = Console(stderr=True)
 T = TypeVar("T")
@@ -25,8 +25,25 @@ _result_stream: Any = None
 
 JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable JSON result on stdout.")
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No progress bars or chatter.")
+
+
+def _check_address(value: str | None) -> str | None:
+    """A malformed --address is a usage error while parsing: before Ray, torch or any output folder."""
+    if value and value.strip() not in ("local", "auto"):
+        from ctsearch.jobs.address import parse_address
+
+        try:
+            parse_address(value)
+        except CTSearchInputError as e:
+            raise typer.BadParameter(e.problem) from None
+    return value
+
+
 ADDRESS_OPT = typer.Option(
-    None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else start Ray in this process)."
+    None,
+    "--address",
+    callback=_check_address,
+    help="Ray cluster address, HOST:PORT or ray://HOST:PORT (default: $RAY_ADDRESS, else start Ray in this process).",
 )
 # A file, never the salt itself: a command line ends up in shell history (ctsearch.ids).
 SALT_OPT = typer.Option(
@@ -36,6 +53,21 @@ SALT_OPT = typer.Option(
     show_envvar=False,
     help="Hash patient, study and series ids with the secret salt in this file (default: $CTSEARCH_ID_SALT_FILE).",
 )
+
+
+def choice(*names: str) -> dict[str, Any]:
+    """``typer.Option`` keywords for an option with these allowed values: checked while parsing
+    (a usage error, exit 2, before anything is imported or written) and listed in ``--help``.
+
+    Example: ``typer.Option("float32", **choice("float32", "float16"), help=...)``.
+    """
+
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in names:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(names)}")
+        return value
+
+    return {"metavar": f"[{'|'.join(names)}]", "callback": check}
 
 
 def check_faiss_wheels(distribution_names: list[str] | None = None) -> None:
@@ -166,9 +198,12 @@ class CallbackBar:
 
 
 def say(message: str, quiet: bool = False) -> None:
-    """Human chatter goes to stderr so stdout stays clean for --json."""
+    """Human chatter goes to stderr so stdout stays clean for --json.
+
+    Printed as given (no rich markup): messages hold user paths, and ``[...]`` in a path is text.
+    """
     if not quiet:
-        err_console.print(message, highlight=False, soft_wrap=True)
+        err_console.print(printable(message), markup=False, highlight=False, soft_wrap=True)
 
 
 def result_stream() -> Any:

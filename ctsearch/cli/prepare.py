@@ -83,6 +83,6 @@ def register(app: typer.Typer) -> None:
             )
             if summary["short_volumes"]:
                 say(
-                    f"[yellow]{len(summary['short_volumes'])} volumes had too few slices of one kind (see protocol.json)[/yellow]",
+                    f"warning: {len(summary['short_volumes'])} volumes had too few slices of one kind (see protocol.json)",
                     quiet,
                 )

@@ -49,7 +49,7 @@ from ctsearch.index.format import (
     shard_files,
     table_vectors,
 )
-from ctsearch.index.params import DEFAULT_ANN_THRESHOLD, build_faiss, choose_kind
+from ctsearch.index.params import DEFAULT_ANN_THRESHOLD, build_faiss, check_ann, choose_kind
 from ctsearch.store import (
     ERRORS_SCHEMA,
     LOCK_FILE,
@@ -115,7 +115,7 @@ class IndexWriter:
         fingerprint, and an index is only extended with the salt it was made with (or none).
         """
         root = Path(root)
-        choose_kind(0, ann_threshold, ann)  # validates ``ann``
+        check_ann(ann_threshold, ann)  # before anything is written
         if root.exists() and not root.is_dir():
             raise CTSearchInputError(root, "is a file, not an index directory")
         fresh = not root.exists() or all(f.name == LOCK_FILE for f in root.iterdir())
