@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
+
+# What the place being written to can refuse: the user's to fix (free space, another folder), not a bug.
+_ADVICE = {
+    errno.ENOSPC: "free some space and run the same command again (finished work is kept)",
+    errno.EDQUOT: "raise the quota or free space and run the same command again (finished work is kept)",
+    errno.EROFS: "write to a folder on a writable file system",
+    errno.EACCES: "write to a folder you may write to, or fix its permissions",
+    errno.EPERM: "write to a folder you may write to, or fix its permissions",
+}
 
 
 class CTSearchInputError(Exception):
@@ -32,3 +42,17 @@ def printable(text: str) -> str:
         scan\\n2.nii\\x1b[31m
     """
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
+def environment_error(e: BaseException) -> CTSearchInputError | None:
+    """A full disk, a read-only file system or a permission refusal anywhere in ``e``'s causes
+    (also inside a Ray task's error), as a one-line user error naming the file; else None."""
+    seen: BaseException | None = e
+    for _ in range(10):  # the chain of causes; bounded, chains can loop
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in _ADVICE:
+            where = seen.filename or seen.filename2
+            return CTSearchInputError(where, f"{os.strerror(seen.errno)}; {_ADVICE[seen.errno]}")
+        seen = getattr(seen, "cause", None) or seen.__cause__ or seen.__context__
+    return None

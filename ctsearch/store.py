@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -115,8 +116,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     try:
         write(str(tmp))
         os.replace(tmp, path)
+    except Exception as e:
+        raise _with_path(e, path) from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _with_path(e: Exception, path: Path) -> Exception:
+    """A full disk or refused write as an OSError naming ``path``: pyarrow's carry no file name,
+    and FAISS reports them as a RuntimeError whose text holds the system's message."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None:
+        code = next((c for c in _REFUSALS if os.strerror(c) in str(e)), None)
+    if code not in _REFUSALS or (isinstance(e, OSError) and e.filename):
+        return e
+    return OSError(code, os.strerror(code), str(path))
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ctsearch.errors import CTSearchInputError, printable
+from ctsearch.errors import CTSearchInputError, environment_error, printable
 
 err_console = Console(stderr=True)
 T = TypeVar("T")
@@ -113,9 +113,15 @@ def handle_errors(fn: Callable) -> Callable:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
         except Exception as e:
+            if debug_enabled():
+                raise
+            full = environment_error(e)  # a full disk or read-only folder: the user's to fix
+            if full is not None:
+                err_console.print(f"[red]error:[/red] {escape(str(full))}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
             # A node, actor or object lost on a cluster is not a bug of ours: say it in one line.
             # Every job resumes, so the advice is the same for all of them.
-            if debug_enabled() or not _is_ray_failure(e):
+            if not _is_ray_failure(e):
                 raise
             first = " ".join(str(e).split())[:300] or type(e).__name__
             err_console.print(

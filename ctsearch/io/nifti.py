@@ -25,7 +25,6 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -36,6 +35,7 @@ from ctsearch.io.entry import ScanEntry, case_number
 from ctsearch.io.formats import error_row, scan_error
 from ctsearch.io.orient import canonical_transform, spacing_of, to_canonical
 from ctsearch.io.volume import Volume
+from ctsearch.store import atomic_write_bytes
 
 # NIfTI RAS+ <-> DICOM LPS+: negate x and y.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -92,8 +92,11 @@ def _save(zyx: np.ndarray, affine_ras: np.ndarray, path) -> None:
     img.header.set_xyzt_units("mm", "sec")
     # Stored exactly: no scaling, so the reader's rounding is the identity.
     img.header.set_slope_inter(1.0, 0.0)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, os.fspath(path))
+    data = img.to_bytes()
+    if os.fspath(path).lower().endswith(".gz"):
+        data = gzip.compress(data, compresslevel=1, mtime=0)  # mtime 0: the same volume, the same bytes
+    # Atomic: a full disk or a killed writer never leaves half a volume behind that a scan would read.
+    atomic_write_bytes(data, path)
 
 
 # Deflate cannot expand data by more than ~1032:1, so a .nii.gz whose header needs more bytes than
