@@ -109,9 +109,12 @@ def evaluate_cmd(
     if json_out:
         emit_json(res)
         return
+    from ctsearch.metrics import shared_patients_phrase
+
     emit_result(res["table"])
     say(
-        f"{res['queries']} test queries ({res['liver_queries']} with liver) against {res['database']} train slices; "
+        f"{res['queries']} test queries ({res['liver_queries']} with liver) against {res['database']} train slices "
+        f"({shared_patients_phrase(res.get('shared_patients'))}); "
         f"MAP@{k} as in the paper's eq. 5, values in percent, ± = sample std over runs"
         + (f"; RR over liver slices with {relax_masks} RELAX masks each" if relax_masks else "; RR skipped"),
         quiet,

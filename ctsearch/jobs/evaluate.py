@@ -132,6 +132,9 @@ class EvaluateResult:
     runs: list[dict]  # one per run or baseline: name, source and each metric's value
     rows: list[dict]  # one per name: n, sources and each metric's summary_stats
     table: str  # the markdown table of the rows
+    # Patients with slices in both train (database) and test (queries): 0 for a by-patient split.
+    # Measured, never assumed: a query can retrieve its own patient's other slices otherwise.
+    shared_patients: int | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -231,4 +234,5 @@ def evaluate(
         runs=per_run,
         rows=rows,
         table=markdown_table(rows, k),
+        shared_patients=len(set(map(str, train.patient_id)) & set(map(str, test.patient_id))),
     )
