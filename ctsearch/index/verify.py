@@ -50,6 +50,8 @@ def verify_index(root: str | os.PathLike) -> list[Problem]:
 def _check_model(root: Path, manifest: dict) -> list[Problem]:
     model = manifest["model"]
     d = root / model.get("dir", "model")
+    if not model.get("encoder_sha256") and not d.exists():
+        return []  # written without a model (IndexWriter from Python): row queries only
     try:
         require_model_dir(d)
         config = read_model_config(d)
