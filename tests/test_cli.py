@@ -46,3 +46,24 @@ def test_user_error_is_one_line_on_stderr_and_stdout_is_restored():
     r = CliRunner().invoke(_app(command), ["run"])
     assert r.stdout == "" and error_line(r) == "error: /data/x.nii.gz: is not a NIfTI file"
     assert sys.stdout is before
+
+
+def test_progress_in_a_log_file_is_a_line_every_n_seconds(monkeypatch, capsys):
+    from ctsearch.cli.common import CallbackBar
+
+    monkeypatch.setenv("CTSEARCH_PROGRESS_SECONDS", "10")
+    now = [0.0]
+    bar = CallbackBar("indexing volumes", clock=lambda: now[0])  # stderr is captured: not a terminal
+    for t, done in [(0, 12), (5, 14), (20, 22), (21, 40)]:  # a resumed job: 12 were done before
+        now[0] = t
+        bar.update(done, 40)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "indexing volumes: 22/40 (55%), 0.5/s, ETA 36 s",  # the first line 10 s after the start
+        "indexing volumes: 40/40 (100%), 1.33/s",  # and the end, whenever it comes
+    ]
+    quiet = CallbackBar("x", off=True, clock=lambda: now[0])
+    quiet.update(1, 2)
+    quiet.close()
+    assert capsys.readouterr().err == ""

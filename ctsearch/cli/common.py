@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import sys
+import time
 from typing import Any, Callable, Iterable, TypeVar
 
 import typer
@@ -180,17 +181,28 @@ def progress(items: Iterable[T], total: int | None, description: str, quiet: boo
 class CallbackBar:
     """A progress bar on stderr driven by a job's ``on_...(done, total)`` callback (``update``).
 
-    Nothing is drawn when ``off`` or when stderr is not a terminal; call ``close`` at the end.
+    On a terminal it is a bar. When stderr is a log file (nohup, SLURM, Kubernetes) a bar would
+    be invisible or thousands of redraws, so it prints a line instead, at most every
+    ``$CTSEARCH_PROGRESS_SECONDS`` (default 30) seconds and once at the end:
+    ``indexing volumes: 12/40 (30%), 0.52/s, ETA 54 s``. Nothing when ``off``; call ``close`` at the end.
     """
 
-    def __init__(self, description: str, off: bool = False):
+    def __init__(self, description: str, off: bool = False, clock: Callable[[], float] = time.monotonic):
         self.bar = self.task = None
+        self.description, self.clock, self.lines = description, clock, not off and not sys.stderr.isatty()
+        self.every = float(os.environ.get("CTSEARCH_PROGRESS_SECONDS", "30") or 30)
+        self.start = self.last = clock()
+        self.state: tuple[int, int] | None = None  # (done, total) last seen
+        self.printed: tuple[int, int] | None = None  # (done, total) of the last line printed
+        self.first: int | None = None  # done at the first update: a resumed job starts above 0
         if off or not sys.stderr.isatty():
             return
         cols = [TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
         self.bar = Progress(*cols, console=err_console, transient=True)
 
     def update(self, done: int, total: int) -> None:
+        if self.lines:
+            self._log(done, total)
         if self.bar is None:
             return
         if self.task is None:
@@ -198,9 +210,34 @@ class CallbackBar:
             self.task = self.bar.add_task("", total=total)
         self.bar.update(self.task, completed=done)
 
+    def _log(self, done: int, total: int, final: bool = False) -> None:
+        now = self.clock()
+        if self.first is None:
+            self.first, self.start, self.last = done, now, now
+        self.state = (done, total)
+        if not final and now - self.last < self.every:
+            return
+        self.last, self.printed = now, self.state
+        rate = (done - self.first) / max(now - self.start, 1e-9)
+        line = f"{self.description}: {done}/{total}" + (f" ({100 * done / total:.0f}%)" if total else "")
+        if done > self.first:
+            line += f", {rate:.3g}/s"
+            if total and done < total:
+                line += f", ETA {_duration((total - done) / rate)}"
+        say(line)
+
     def close(self) -> None:
+        if self.lines and self.state is not None and self.state != self.printed:
+            self._log(*self.state, final=True)
         if self.bar is not None and self.task is not None:
             self.bar.stop()
+
+
+def _duration(seconds: float) -> str:
+    """``54 s``, ``12 min``, ``3.5 h``: an ETA as a person reads it."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def say(message: str, quiet: bool = False) -> None:
