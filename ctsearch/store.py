@@ -374,11 +374,14 @@ def _require_slice_columns(path: Path, names) -> None:
         raise CTSearchInputError(path, f"not a slice dataset: missing columns {sorted(missing)}")
 
 
-def _read_parquet(path: Path, read):
+def read_parquet(path: str | os.PathLike, read: Callable = pq.read_table):
+    """``read(path)`` (``pq.read_table`` by default); a missing, truncated or corrupt file is a
+    one-line error naming it instead of an Arrow traceback."""
     try:
         return read(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise CTSearchInputError(path, f"not a readable parquet file ({e})") from None
+    except (pa.ArrowException, OSError) as e:
+        why = " ".join(str(e).split())[:200]
+        raise CTSearchInputError(path, f"not a readable parquet file ({why})") from None
 
 
 def split_path(dataset_dir: str | os.PathLike, split: str) -> Path:
@@ -397,7 +400,7 @@ def split_path(dataset_dir: str | os.PathLike, split: str) -> Path:
         )
     if not path.is_file():
         raise CTSearchInputError(path, f"no {split} split in this dataset")
-    _require_slice_columns(path, _read_parquet(path, pq.read_schema).names)
+    _require_slice_columns(path, read_parquet(path, pq.read_schema).names)
     return path
 
 
@@ -408,7 +411,7 @@ def read_slices(path: str | os.PathLike) -> SliceSet:
         raise CTSearchInputError(
             path, "no such slice dataset (run `ctsearch prepare --protocol decathlon` first)"
         )
-    t = _read_parquet(path, pq.read_table)
+    t = read_parquet(path)
     _require_slice_columns(path, t.column_names)
     n = t.num_rows
     hs, ws = t.column("height").to_numpy(), t.column("width").to_numpy()

@@ -207,3 +207,21 @@ def test_absurd_k_returns_every_row_and_says_so(index, query):
     assert r.exit_code == 0, r.output
     assert len(json.loads(r.stdout)) == 12
     assert "12 slices" in r.stderr
+
+
+def test_corrupt_manifest_is_one_line_and_leaves_no_index_folder(tmp_path, model_dir):
+    from ctsearch.jobs.index import index_source
+
+    manifest = tmp_path / "manifest.parquet"
+    manifest.write_bytes(b"PAR1" + b"\0" * 64)  # a parquet file cut short
+    with pytest.raises(CTSearchInputError, match="not a readable parquet file") as info:
+        index_source(manifest, model_dir, tmp_path / "idx")
+    assert info.value.path == str(manifest)
+    assert not (tmp_path / "idx").exists()
+
+
+def test_extending_an_index_with_a_damaged_volumes_table_names_it(index, model_dir):
+    _truncate(index / "volumes" / "shard-00000.parquet")
+    with pytest.raises(CTSearchInputError, match="not a readable parquet file") as info:
+        IndexWriter.open(index, CFG, model_dir)
+    assert info.value.path.endswith("volumes/shard-00000.parquet")

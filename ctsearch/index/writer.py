@@ -59,6 +59,7 @@ from ctsearch.store import (
     content_hash,
     errors_table,
     lock_dir,
+    read_parquet,
     verify_encoder,
 )
 
@@ -220,7 +221,7 @@ class IndexWriter:
 
     def _load_volumes(self) -> None:
         for s in self.shards:
-            t = pq.read_table(self.root / "volumes" / f"{s.name}.parquet")
+            t = read_parquet(self.root / "volumes" / f"{s.name}.parquet")
             for r in t.to_pylist():
                 self._entries[r["entry"]] = (r["size"], r["mtime_ns"])
                 if r["status"] == "indexed":
@@ -299,7 +300,7 @@ class IndexWriter:
     def add_scan_errors(self, errors: list[dict]) -> None:
         """Record archive-scan failures (files that are not readable volumes) in errors.parquet."""
         path = self.root / "errors" / "scan.parquet"
-        old = pq.read_table(path).to_pylist() if path.is_file() else []
+        old = read_parquet(path).to_pylist() if path.is_file() else []
         rows = _dedupe(old + list(errors))
         atomic_write_table(errors_table(rows), path)
         self._write_errors()
@@ -314,7 +315,7 @@ class IndexWriter:
         rows = []
         for p in parts:
             if p.is_file():
-                rows += pq.read_table(p).to_pylist()
+                rows += read_parquet(p).to_pylist()
         atomic_write_table(errors_table(_dedupe(rows)), self.root / "errors.parquet")
 
     def compact(self) -> str | None:

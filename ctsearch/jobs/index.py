@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 
 from ctsearch.config import ModelConfig
@@ -40,7 +39,7 @@ from ctsearch.index import DEFAULT_ANN_THRESHOLD, IndexWriter, l2_normalize
 from ctsearch.index.params import AnnKind
 from ctsearch.jobs.runtime import node_id, shared_value, start_ray
 from ctsearch.model import load_encoder
-from ctsearch.store import EmbeddingDtype, content_hash, decode_pixels, file_fingerprint
+from ctsearch.store import EmbeddingDtype, content_hash, decode_pixels, file_fingerprint, read_parquet
 
 ID_COLUMNS = ("volume_id", "patient_id", "study_id", "series_id", "exam_date")
 
@@ -59,7 +58,7 @@ def resolve_source(source: str | os.PathLike, id_salt: bytes | None = None) -> t
     if not src.exists():
         raise CTSearchInputError(src, "no such file or folder")
     if src.is_file() and src.suffix == ".parquet":
-        t = pq.read_table(src)
+        t = read_parquet(src)  # a corrupt manifest is one line naming it
         if "path" not in t.column_names:
             raise CTSearchInputError(
                 src, "not a manifest: no 'path' column (write one with `ctsearch prepare`)"
@@ -358,6 +357,8 @@ def index_source(
     options = replace(options or IndexOptions(), **option_values)
     options.check()
     _, config = load_encoder(model_dir)  # validates the model dir before any work
+    # Before the output folder exists: a missing archive or a corrupt manifest leaves nothing behind.
+    tasks, scan_errors = resolve_source(source, id_salt)
     with IndexWriter.open(
         out,
         config,
@@ -367,7 +368,6 @@ def index_source(
         ann=options.ann,
         id_salt=id_salt,
     ) as writer:
-        tasks, scan_errors = resolve_source(source, id_salt)
         if scan_errors:
             writer.add_scan_errors(scan_errors)
         pending, unchanged = _changed_tasks(writer, tasks)
