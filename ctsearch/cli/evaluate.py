@@ -35,13 +35,15 @@ def evaluate_cmd(
         "--baseline",
         help="Also evaluate an untrained backbone: random (seeded init) or imagenet (local weights). Repeatable.",
     ),
-    k: int = typer.Option(5, "-k", "--k", help="K of MAP@K and of the k-NN classifier."),
+    k: int = typer.Option(5, "-k", "--k", min=1, help="K of MAP@K and of the k-NN classifier."),
     relax_masks: int = typer.Option(
-        3000, "--relax-masks", help="RELAX masks per liver slice for RR (0 = skip RR)."
+        3000, "--relax-masks", min=0, max=1_000_000, help="RELAX masks per liver slice for RR (0 = skip RR)."
     ),
     batch_size: Optional[int] = typer.Option(
         None,
         "--batch-size",
+        min=1,
+        max=65536,
         help=f"RELAX masked images per forward pass (default {RELAX_BATCH['cpu']} CPU, {RELAX_BATCH['cuda']} GPU).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random baseline and of the RELAX masks."),

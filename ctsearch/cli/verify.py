@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ctsearch.cli.common import JSON_OPT, check_faiss_wheels, emit_json, emit_result, handle_errors
-from ctsearch.errors import CTSearchInputError
+from ctsearch.errors import CTSearchInputError, printable
 
 
 def register(app: typer.Typer) -> None:
@@ -40,7 +40,7 @@ def verify_cmd(
         )
     else:
         for f, p in problems:
-            emit_result(f"damaged: {' '.join(f.split())}: {p}")
+            emit_result(f"damaged: {printable(f)}: {printable(p)}")
     if problems:
         raise CTSearchInputError(index_dir, f"{len(problems)} damaged or missing files (listed above)")
     if not json_out:
