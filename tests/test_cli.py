@@ -67,3 +67,19 @@ def test_progress_in_a_log_file_is_a_line_every_n_seconds(monkeypatch, capsys):
     quiet.update(1, 2)
     quiet.close()
     assert capsys.readouterr().err == ""
+
+
+def test_ray_start_up_says_what_it_is_doing(monkeypatch):
+    from ctsearch.jobs import runtime
+
+    started = []
+    monkeypatch.setattr(runtime.ray, "is_initialized", lambda: bool(started))
+    monkeypatch.setattr(runtime.ray, "init", lambda **kw: started.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    heard: list[str] = []
+    assert (
+        runtime.run_job(lambda address: runtime.start_ray(address) or "done", status=heard.append) == "done"
+    )
+    assert heard == ["starting Ray on this machine (127.0.0.1 only) ..."] and started
+    runtime.start_ray(None)  # outside run_job, and already started: silent
+    assert len(heard) == 1

@@ -101,6 +101,7 @@ def evaluate_cmd(
         options=options,
         address=address,
         log=lambda msg: say(f"evaluating {msg}", quiet or json_out),
+        status=lambda m: say(m, quiet or json_out),
         callbacks=("log",),
     ).to_json()
     if out is not None:

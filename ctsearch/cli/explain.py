@@ -130,6 +130,7 @@ def explain_cmd(
                 workers=workers,
                 address=address,
                 on_slice=bar.update,
+                status=lambda m: say(m, quiet or json_out),
                 callbacks=("on_slice",),
             )
         finally:

@@ -119,6 +119,7 @@ def index_cmd(
             address=address,
             on_volume=bar.update,
             id_salt=id_salt,
+            status=lambda m: say(m, quiet or json_out),
             callbacks=("on_volume",),
         )
     finally:

@@ -150,7 +150,14 @@ def train_cmd(
 
     try:
         summary = run_job(
-            train, dataset_dir, out, opts, address=address, on_epoch=show, callbacks=("on_epoch",)
+            train,
+            dataset_dir,
+            out,
+            opts,
+            address=address,
+            on_epoch=show,
+            callbacks=("on_epoch",),
+            status=lambda m: say(m, quiet),
         )
     finally:
         bar.close()

@@ -45,6 +45,10 @@ def cluster_address(address: str | None) -> str | None:
     return address
 
 
+# Who hears what Ray start-up is doing (set by run_job for the job it runs; silent otherwise).
+_status: Callable[[str], None] = lambda message: None
+
+
 def start_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
     """Connect to ``address`` (or $RAY_ADDRESS); with neither, start Ray in this process.
 
@@ -54,6 +58,12 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, quiet: bo
     shows them). Connection problems become one-line ``CTSearchInputError``s.
     """
     if not ray.is_initialized():
+        where = cluster_address(address)
+        _status(
+            f"connecting to the Ray cluster at {where} ..."
+            if where
+            else "starting Ray on this machine (127.0.0.1 only) ..."
+        )
         if quiet:
             # The driver's C++ core logs harmless ERROR lines (e.g. about actor constructor
             # arguments, ray#53727) to stderr; real failures still reach us as Python exceptions.
@@ -186,7 +196,12 @@ def is_client() -> bool:
 
 
 def run_job(
-    fn: Callable[..., Any], *args, address: str | None = None, callbacks: tuple[str, ...] = (), **kwargs
+    fn: Callable[..., Any],
+    *args,
+    address: str | None = None,
+    callbacks: tuple[str, ...] = (),
+    status: Callable[[str], None] | None = None,
+    **kwargs,
 ) -> Any:
     """Run ``fn(*args, address=address, **kwargs)``: here, or, through Ray Client, inside the cluster.
 
@@ -194,8 +209,18 @@ def run_job(
     output folder exists. Through Ray Client (``ray://``), Ray Data and Ray Train cannot drive
     the job from outside the cluster: ``fn`` then runs as one task on the head node (all paths
     are the cluster's), and the keyword arguments named in ``callbacks`` (progress callbacks)
-    are relayed back through a queue and called here with the same arguments.
+    are relayed back through a queue and called here with the same arguments. ``status(message)``
+    hears what Ray start-up is doing (it takes seconds, minutes on a busy cluster).
     """
+    global _status
+    outer, _status = _status, status or _status
+    try:
+        return _run_job(fn, args, address, callbacks, kwargs)
+    finally:
+        _status = outer
+
+
+def _run_job(fn, args, address, callbacks, kwargs) -> Any:
     if cluster_address(address):  # a malformed address fails here, before anything else
         start_ray(address)
     if not (ray.is_initialized() and is_client()):
