@@ -90,15 +90,6 @@ def index_cmd(
     from ctsearch.jobs.index import IndexOptions, index_source
     from ctsearch.jobs.runtime import run_job
 
-    if (out / "index.json").is_file():  # a resumed or extended index says so before the work starts
-        from ctsearch.index.format import read_manifest
-
-        m = read_manifest(out)
-        say(
-            f"{out} already holds {m['volumes']} volumes ({m['rows']} slices): continuing it; "
-            "volumes already indexed are skipped",
-            quiet or json_out,
-        )
     bar = CallbackBar("indexing volumes", off=quiet or json_out)
     options = IndexOptions(
         gpus=gpus,

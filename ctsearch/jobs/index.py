@@ -37,7 +37,7 @@ from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import check_same_salt, is_pseudonym, pseudonymise, pseudonymise_ids
 from ctsearch.index import DEFAULT_ANN_THRESHOLD, IndexWriter, l2_normalize
 from ctsearch.index.params import AnnKind
-from ctsearch.jobs.runtime import node_id, shared_value, start_ray
+from ctsearch.jobs.runtime import announce, node_id, shared_value, start_ray
 from ctsearch.model import load_encoder
 from ctsearch.store import EmbeddingDtype, content_hash, decode_pixels, file_fingerprint, read_parquet
 
@@ -371,6 +371,8 @@ def index_source(
         if scan_errors:
             writer.add_scan_errors(scan_errors)
         pending, unchanged = _changed_tasks(writer, tasks)
+        if unchanged:
+            announce(f"{unchanged} of {len(tasks)} volumes already indexed in {out}: skipped")
         summary = IndexSummary(
             volumes_seen=len(tasks), unchanged_skipped=unchanged, scan_errors=len(scan_errors)
         )

@@ -45,8 +45,13 @@ def cluster_address(address: str | None) -> str | None:
     return address
 
 
-# Who hears what Ray start-up is doing (set by run_job for the job it runs; silent otherwise).
+# Who hears what a job is doing before its progress starts (set by run_job; silent otherwise).
 _status: Callable[[str], None] = lambda message: None
+
+
+def announce(message: str) -> None:
+    """Tell the person running the job what it is doing: Ray start-up, a resumed run. One line."""
+    _status(message)
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
@@ -59,7 +64,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, quiet: bo
     """
     if not ray.is_initialized():
         where = cluster_address(address)
-        _status(
+        announce(
             f"connecting to the Ray cluster at {where} ..."
             if where
             else "starting Ray on this machine (127.0.0.1 only) ..."
@@ -210,7 +215,8 @@ def run_job(
     the job from outside the cluster: ``fn`` then runs as one task on the head node (all paths
     are the cluster's), and the keyword arguments named in ``callbacks`` (progress callbacks)
     are relayed back through a queue and called here with the same arguments. ``status(message)``
-    hears what Ray start-up is doing (it takes seconds, minutes on a busy cluster).
+    hears what the job announces (``announce``): Ray start-up, which takes seconds (minutes on a
+    busy cluster), and what a resumed job finds already done.
     """
     global _status
     outer, _status = _status, status or _status
