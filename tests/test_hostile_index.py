@@ -225,3 +225,23 @@ def test_extending_an_index_with_a_damaged_volumes_table_names_it(index, model_d
     with pytest.raises(CTSearchInputError, match="not a readable parquet file") as info:
         IndexWriter.open(index, CFG, model_dir)
     assert info.value.path.endswith("volumes/shard-00000.parquet")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_damaged_reranking_vectors_of_an_ivfpq_shard_name_the_file(tmp_path, model_dir, query, damage):
+    root = tmp_path / "idx"
+    n = 1100  # the fewest an IVF-PQ shard trains on is 1024
+    rows = [dict(volume_id=f"v{i // 50}", patient_id=f"p{i // 100}", slice_index=i % 50) for i in range(n)]
+    vols = [dict(entry="v", path="v", volume_id="v", series_id="v", content_hash="h", size=1, mtime_ns=0,
+                 n_slices=n, status="indexed")]  # fmt: skip
+    with IndexWriter.create(root, CFG, model_dir, ann_threshold=1024) as w:
+        w.commit_shard(rows, np.random.default_rng(1).standard_normal((n, CFG.embedding_dim)), vols, [])
+    vectors = root / "faiss" / "shard-00000.vectors.npy"
+    assert vectors.exists() and search(root, query).exit_code == 0
+    if damage == "truncated":
+        _truncate(vectors, 0.3)
+    else:
+        vectors.unlink()
+    assert str(vectors) in error_line(search(root, query))
+    r = CliRunner().invoke(app, ["verify", str(root)])
+    assert r.exit_code == 1 and str(vectors) in r.stdout, r.output

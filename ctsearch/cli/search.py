@@ -127,7 +127,7 @@ def _print_hits(qmeta: dict, hits: list[dict]) -> None:
             str(h["patient_id"]),
             str(h["volume_id"]),
             str(h["slice_index"]),
-            f"{h['z_mm']:.1f}",
+            "" if h["z_mm"] is None else f"{h['z_mm']:.1f}",  # unknown in an index built without positions
             str(h["path"]),
         )
     Console(file=result_stream()).print(t)
