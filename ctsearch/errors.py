@@ -10,8 +10,8 @@ _ADVICE = {
     errno.ENOSPC: "free some space and run the same command again (finished work is kept)",
     errno.EDQUOT: "raise the quota or free space and run the same command again (finished work is kept)",
     errno.EROFS: "write to a folder on a writable file system",
-    errno.EACCES: "write to a folder you may write to, or fix its permissions",
-    errno.EPERM: "write to a folder you may write to, or fix its permissions",
+    errno.EACCES: "check the permissions of this file or folder (or use one you may read and write)",
+    errno.EPERM: "check the permissions of this file or folder (or use one you may read and write)",
 }
 
 
