@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -24,6 +25,7 @@ MODEL_JSON = "model.json"
 ENCODER_FILE = "encoder.safetensors"
 RUN_CONFIG = "config.json"  # a training run's settings (ctsearch.jobs.train)
 
+MAX_IMAGE_SIZE = 4096  # no CT slice is larger; a bigger value is a damaged or hand-edited config
 Views = Literal["clinical", "standard"]  # clinical: wide + narrow window; standard: wide + wide
 
 
@@ -48,6 +50,23 @@ class ModelConfig:
         d = asdict(self)
         d["embedding_dim"] = self.embedding_dim
         return d
+
+    def check(self) -> ModelConfig:
+        """Raise ValueError for a config no encoder can have (a hand-edited or damaged model.json)."""
+        from typing import get_args
+
+        get_backbone(self.backbone)
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int):
+            raise ValueError(f"image_size must be an integer, got {self.image_size!r}")
+        if not 16 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size {self.image_size} is outside 16..{MAX_IMAGE_SIZE} pixels")
+        if self.views not in get_args(Views) or self.rescale not in get_args(Rescale):
+            raise ValueError(f"views {self.views!r} / rescale {self.rescale!r} unknown")
+        for name in ("wide", "narrow"):
+            low, high = getattr(self, name)
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"{name} window {low}..{high} HU is not a range")
+        return self
 
     @classmethod
     def from_json(cls, d: dict) -> ModelConfig:

@@ -139,7 +139,7 @@ def explain_query(
                 index_dir, f"hit {h.get('volume_id')}:{h.get('slice_index')} has no source path"
             )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    encoder, config = load_encoder(index.model_dir, device)
+    encoder, config = load_encoder(index.model_dir, device, index.encoder_sha256)
     volumes: dict = {}
     hus = [_slice_hu(m["path"], int(m["slice_index"]), volumes) for m in [qmeta, *hits]]
     x = eval_transform_each(hus, config)

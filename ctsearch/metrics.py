@@ -235,3 +235,20 @@ def relevance_rank_accuracy(
     skipped = int(np.sum(m == 0))
     mean = float(np.nanmean(scores)) if skipped < n else float("nan")
     return scores, mean, skipped
+
+
+def shared_patients_phrase(shared: int | None) -> str:
+    """What an evaluation says about patients in both the database and the queries, from its count.
+
+    Example:
+        >>> shared_patients_phrase(0), shared_patients_phrase(2)
+        ('no patient is in both train and test', '2 patients are in both train and test: their queries can find their own slices, so the scores are optimistic')
+    """
+    if shared is None:
+        return "whether train and test share patients was not recorded"
+    if shared == 0:
+        return "no patient is in both train and test"
+    return (
+        f"{shared} patient{'s are' if shared != 1 else ' is'} in both train and test: "
+        "their queries can find their own slices, so the scores are optimistic"
+    )

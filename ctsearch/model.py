@@ -26,7 +26,15 @@ from ctsearch.backbones import BACKBONES, get_backbone
 from ctsearch.config import ENCODER_FILE, MODEL_JSON, ModelConfig
 from ctsearch.errors import CTSearchInputError
 from ctsearch.preprocess import eval_transform
-from ctsearch.store import atomic_write, atomic_write_json, read_model_config, require_model_dir
+from ctsearch.store import (
+    ENCODER_SHA_KEY,
+    atomic_write,
+    atomic_write_json,
+    content_hash,
+    read_model_config,
+    require_model_dir,
+    verify_encoder,
+)
 
 
 def build_encoder(config: ModelConfig) -> nn.Module:
@@ -63,20 +71,36 @@ def save_encoder(encoder: nn.Module, config: ModelConfig, out_dir: str | os.Path
     out = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     atomic_write(out / ENCODER_FILE, lambda tmp: save_file(state, tmp))
-    atomic_write_json(config.to_json(), out / MODEL_JSON)
+    # model.json records the weights' sha256, so replaced or damaged weights are refused on load.
+    atomic_write_json(
+        {**config.to_json(), ENCODER_SHA_KEY: content_hash(out / ENCODER_FILE)}, out / MODEL_JSON
+    )
     return out
 
 
 def load_encoder(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
+    path: str | os.PathLike, device: str | torch.device = "cpu", expected_sha256: str | None = None
 ) -> tuple[nn.Module, ModelConfig]:
-    """Load an encoder from a run directory (or the folder holding model.json), in eval mode."""
+    """Load an encoder from a run directory (or the folder holding model.json), in eval mode.
+
+    The weights are checked against ``expected_sha256`` (an index's record) or model.json's
+    ``encoder_sha256`` first (``store.verify_encoder``); weights that do not fit model.json's
+    backbone or cannot be read are a one-line error naming the file.
+    """
     from safetensors.torch import load_file
 
     p = require_model_dir(path)
     config = read_model_config(p)
+    verify_encoder(p, expected_sha256, "index.json" if expected_sha256 else "")
     encoder = build_encoder(config)
-    encoder.load_state_dict(load_file(str(p / ENCODER_FILE)))
+    try:
+        encoder.load_state_dict(load_file(str(p / ENCODER_FILE)))
+    except Exception as e:  # noqa: BLE001 - safetensors header errors and key/shape mismatches alike
+        why = " ".join(str(e).split())[:200]
+        raise CTSearchInputError(
+            p / ENCODER_FILE,
+            f"not a {config.backbone} encoder as {MODEL_JSON} says ({type(e).__name__}: {why})",
+        ) from None
     return encoder.to(device).eval(), config
 
 

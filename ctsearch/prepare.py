@@ -69,6 +69,25 @@ def _protocol_order(entries: list[ScanEntry]) -> list[ScanEntry]:
     return sorted(labelled, key=lambda e: (e.case_number is None, e.case_number or 0, e.volume_id))
 
 
+def split_by_patient(ordered: list[ScanEntry], train_volumes: int) -> list[str]:
+    """``"train"`` or ``"test"`` per entry of ``ordered``: patients in order of their first volume
+    go to train until it holds ``train_volumes`` volumes, all of a patient's volumes together,
+    so no patient is ever on both sides (train may hold a few more than ``train_volumes``).
+
+    Example:
+        >>> from types import SimpleNamespace as E
+        >>> split_by_patient([E(patient_id=p) for p in "aabbc"], 1)
+        ['train', 'train', 'test', 'test', 'test']
+    """
+    side: dict[str, str] = {}
+    n_train = 0
+    for e in ordered:
+        if e.patient_id not in side:
+            side[e.patient_id] = "train" if n_train < train_volumes else "test"
+        n_train += side[e.patient_id] == "train"
+    return [side[e.patient_id] for e in ordered]
+
+
 def _slice_set(vol, entry: ScanEntry, label: np.ndarray, idx: np.ndarray) -> SliceSet:
     """The slices ``idx`` of a volume, labelled 1 where they contain liver."""
     mask = (label[idx] > 0).astype(np.uint8)
@@ -161,6 +180,17 @@ def prepare(
     entries, errors = scan_archive(archive)
     ordered = _protocol_order(entries)  # from the original ids, before any hashing
     entries, ordered = _final_ids(entries, id_salt), _final_ids(ordered, id_salt)
+    splits = split_by_patient(ordered, train_volumes)
+    if protocol == "decathlon" and ordered:  # checked before anything is written
+        for side in ("train", "test"):
+            if side not in splits:
+                patients = len({e.patient_id for e in ordered})
+                raise CTSearchInputError(
+                    archive,
+                    f"--train-volumes {train_volumes} leaves the {side} split empty: the archive has "
+                    f"{len(ordered)} labelled volumes of {patients} patients; choose a --train-volumes "
+                    "that leaves volumes on both sides",
+                )
     ids = ids_block(id_salt)
     manifest = pa.Table.from_pylist([e.row() for e in entries], schema=MANIFEST_SCHEMA)
     manifest = manifest.replace_schema_metadata({b"ctsearch.ids": json.dumps(ids).encode()})
@@ -174,8 +204,7 @@ def prepare(
             )
         parts: dict[str, list[SliceSet]] = {"train": [], "test": [], "train_all": []}
         records: list[dict] = []
-        for i, entry in enumerate(progress(ordered, len(ordered), "cutting slices")):
-            split = "train" if i < train_volumes else "test"
+        for entry, split in zip(progress(ordered, len(ordered), "cutting slices"), splits):
             try:
                 slices, record, everything = _cut(
                     entry, per_volume, seed, all_train_slices and split == "train"
@@ -202,6 +231,7 @@ def prepare(
             "train_volumes": train_volumes,
             "seed": seed,
             "all_train_slices": all_train_slices,
+            "split_by": "patient",  # no patient has volumes on both sides (split_by_patient)
             "rule": "uniform without replacement within liver / non-liver slices, rng seeded by (seed, case_number)",
             "ids": ids,
             "volumes": records,

@@ -45,7 +45,7 @@ def embed_query(
             raise CTSearchInputError(
                 p, f"--slice {s} is out of range: the volume has {n} slices (0..{n - 1})"
             )
-        encoder, config = load_encoder(index.model_dir)
+        encoder, config = load_encoder(index.model_dir, expected_sha256=index.encoder_sha256)
         v = l2_normalize(embed(encoder, vol.hu[s : s + 1], config))[0]
         meta = {
             "volume_id": vol.series_id or p.name,

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -115,8 +116,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     try:
         write(str(tmp))
         os.replace(tmp, path)
+    except Exception as e:
+        raise _with_path(e, path) from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _with_path(e: Exception, path: Path) -> Exception:
+    """A full disk or refused write as an OSError naming ``path``: pyarrow's carry no file name,
+    and FAISS reports them as a RuntimeError whose text holds the system's message."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None:
+        code = next((c for c in _REFUSALS if os.strerror(c) in str(e)), None)
+    if code not in _REFUSALS or (isinstance(e, OSError) and e.filename):
+        return e
+    return OSError(code, os.strerror(code), str(path))
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
@@ -213,12 +230,44 @@ def read_run_settings(run_dir: str | os.PathLike) -> tuple[dict, dict, dict]:
 
 
 def read_model_config(model_dir: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig in MODEL_DIR/model.json; an unreadable file is a one-line error."""
+    """The ModelConfig in MODEL_DIR/model.json; an unreadable or impossible config is a one-line error."""
     path = Path(model_dir) / MODEL_JSON
+    d = read_json(path, "model config")
     try:
-        return ModelConfig.from_json(json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
-        raise CTSearchInputError(path, f"unreadable model config ({e})") from None
+        config = ModelConfig.from_json(d)
+        config.check()
+    except CTSearchInputError as e:  # an unknown backbone
+        raise CTSearchInputError(path, e.problem) from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise CTSearchInputError(path, f"unusable model config ({' '.join(str(e).split())})") from None
+    return config
+
+
+ENCODER_SHA_KEY = "encoder_sha256"  # model.json's (and index.json's "model" block's) record of the weights
+
+
+def verify_encoder(model_dir: str | os.PathLike, expected: str | None = None, recorded_in: str = "") -> str:
+    """Check MODEL_DIR/encoder.safetensors against the sha256 recorded for it; returns the file's sha256.
+
+    ``expected`` (from index.json) wins; else model.json's ``encoder_sha256`` (written by
+    ``save_encoder``; older folders have none and are not checked). Replaced or damaged weights
+    would otherwise give confident, wrong embeddings, so a mismatch is an error, never a warning.
+    """
+    d = Path(model_dir)
+    enc = d / ENCODER_FILE
+    if expected is None and (d / MODEL_JSON).is_file():
+        expected, recorded_in = read_json(d / MODEL_JSON, "model config").get(ENCODER_SHA_KEY), MODEL_JSON
+    try:
+        actual = content_hash(enc)
+    except OSError as e:
+        raise CTSearchInputError(enc, f"cannot read the encoder weights ({e.strerror or e})") from None
+    if expected and actual != expected:
+        raise CTSearchInputError(
+            enc,
+            f"does not match the sha256 recorded in {recorded_in or MODEL_JSON} (recorded {expected[:12]}, "
+            f"file {actual[:12]}): the weights were replaced or damaged; restore them or rebuild",
+        )
+    return actual
 
 
 LOCK_FILE = ".lock"
@@ -325,11 +374,14 @@ def _require_slice_columns(path: Path, names) -> None:
         raise CTSearchInputError(path, f"not a slice dataset: missing columns {sorted(missing)}")
 
 
-def _read_parquet(path: Path, read):
+def read_parquet(path: str | os.PathLike, read: Callable = pq.read_table):
+    """``read(path)`` (``pq.read_table`` by default); a missing, truncated or corrupt file is a
+    one-line error naming it instead of an Arrow traceback."""
     try:
         return read(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise CTSearchInputError(path, f"not a readable parquet file ({e})") from None
+    except (pa.ArrowException, OSError) as e:
+        why = " ".join(str(e).split())[:200]
+        raise CTSearchInputError(path, f"not a readable parquet file ({why})") from None
 
 
 def split_path(dataset_dir: str | os.PathLike, split: str) -> Path:
@@ -348,7 +400,7 @@ def split_path(dataset_dir: str | os.PathLike, split: str) -> Path:
         )
     if not path.is_file():
         raise CTSearchInputError(path, f"no {split} split in this dataset")
-    _require_slice_columns(path, _read_parquet(path, pq.read_schema).names)
+    _require_slice_columns(path, read_parquet(path, pq.read_schema).names)
     return path
 
 
@@ -359,7 +411,7 @@ def read_slices(path: str | os.PathLike) -> SliceSet:
         raise CTSearchInputError(
             path, "no such slice dataset (run `ctsearch prepare --protocol decathlon` first)"
         )
-    t = _read_parquet(path, pq.read_table)
+    t = read_parquet(path)
     _require_slice_columns(path, t.column_names)
     n = t.num_rows
     hs, ws = t.column("height").to_numpy(), t.column("width").to_numpy()

@@ -46,3 +46,40 @@ def test_user_error_is_one_line_on_stderr_and_stdout_is_restored():
     r = CliRunner().invoke(_app(command), ["run"])
     assert r.stdout == "" and error_line(r) == "error: /data/x.nii.gz: is not a NIfTI file"
     assert sys.stdout is before
+
+
+def test_progress_in_a_log_file_is_a_line_every_n_seconds(monkeypatch, capsys):
+    from ctsearch.cli.common import CallbackBar
+
+    monkeypatch.setenv("CTSEARCH_PROGRESS_SECONDS", "10")
+    now = [0.0]
+    bar = CallbackBar("indexing volumes", clock=lambda: now[0])  # stderr is captured: not a terminal
+    for t, done in [(0, 12), (5, 14), (20, 22), (21, 40)]:  # a resumed job: 12 were done before
+        now[0] = t
+        bar.update(done, 40)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "indexing volumes: 22/40 (55%), 0.5/s, ETA 36 s",  # the first line 10 s after the start
+        "indexing volumes: 40/40 (100%), 1.33/s",  # and the end, whenever it comes
+    ]
+    quiet = CallbackBar("x", off=True, clock=lambda: now[0])
+    quiet.update(1, 2)
+    quiet.close()
+    assert capsys.readouterr().err == ""
+
+
+def test_ray_start_up_says_what_it_is_doing(monkeypatch):
+    from ctsearch.jobs import runtime
+
+    started = []
+    monkeypatch.setattr(runtime.ray, "is_initialized", lambda: bool(started))
+    monkeypatch.setattr(runtime.ray, "init", lambda **kw: started.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    heard: list[str] = []
+    assert (
+        runtime.run_job(lambda address: runtime.start_ray(address) or "done", status=heard.append) == "done"
+    )
+    assert heard == ["starting Ray on this machine (127.0.0.1 only) ..."] and started
+    runtime.start_ray(None)  # outside run_job, and already started: silent
+    assert len(heard) == 1

@@ -42,6 +42,7 @@ def test_evaluate_cli_table_and_json(slice_dataset, ray_session, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert [row["name"] for row in res["rows"]] == ["tiny", "random init (seed 0), tiny"]
+    assert res["shared_patients"] == 0  # measured on the split, not assumed
     tiny = res["rows"][0]
     assert tiny["n"] == 2 and len(tiny["map"]["values"]) == 2
     assert tiny["map"]["mean"] == pytest.approx(np.mean(tiny["map"]["values"]))

@@ -208,3 +208,31 @@ def test_explain_folder_has_one_writer(slice_dataset, model_dir, tmp_path):
     with lock_dir(tmp_path / "o", "`ctsearch explain`"):
         with pytest.raises(CTSearchInputError, match="another `ctsearch explain` is writing to this folder"):
             explain_dataset(slice_dataset, model_dir, tmp_path / "o", options=ExplainOptions(num_masks=8))
+
+
+def test_killed_while_folding_parts_then_rerun_keeps_one_row_per_slice(tmp_path):
+    """Killed after explanations.parquet was rewritten with the parts, before the parts were dropped."""
+    import pyarrow as pa
+
+    from ctsearch.jobs import explain as job
+    from ctsearch.store import atomic_write_table, errors_table
+
+    def row(i):
+        return dict(volume_id="v", patient_id="p", slice_index=i, label=0, map_size=1, importance=b"\0" * 4,
+                    uncertainty=b"\0" * 4, masks_used=8, mask_pixels=0, rr=None, png=None)  # fmt: skip
+
+    parts = tmp_path / job.PARTS_DIR
+    part_rows, err = [row(2), row(3)], [{"path": "d#v:9", "stage": "explain", "error": "bad"}]
+    atomic_write_table(
+        pa.Table.from_pylist(part_rows, schema=job.EXPLANATIONS_SCHEMA), parts / "expl-00000.parquet"
+    )
+    atomic_write_table(errors_table(err), parts / "errors-00000.parquet")
+    # the finals as the killed fold left them: already holding the parts' rows
+    finals = [row(0), row(1), *part_rows]
+    atomic_write_table(
+        pa.Table.from_pylist(finals, schema=job.EXPLANATIONS_SCHEMA), tmp_path / job.EXPLANATIONS_FILE
+    )
+    atomic_write_table(errors_table(err), tmp_path / "errors.parquet")
+    rows, errors = job._fold_parts(tmp_path)
+    assert [r["slice_index"] for r in rows] == [0, 1, 2, 3] and len(errors) == 1
+    assert pq.read_table(tmp_path / job.EXPLANATIONS_FILE).num_rows == 4 and not list(parts.iterdir())

@@ -209,6 +209,8 @@ def test_cli_index_and_search_json(built, archive, model_dir, tmp_path):
     r = runner.invoke(app, ["index", str(archive), "--model", str(model_dir), "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["rows_added"] == 0
+    r = runner.invoke(app, ["index", str(archive), "--model", str(model_dir), "--out", str(out)])
+    assert r.exit_code == 0 and "8 of 8 volumes already indexed" in r.stderr, r.output  # a rerun says so
 
 
 def test_other_model_is_refused(built, archive, tmp_path):

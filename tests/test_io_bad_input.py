@@ -199,6 +199,49 @@ def single_dicom_file(t):
     return files[0], files[0], "single DICOM file", "single slice"
 
 
+def nifti_of(t, data, name):
+    p = t / "in" / name
+    nib.save(nib.Nifti1Image(data, np.diag([0.75, 0.75, 3.0, 1.0])), p)
+    return p
+
+
+def complex_nifti(t):
+    p = nifti_of(t, np.zeros((8, 8, 4), np.complex64), "complex.nii.gz")
+    return p, p, "complex voxels", "complex voxels"
+
+
+def rgb_nifti(t):
+    rgb = np.zeros((8, 8, 4), np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]))
+    p = nifti_of(t, rgb, "rgb.nii.gz")
+    return p, p, "RGB", "RGB"
+
+
+def zero_pixdim(t):
+    """No sform and pixdim 0: nibabel would quietly assume 1 mm voxels."""
+    raw = bytearray(nifti_bytes(t, suffix=".nii"))
+    struct.pack_into("<h", raw, 254, 0)  # sform_code: none
+    struct.pack_into("<3f", raw, 80, 0.0, 0.0, 0.0)  # pixdim[1..3]
+    p = t / "in" / "flat_geometry.nii"
+    p.write_bytes(bytes(raw))
+    return p, p, "no usable geometry", "no usable geometry"
+
+
+def rgb_dicom(t):
+    files = series(t)
+    ds = pydicom.dcmread(files[1])
+    ds.SamplesPerPixel = 3
+    ds.save_as(files[1])
+    return files[0].parent, files[1], "not a grayscale image", "not a grayscale image"
+
+
+def one_bit_dicom(t):
+    files = series(t)
+    ds = pydicom.dcmread(files[2])
+    ds.BitsAllocated = 1
+    ds.save_as(files[2])
+    return files[0].parent, files[2], "1-bit", "1-bit"
+
+
 def empty_folder(t):
     p = t / "in" / "nothing"
     p.mkdir()
@@ -228,6 +271,11 @@ CASES = [
     dicm_then_garbage,
     single_dicom_file,
     empty_folder,
+    complex_nifti,
+    rgb_nifti,
+    zero_pixdim,
+    rgb_dicom,
+    one_bit_dicom,
 ]
 
 
@@ -309,3 +357,57 @@ def test_unreadable_file_in_series_folder_keeps_its_full_reason(tmp_path):
         read_volume(tmp_path / "in" / "dcm")
     assert str(info.value).startswith(str(tmp_path / "in" / "dcm" / "x") + ": ")
     assert "DICOM" in info.value.problem
+
+
+def _special_files(folder):
+    """Every kind of non-regular file an archive on a real file system can hold; their names."""
+    import os
+    import socket
+
+    os.mkfifo(folder / "pipe.nii.gz")  # a named pipe: opening it to read would block forever
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "sock.dcm"))
+    sock.close()
+    os.symlink("/dev/null", folder / "device.nii")  # a character device behind a link
+    os.symlink(folder / "nowhere.nii.gz", folder / "dangling.nii.gz")
+    os.symlink(folder / "loop_b", folder / "loop_a")
+    os.symlink(folder / "loop_a", folder / "loop_b")
+    (folder / "real").mkdir()
+    os.symlink(folder / "real", folder / "linked_folder")
+    return {
+        "pipe.nii.gz": "named pipe",
+        "sock.dcm": "socket",
+        "device.nii": "device file",
+        "dangling.nii.gz": "dangling symbolic link",
+        "loop_a": "symbolic link loop",
+        "loop_b": "symbolic link loop",
+        "linked_folder": "link to a folder",
+    }
+
+
+def test_special_files_become_error_rows_and_the_scan_goes_on(tmp_path):
+    (tmp_path / "in").mkdir()
+    write_nifti(small_volume(), tmp_path / "in" / "good.nii.gz")
+    expected = _special_files(tmp_path / "in")
+    entries, errors = scan_archive(tmp_path / "in")  # would block forever on the pipe if opened
+    assert [e.volume_id for e in entries] == ["good"]
+    by_name = {e["path"].rsplit("/", 1)[-1]: e["error"] for e in errors}
+    for name, fragment in expected.items():
+        assert fragment in by_name.get(name, ""), (name, errors)
+
+
+@pytest.mark.parametrize("name", ["pipe.nii.gz", "sock.dcm", "device.nii", "dangling.nii.gz", "loop_a"])
+def test_read_volume_of_a_special_file_is_one_error(tmp_path, name):
+    (tmp_path / "in").mkdir()
+    fragment = _special_files(tmp_path / "in")[name]
+    with pytest.raises(CTSearchInputError, match=fragment) as info:
+        read_volume(tmp_path / "in" / name)
+    assert str(info.value).startswith(str(tmp_path / "in" / name) + ": ")
+
+
+def test_special_file_beside_a_dicom_series_leaves_the_series_readable(tmp_path):
+    import os
+
+    files = series(tmp_path)
+    os.mkfifo(files[0].parent / "pipe")
+    assert read_volume(files[0].parent).hu.shape == (4, 8, 8)

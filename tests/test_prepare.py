@@ -80,17 +80,20 @@ def test_protocol_split_counts_and_masks(tmp_path):
 
 
 def test_protocol_is_seeded_and_independent_of_other_volumes(tmp_path):
+    def chosen(out):  # (volume_id, slice_index) of both splits, in order
+        s = [read_slices(tmp_path / out / f"{split}.parquet") for split in ("train", "test")]
+        return [(v, int(i)) for p in s for v, i in zip(p.volume_id, p.slice_index)], s[0].hu
+
     a = _decathlon(tmp_path / "a", n_volumes=4)
-    prepare(a, tmp_path / "o1", protocol="decathlon", per_volume=3, train_volumes=4, seed=3)
-    prepare(a, tmp_path / "o2", protocol="decathlon", per_volume=3, train_volumes=4, seed=3)
+    prepare(a, tmp_path / "o1", protocol="decathlon", per_volume=3, train_volumes=2, seed=3)
+    prepare(a, tmp_path / "o2", protocol="decathlon", per_volume=3, train_volumes=2, seed=3)
     b = _decathlon(tmp_path / "b", n_volumes=2)  # the same first two volumes, fewer others
-    prepare(b, tmp_path / "o3", protocol="decathlon", per_volume=3, train_volumes=4, seed=3)
-    s1, s2, s3 = (read_slices(tmp_path / o / "train.parquet") for o in ("o1", "o2", "o3"))
-    assert np.array_equal(s1.slice_index, s2.slice_index) and np.array_equal(s1.hu, s2.hu)
-    first_two = np.isin(s1.volume_id, ["liver_0", "liver_1"])
-    assert np.array_equal(s1.slice_index[first_two], s3.slice_index)
-    prepare(a, tmp_path / "o4", protocol="decathlon", per_volume=3, train_volumes=4, seed=4)
-    assert not np.array_equal(s1.slice_index, read_slices(tmp_path / "o4" / "train.parquet").slice_index)
+    prepare(b, tmp_path / "o3", protocol="decathlon", per_volume=3, train_volumes=1, seed=3)
+    (c1, hu1), (c2, hu2), (c3, _) = (chosen(o) for o in ("o1", "o2", "o3"))
+    assert c1 == c2 and np.array_equal(hu1, hu2)
+    assert [c for c in c1 if c[0] in ("liver_0", "liver_1")] == c3
+    prepare(a, tmp_path / "o4", protocol="decathlon", per_volume=3, train_volumes=2, seed=4)
+    assert chosen("o4")[0] != c1
 
 
 def test_bad_files_land_in_errors_and_the_rest_is_prepared(tmp_path):
@@ -141,3 +144,32 @@ def test_synthetic_archive_prepares_with_fixture(slice_dataset):
     assert len(set(train.volume_id)) == 6 and len(set(test.volume_id)) == 2
     assert len(train) == 60 and len(test) == 20
     assert train.label.sum() == 30 and test.label.sum() == 10
+
+
+def test_split_is_by_patient_so_no_patient_is_on_both_sides(tmp_path):
+    archive = _decathlon(tmp_path / "a", 6)
+    for case in range(6):  # two examinations per patient
+        (archive / "imagesTr" / f"liver_{case}.json").write_text(json.dumps({"patient_id": f"P{case // 2}"}))
+    # By volume, 3 train volumes would cut patient P1 in two; by patient, P1 goes whole to train.
+    summary = prepare(archive, tmp_path / "out", protocol="decathlon", per_volume=2, train_volumes=3)
+    train, test = (read_slices(tmp_path / "out" / f"{s}.parquet") for s in ("train", "test"))
+    assert set(train.patient_id) == {"P0", "P1"} and set(test.patient_id) == {"P2"}
+    assert summary["train_volumes"] == 4 and summary["test_volumes"] == 2
+    assert json.loads((tmp_path / "out" / "protocol.json").read_text())["split_by"] == "patient"
+
+
+def test_an_empty_split_is_refused_before_anything_is_written(tmp_path):
+    from conftest import error_line
+
+    archive = _decathlon(tmp_path / "a", 3)
+    out = tmp_path / "out"
+    # The default --train-volumes 100 on an archive of 3 volumes would leave no test split.
+    line = error_line(CliRunner().invoke(app, ["prepare", str(archive), str(out), "--protocol", "decathlon"]))
+    assert "leaves the test split empty" in line and "3 labelled volumes of 3 patients" in line
+    assert not out.exists()
+    line = error_line(
+        CliRunner().invoke(
+            app, ["prepare", str(archive), str(out), "--protocol", "decathlon", "--train-volumes", "0"]
+        )
+    )
+    assert "train split empty" in line and not out.exists()

@@ -336,3 +336,23 @@ def test_dataset_mode_explain_folder_shows_counts_and_liver_overlays_first(tmp_p
         "v slice 0",
         "v slice 1",
     ]  # the liver slice, which has an RR, first
+
+
+@pytest.mark.parametrize(
+    "shared, says",
+    [
+        (None, "Whether train and test share patients was not recorded"),
+        (0, "No patient is in both"),
+        (3, "3 patients are in both"),
+    ],
+)
+def test_evaluation_states_patient_overlap_only_as_measured(tmp_path, shared, says):
+    from ctsearch.report.html import evaluation_section
+    from ctsearch.store import read_json
+
+    path = _evaluation(tmp_path)
+    res = read_json(path, "evaluation result")
+    if shared is not None:
+        atomic_write_json({**res, "shared_patients": shared}, path)
+    html = evaluation_section(path)
+    assert says in html and "never appear" not in html

@@ -225,6 +225,44 @@ def test_crash_between_files_and_commit_leaves_the_old_index(tmp_path, monkeypat
     assert json.loads((tmp_path / "i" / "index.json").read_text())["volumes"] == 4
 
 
+@pytest.mark.parametrize("point", ["files", "commit"])
+def test_killed_during_compaction_then_rerun_gives_the_uninterrupted_index(tmp_path, monkeypatch, point):
+    """files: the merged shard is written, index.json not yet; commit: index.json lists the merged
+    shard, the flat shards' files are not yet removed. Either way the next writer finishes the job."""
+    from ctsearch.index.verify import verify_index
+
+    db = clustered(900, 128, clusters=9, seed=10)
+    rows = rows_for(900)
+
+    def build(root):
+        w = IndexWriter.open(root, CFG, ann_threshold=800, ann="hnsw")
+        for a in range(0, 900, 300):
+            w.commit_shard(rows[a : a + 300], db[a : a + 300], volumes_for(rows[a : a + 300]), errors=[])
+        return w
+
+    with build(tmp_path / "clean") as w:
+        w.compact()
+    w = build(tmp_path / "i")
+    with monkeypatch.context() as m:
+        crash_index_writer(m, point, 1)
+        with pytest.raises(SimulatedCrash):
+            w.compact()
+    w.close()  # the killed process's lock goes with it
+    assert verify_index(tmp_path / "i") == []  # readable as it stands: the old or the new commit
+    with IndexWriter.open(tmp_path / "i", CFG, ann_threshold=800, ann="hnsw") as w2:
+        w2.compact()  # a rerun compacts again (after files) or finds nothing left to merge (after commit)
+    assert verify_index(tmp_path / "i") == []
+    a, b = Index.open(tmp_path / "i"), Index.open(tmp_path / "clean")
+    assert [s.kind for s in a.shards] == ["hnsw"] and len(a) == len(b) == 900
+    names = {s.name for s in a.shards}
+    for sub in ("embeddings", "volumes", "errors"):  # no leftovers of the merged or the flat shards
+        assert {f.stem for f in (tmp_path / "i" / sub).glob("shard-*.parquet")} == names
+    ra, rb = a.search(db[:20], k=5), b.search(db[:20], k=5)
+    assert [[(h["volume_id"], h["slice_index"]) for h in q] for q in ra.hits] == [
+        [(h["volume_id"], h["slice_index"]) for h in q] for q in rb.hits
+    ]
+
+
 def test_torch_exact_search_matches_faiss(tmp_path):
     """The device='cuda' code path (torch matmul), run here on CPU tensors."""
     db = clustered(800, 128, clusters=20, seed=9)

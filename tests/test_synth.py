@@ -215,3 +215,33 @@ def test_fixture_archive_layout(synth_archive):
     assert len(list((nifti / "imagesTr").glob("liver_*.nii.gz"))) == 8
     assert len(list((nifti / "labelsTr").glob("liver_*.nii.gz"))) == 8
     assert json.loads((synth_archive / "synth.json").read_text())["volumes"] == 8
+
+
+def test_synth_never_mixes_two_archives_in_one_folder(tmp_path):
+    from conftest import error_line
+    from typer.testing import CliRunner
+
+    from ctsearch.cli.main import app
+
+    def synth(*args):
+        return CliRunner().invoke(
+            app, ["synth", str(tmp_path / "a"), "--size", "16", "--format", "nifti", *args]
+        )
+
+    assert synth("--volumes", "3").exit_code == 0
+    assert synth("--volumes", "3").exit_code == 0  # the same settings: the same files again
+    assert "other settings" in error_line(synth("--volumes", "2"))
+    assert len(list((tmp_path / "a" / "nifti" / "imagesTr").iterdir())) == 3  # untouched
+    r = synth("--volumes", "2", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "a" / "nifti" / "imagesTr").iterdir()) == [
+        "liver_0.nii.gz",
+        "liver_1.nii.gz",
+    ]
+    (tmp_path / "a" / "notes.txt").write_text("mine")
+    assert "did not write (notes.txt)" in error_line(synth("--volumes", "1", "--overwrite"))
+    assert (tmp_path / "a" / "notes.txt").exists() and (tmp_path / "a" / "nifti").exists()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_text("")
+    r = CliRunner().invoke(app, ["synth", str(tmp_path / "b"), "--size", "16", "--volumes", "1"])
+    assert "is not empty" in error_line(r) and sorted(p.name for p in (tmp_path / "b").iterdir()) == ["x"]

@@ -35,13 +35,15 @@ def evaluate_cmd(
         "--baseline",
         help="Also evaluate an untrained backbone: random (seeded init) or imagenet (local weights). Repeatable.",
     ),
-    k: int = typer.Option(5, "-k", "--k", help="K of MAP@K and of the k-NN classifier."),
+    k: int = typer.Option(5, "-k", "--k", min=1, help="K of MAP@K and of the k-NN classifier."),
     relax_masks: int = typer.Option(
-        3000, "--relax-masks", help="RELAX masks per liver slice for RR (0 = skip RR)."
+        3000, "--relax-masks", min=0, max=1_000_000, help="RELAX masks per liver slice for RR (0 = skip RR)."
     ),
     batch_size: Optional[int] = typer.Option(
         None,
         "--batch-size",
+        min=1,
+        max=65536,
         help=f"RELAX masked images per forward pass (default {RELAX_BATCH['cpu']} CPU, {RELAX_BATCH['cuda']} GPU).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random baseline and of the RELAX masks."),
@@ -108,6 +110,7 @@ def evaluate_cmd(
         options=options,
         address=address,
         log=lambda msg: say(f"evaluating {msg}", quiet or json_out),
+        status=lambda m: say(m, quiet or json_out),
         callbacks=("log",),
     ).to_json()
     if out is not None:
@@ -118,9 +121,12 @@ def evaluate_cmd(
     if json_out:
         emit_json(res)
         return
+    from ctsearch.metrics import shared_patients_phrase
+
     emit_result(res["table"])
     say(
-        f"{res['queries']} test queries ({res['liver_queries']} with liver) against {res['database']} train slices; "
+        f"{res['queries']} test queries ({res['liver_queries']} with liver) against {res['database']} train slices "
+        f"({shared_patients_phrase(res.get('shared_patients'))}); "
         f"MAP@{k} as in the paper's eq. 5, values in percent, ± = sample std over runs"
         + (f"; RR over liver slices with {relax_masks} RELAX masks each" if relax_masks else "; RR skipped"),
         quiet,

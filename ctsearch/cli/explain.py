@@ -14,12 +14,15 @@ from ctsearch.cli.common import (
     SALT_OPT,
     CallbackBar,
     check_faiss_wheels,
+    choice,
     emit_json,
     handle_errors,
     say,
 )
 from ctsearch.errors import CTSearchInputError
 from ctsearch.explain import RELAX_BATCH
+
+MAX_MASKS = 1_000_000  # RELAX converges long before; a larger count is a typo that would run for days
 
 
 def register(app: typer.Typer) -> None:
@@ -38,12 +41,17 @@ def explain_cmd(
         None, "--model", help="Dataset mode: the run directory whose encoder is explained."
     ),
     split: str = typer.Option(
-        "test", "--split", help="Dataset mode: which split to explain (train or test)."
+        "test",
+        "--split",
+        **choice("train", "test"),
+        help="Dataset mode: which split to explain (train or test).",
     ),
     slice_: Optional[int] = typer.Option(
         None, "--slice", help="Index mode: slice of a file/folder QUERY (default: the middle slice)."
     ),
-    k: int = typer.Option(5, "-k", "--k", help="Index mode: retrieved slices to explain with the query."),
+    k: int = typer.Option(
+        5, "-k", "--k", min=1, help="Index mode: retrieved slices to explain with the query."
+    ),
     patient: Optional[str] = typer.Option(
         None, "--patient", help="Index mode: only retrieve slices of this patient id."
     ),
@@ -55,10 +63,14 @@ def explain_cmd(
     out: Optional[Path] = typer.Option(
         None, "--out", help="Output folder (default: RUN_DIR/explanations/SPLIT, or ./explain-<query>)."
     ),
-    masks: int = typer.Option(3000, "--masks", help="RELAX masks per slice (3000 in the paper)."),
+    masks: int = typer.Option(
+        3000, "--masks", min=1, max=MAX_MASKS, help="RELAX masks per slice (3000 in the paper)."
+    ),
     batch_size: Optional[int] = typer.Option(
         None,
         "--batch-size",
+        min=1,
+        max=65536,
         help=f"Masked images per forward pass (default {RELAX_BATCH['cpu']} on CPU, {RELAX_BATCH['cuda']} on GPU).",
     ),
     slices_per_call: int = typer.Option(
@@ -124,6 +136,7 @@ def explain_cmd(
                 workers=workers,
                 address=address,
                 on_slice=bar.update,
+                status=lambda m: say(m, quiet or json_out),
                 callbacks=("on_slice",),
             )
         finally:

@@ -14,11 +14,17 @@ from ctsearch.cli.common import (
     SALT_OPT,
     CallbackBar,
     check_faiss_wheels,
+    choice,
     emit_json,
     handle_errors,
     say,
 )
 from ctsearch.errors import CTSearchInputError
+
+# The library's choices (ctsearch.store.EMBEDDING_DTYPES, ctsearch.index.params.ANN_KINDS), spelled
+# here so that --help and parsing import neither; tests/test_hostile_cli.py keeps them equal.
+EMBEDDING_DTYPE_NAMES = ("float32", "float16")
+ANN_KIND_NAMES = ("ivfpq", "hnsw")
 
 
 def register(app: typer.Typer) -> None:
@@ -40,25 +46,35 @@ def index_cmd(
         help="Index directory; created, or extended when it already holds an index of the same model.",
     ),
     gpus: int = typer.Option(
-        0, help="GPUs to embed on, one model per GPU (bf16, channels_last); 0: one model on the CPU."
+        0, min=0, help="GPUs to embed on, one model per GPU (bf16, channels_last); 0: one model on the CPU."
     ),
     batch_size: Optional[int] = typer.Option(
-        None, help="Slices per model batch (default 64 on CPU, 256 per GPU: an H100/H200 needs big batches)."
+        None,
+        min=1,
+        max=65536,
+        help="Slices per model batch (default 64 on CPU, 256 per GPU: an H100/H200 needs big batches).",
     ),
     dtype: str = typer.Option(
-        "float32", help="Stored embedding type: float32, or float16 to halve the files."
+        "float32",
+        **choice(*EMBEDDING_DTYPE_NAMES),
+        help="Stored embedding type: float32, or float16 to halve the files.",
     ),
     ann_threshold: int = typer.Option(
         200_000,
+        min=1,
         help="Vectors from which a shard gets an ANN index instead of exact search (docs/scaling.md).",
     ),
     ann: str = typer.Option(
-        "ivfpq", help="ANN kind at or above --ann-threshold: ivfpq (IVF-PQ + exact re-ranking) or hnsw."
+        "ivfpq",
+        **choice(*ANN_KIND_NAMES),
+        help="ANN kind at or above --ann-threshold: ivfpq (IVF-PQ + exact re-ranking) or hnsw.",
     ),
     shard_volumes: int = typer.Option(
-        32, help="Volumes per shard, the unit committed at once (what a killed run can lose)."
+        32, min=1, help="Volumes per shard, the unit committed at once (what a killed run can lose)."
     ),
-    threads: Optional[int] = typer.Option(None, help="Torch threads of the CPU model (default: all cores)."),
+    threads: Optional[int] = typer.Option(
+        None, min=1, help="Torch threads of the CPU model (default: all cores)."
+    ),
     address: Optional[str] = ADDRESS_OPT,
     id_salt_file: Optional[Path] = SALT_OPT,
     json_out: bool = JSON_OPT,
@@ -71,10 +87,13 @@ def index_cmd(
     """
     check_faiss_wheels()
     from ctsearch.ids import load_salt
+    from ctsearch.index.params import check_ann
+
+    # Before torch, Ray or the output folder: a bad combination leaves nothing behind.
+    check_ann(ann_threshold, ann)
+    id_salt = load_salt(id_salt_file)
     from ctsearch.jobs.index import IndexOptions, index_source
     from ctsearch.jobs.runtime import run_job
-
-    id_salt = load_salt(id_salt_file)
 
     bar = CallbackBar("indexing volumes", off=quiet or json_out)
     options = IndexOptions(
@@ -96,6 +115,7 @@ def index_cmd(
             address=address,
             on_volume=bar.update,
             id_salt=id_salt,
+            status=lambda m: say(m, quiet or json_out),
             callbacks=("on_volume",),
         )
     finally:

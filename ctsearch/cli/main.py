@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 
 import typer
@@ -20,6 +21,10 @@ app = typer.Typer(
 def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
     if debug:
         os.environ["CTSEARCH_DEBUG"] = "1"
+    else:
+        # nibabel logs what it "fixes" in a header (e.g. a zero voxel size set to 1 mm) on stderr;
+        # ctsearch refuses such files with its own one-line error, so the log line is noise.
+        logging.getLogger("nibabel").setLevel(logging.ERROR)
 
 
 @app.command()
@@ -36,6 +41,7 @@ COMMAND_MODULES = [
     "prepare",
     "train",
     "index",
+    "verify",
     "search",
     "explain",
     "evaluate",

@@ -32,7 +32,8 @@ def register(app: typer.Typer) -> None:
         train_volumes: int = typer.Option(
             100,
             "--train-volumes",
-            help="The first N labelled volumes by case number form the train split; the rest is test.",
+            help="Train split: the volumes of the first patients by case number until it holds N volumes "
+            "(a patient is never on both sides); the rest is test. Both splits must be non-empty.",
         ),
         seed: int = typer.Option(0, "--seed", help="Seed of the slice choice."),
         train_all_slices: bool = typer.Option(
@@ -83,6 +84,6 @@ def register(app: typer.Typer) -> None:
             )
             if summary["short_volumes"]:
                 say(
-                    f"[yellow]{len(summary['short_volumes'])} volumes had too few slices of one kind (see protocol.json)[/yellow]",
+                    f"warning: {len(summary['short_volumes'])} volumes had too few slices of one kind (see protocol.json)",
                     quiet,
                 )

@@ -14,6 +14,7 @@ from ctsearch.cli.common import (
     emit_json,
     handle_errors,
     result_stream,
+    say,
 )
 
 JSON_KEYS = (
@@ -43,7 +44,9 @@ def search_cmd(
     slice_: Optional[int] = typer.Option(
         None, "--slice", help="Slice of a file/folder QUERY (0 = most inferior; default: the middle slice)."
     ),
-    k: int = typer.Option(5, "-k", "--k", help="Number of results."),
+    k: int = typer.Option(
+        5, "-k", "--k", min=1, help="Number of results (more than the index holds: all of them)."
+    ),
     patient: Optional[str] = typer.Option(
         None,
         help="Only return slices of this patient id (on a pseudonymised index: the pseudonym, or the original id with --id-salt-file).",
@@ -60,7 +63,9 @@ def search_cmd(
         "a run of slices around it (inferior to superior) and a confidence. Copies of the query's scan "
         "(same pixels) are not offered.",
     ),
-    per_exam: int = typer.Option(5, help="Length of the run of slices per examination with --cross-exam."),
+    per_exam: int = typer.Option(
+        5, min=1, help="Length of the run of slices per examination with --cross-exam."
+    ),
     device: str = typer.Option("cpu", help="cpu (FAISS) or cuda (exact search with torch on the GPU)."),
     nprobe: Optional[int] = typer.Option(
         None, help="IVF lists probed in IVF-PQ shards (default: stored per shard)."
@@ -110,6 +115,8 @@ def search_cmd(
         else:
             _print_exams(qmeta, res)
         return
+    if k > len(index):
+        say(f"-k {k} is more than the index's {len(index)} slices: returning all of them")
     res = index.search(vector, k=k, patient=patient, exclude_patient=exclude_patient, nprobe=nprobe)
     hits = [{key: h.get(key) for key in JSON_KEYS} for h in res.hits[0]]
     if json_out:
@@ -134,7 +141,7 @@ def _print_hits(qmeta: dict, hits: list[dict]) -> None:
             str(h["patient_id"]),
             str(h["volume_id"]),
             str(h["slice_index"]),
-            f"{h['z_mm']:.1f}",
+            "" if h["z_mm"] is None else f"{h['z_mm']:.1f}",  # unknown in an index built without positions
             str(h["path"]),
         )
     Console(file=result_stream()).print(t)

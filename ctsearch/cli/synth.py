@@ -27,6 +27,11 @@ def register(app: typer.Typer) -> None:
         exams: int = typer.Option(
             1, "--exams", help="Examinations per patient; later exams are later in time, with grown lesions."
         ),
+        overwrite: bool = typer.Option(
+            False,
+            "--overwrite",
+            help="Replace an existing archive in OUT (only one synth wrote) instead of refusing.",
+        ),
         json_out: bool = JSON_OPT,
         quiet: bool = QUIET_OPT,
     ) -> None:
@@ -40,6 +45,7 @@ def register(app: typer.Typer) -> None:
             size=size,
             fmt=fmt,
             exams=exams,
+            overwrite=overwrite,
             progress=lambda items, total, desc: progress(items, total, desc, quiet or json_out),
         )
         if json_out:

@@ -7,8 +7,18 @@ from typing import Optional
 
 import typer
 
-from ctsearch.backbones import backbone_help
-from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, CallbackBar, emit_json, handle_errors, say
+from ctsearch.backbones import BACKBONES, backbone_help
+from ctsearch.cli.common import (
+    ADDRESS_OPT,
+    JSON_OPT,
+    QUIET_OPT,
+    CallbackBar,
+    choice,
+    emit_json,
+    handle_errors,
+    say,
+)
+from ctsearch.config import MAX_IMAGE_SIZE
 
 
 def register(app: typer.Typer) -> None:
@@ -23,17 +33,25 @@ def train_cmd(
     out: Path = typer.Argument(
         ..., help="Run directory; rerunning with the same OUT resumes after the last finished epoch."
     ),
-    backbone: str = typer.Option("resnet50", help=f"Backbone: {backbone_help()}."),
-    image_size: int = typer.Option(224, help="Side of the square network input, pixels."),
+    backbone: str = typer.Option("resnet50", **choice(*BACKBONES), help=f"Backbone: {backbone_help()}."),
+    image_size: int = typer.Option(
+        224, min=16, max=MAX_IMAGE_SIZE, help="Side of the square network input, pixels."
+    ),
     views: str = typer.Option(
         "clinical",
+        **choice("clinical", "standard"),
         help="clinical: view 1 wide [-200,300] HU, view 2 narrow [50,150] HU; standard: both wide.",
     ),
     rescale: str = typer.Option(
         "reference",
+        **choice("reference", "own"),
         help="reference: narrow view on the wide scale (reference code); own: stretch each window to [0,1].",
     ),
-    jitter: str = typer.Option("paper", help="Colour-jitter saturation: paper (0.4) or reference (0.2)."),
+    jitter: str = typer.Option(
+        "paper",
+        **choice("paper", "reference"),
+        help="Colour-jitter saturation: paper (0.4) or reference (0.2).",
+    ),
     crop_scale: float = typer.Option(
         0.2,
         help="Smallest RandomResizedCrop area, fraction of the slice (paper 0.2; larger keeps more anatomy per view at small image sizes).",
@@ -44,6 +62,7 @@ def train_cmd(
     ),
     train_slices: str = typer.Option(
         "protocol",
+        **choice("protocol", "all"),
         help="Slices SimSiam trains on: protocol (train.parquet) or all (train_all.parquet: every slice of the train volumes, from `prepare --train-all-slices`). Evaluation always uses the protocol.",
     ),
     init: str = typer.Option(
@@ -58,18 +77,26 @@ def train_cmd(
     weights: Optional[Path] = typer.Option(
         None, help="ImageNet weight file for --init imagenet (default: the torch cache)."
     ),
-    epochs: int = typer.Option(250, help="Total epochs of the run (a rerun with more epochs continues)."),
-    batch_size: int = typer.Option(32, help="Global batch size, slices (split over workers)."),
+    epochs: int = typer.Option(
+        250, min=1, help="Total epochs of the run (a rerun with more epochs continues)."
+    ),
+    batch_size: int = typer.Option(
+        32, min=1, max=65536, help="Global batch size, slices (split over workers)."
+    ),
     base_lr: float = typer.Option(0.05, help="Base learning rate; lr = base_lr x batch / 256."),
     schedule: str = typer.Option(
-        "constant", help="Learning-rate schedule: constant (paper) or cosine (original SimSiam)."
+        "constant",
+        **choice("constant", "cosine"),
+        help="Learning-rate schedule: constant (paper) or cosine (original SimSiam).",
     ),
     fix_pred_lr: bool = typer.Option(
         False, "--fix-pred-lr", help="Keep the predictor's lr fixed under the cosine schedule."
     ),
     seed: int = typer.Option(0, help="Random seed (weights, views, data order)."),
-    eval_every: int = typer.Option(5, help="Evaluate MAP@5 and 5-NN accuracy every N epochs (0: never)."),
-    workers: int = typer.Option(1, help="Ray Train workers (data parallel)."),
+    eval_every: int = typer.Option(
+        5, min=0, help="Evaluate MAP@5 and 5-NN accuracy every N epochs (0: never)."
+    ),
+    workers: int = typer.Option(1, min=1, help="Ray Train workers (data parallel)."),
     gpus_per_worker: float = typer.Option(0.0, help="GPUs per worker (0: train on CPU)."),
     cpus_per_worker: float = typer.Option(
         1.0, help="CPUs reserved per worker (also its torch threads); leave some for Ray Data."
@@ -79,6 +106,7 @@ def train_cmd(
     ),
     placement: str = typer.Option(
         "pack",
+        **choice("pack", "spread"),
         help="Worker placement on a cluster: pack (fewest nodes, fast all-reduce) or spread (one node each where possible).",
     ),
     address: Optional[str] = ADDRESS_OPT,
@@ -127,7 +155,14 @@ def train_cmd(
 
     try:
         summary = run_job(
-            train, dataset_dir, out, opts, address=address, on_epoch=show, callbacks=("on_epoch",)
+            train,
+            dataset_dir,
+            out,
+            opts,
+            address=address,
+            on_epoch=show,
+            callbacks=("on_epoch",),
+            status=lambda m: say(m, quiet),
         )
     finally:
         bar.close()

@@ -142,10 +142,37 @@ def read_manifest(root: Path) -> dict:
         )
     try:
         m = json.loads(p.read_text())
-    except ValueError as e:
-        raise CTSearchInputError(p, f"unreadable index manifest ({e})") from None
+    except (OSError, ValueError) as e:
+        raise CTSearchInputError(p, f"unreadable index manifest ({e}); the index is damaged") from None
+    if not isinstance(m, dict):
+        raise CTSearchInputError(p, "is not an index manifest (expected a JSON object); the index is damaged")
     if m.get("format_version") != FORMAT_VERSION:
         raise CTSearchInputError(
             p, f"index format {m.get('format_version')} is not supported (expected {FORMAT_VERSION})"
         )
+    try:  # every key a reader relies on, so a damaged manifest fails here and not mid-search
+        ok = (
+            isinstance(m["model"], dict)
+            and isinstance(m["model"]["config"], dict)
+            and int(m["embedding_dim"]) > 0
+            and m["dtype"] in ("float32", "float16")
+            and int(m["rows"]) >= 0
+            and int(m["next_shard"]) >= 0
+            and isinstance(m["shards"], list)
+        )
+        ok = ok and all(ShardRecord.from_json(s).rows >= 0 for s in m["shards"])
+    except (KeyError, TypeError, ValueError) as e:
+        what = f"no {e} entry" if isinstance(e, KeyError) else "a value of the wrong type"
+        raise CTSearchInputError(p, f"index manifest has {what}; the index is damaged") from None
+    if not ok:
+        raise CTSearchInputError(p, "index manifest has a value of the wrong type; the index is damaged")
     return m
+
+
+def damaged(path: Path, e: BaseException) -> CTSearchInputError:
+    """The one-line error for an index file that exists but cannot be read as what index.json says."""
+    why = " ".join(str(e).split())[:200] or type(e).__name__
+    return CTSearchInputError(
+        path,
+        f"damaged index file ({type(e).__name__}: {why}); `ctsearch verify {path.parent.parent}` lists every damaged file",
+    )

@@ -30,6 +30,22 @@ def choose_kind(n_vectors: int, ann_threshold: int, ann: str = "ivfpq") -> str:
     return "flat" if n_vectors < ann_threshold else ann
 
 
+IVFPQ_MIN_VECTORS = 256 * 4  # PQ codebooks of 256 centroids need this many training points
+
+
+def check_ann(ann_threshold: int, ann: str = "ivfpq") -> None:
+    """Refuse ANN settings that could only fail once the first big shard is built (after writing)."""
+    choose_kind(0, ann_threshold, ann)
+    if ann_threshold < 1:
+        raise CTSearchInputError(None, f"--ann-threshold must be >= 1, got {ann_threshold}")
+    if ann == "ivfpq" and ann_threshold < IVFPQ_MIN_VECTORS:
+        raise CTSearchInputError(
+            None,
+            f"--ann-threshold {ann_threshold} is below {IVFPQ_MIN_VECTORS}, the fewest vectors an IVF-PQ "
+            "shard can be trained on; raise it or use --ann hnsw",
+        )
+
+
 def ivfpq_params(n: int, d: int) -> dict:
     """IVF lists ~ sqrt(n) (>= 39 points each), PQ codes of ~32 dims per byte, probes and re-ranking.
 
@@ -68,7 +84,7 @@ def build_faiss(
         return index, {"ef_search": 128}
     if kind == "ivfpq":
         p = ivfpq_params(n, d)
-        if n < 256 * 4:
+        if n < IVFPQ_MIN_VECTORS:
             raise CTSearchInputError(
                 None, f"an IVF-PQ shard needs at least 1024 vectors, got {n}; raise --ann-threshold"
             )

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from ctsearch.config import ModelConfig
 from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import NOT_PSEUDONYMISED, stored_id
-from ctsearch.index.format import META_COLUMNS, ShardRecord, read_manifest
+from ctsearch.index.format import META_COLUMNS, ShardRecord, damaged, read_manifest
 from ctsearch.index.search import l2_normalize, merge_topk, search_shard, torch_topk
 
 
@@ -72,6 +72,11 @@ class Index:
     def model_dir(self) -> Path:
         return self.root / self.manifest["model"]["dir"]
 
+    @property
+    def encoder_sha256(self) -> str | None:
+        """The sha256 index.json records for INDEX/model/encoder.safetensors (None in an index without a model)."""
+        return self.manifest["model"].get("encoder_sha256") or None
+
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_json(self.manifest["model"]["config"])
 
@@ -91,13 +96,31 @@ class Index:
             path = self.root / "faiss" / f"{s.name}.faiss"
             if not path.is_file():  # FAISS would raise a bare RuntimeError
                 raise FileNotFoundError(path)
-            self._faiss[s.name] = faiss.read_index(str(path))
+            try:
+                index = faiss.read_index(str(path))
+            except RuntimeError as e:  # truncated or overwritten
+                raise damaged(path, e) from None
+            if index.ntotal != s.rows or index.d != self.dim:
+                raise damaged(
+                    path,
+                    ValueError(f"holds {index.ntotal} x {index.d}, index.json says {s.rows} x {self.dim}"),
+                )
+            self._faiss[s.name] = index
         return self._faiss[s.name]
 
     def shard_vectors(self, s: ShardRecord) -> np.ndarray:
         """[n, d] stored vectors of a shard, without copying (FAISS flat storage or a memmap)."""
         if s.kind == "ivfpq":
-            return np.load(self.root / "faiss" / f"{s.name}.vectors.npy", mmap_mode="r")
+            path = self.root / "faiss" / f"{s.name}.vectors.npy"
+            try:
+                v = np.load(path, mmap_mode="r")
+            except (ValueError, EOFError, OSError) as e:
+                if isinstance(e, FileNotFoundError):
+                    raise
+                raise damaged(path, e) from None
+            if v.shape != (s.rows, self.dim):
+                raise damaged(path, ValueError(f"shape {v.shape}, index.json says ({s.rows}, {self.dim})"))
+            return v
         idx = self._index(s)
         if s.kind == "hnsw":
             idx = faiss.downcast_index(idx.storage)
@@ -105,17 +128,24 @@ class Index:
 
     def _column(self, s: ShardRecord, name: str) -> np.ndarray:
         path = self.root / "embeddings" / f"{s.name}.parquet"
-        return _read_column(str(path), path.stat().st_mtime_ns, name)
+        mtime = path.stat().st_mtime_ns
+        try:
+            return _read_column(str(path), mtime, name)
+        except (pa.ArrowException, OSError) as e:
+            raise damaged(path, e) from None
 
     def rows(self, shard: int, ids: np.ndarray) -> list[dict]:
         """Metadata of rows ``ids`` of shard number ``shard``, reading only the row groups they are in."""
         p = self.root / "embeddings" / f"{self.shards[shard].name}.parquet"
         path, mtime = str(p), p.stat().st_mtime_ns
-        starts = _row_group_starts(path, mtime)
         out = []
-        for i in np.asarray(ids, dtype=np.int64):
-            g = int(np.searchsorted(starts, i, side="right") - 1)
-            out.append(_row_group(path, mtime, g)[int(i - starts[g])])
+        try:
+            starts = _row_group_starts(path, mtime)
+            for i in np.asarray(ids, dtype=np.int64):
+                g = int(np.searchsorted(starts, i, side="right") - 1)
+                out.append(_row_group(path, mtime, g)[int(i - starts[g])])
+        except (pa.ArrowException, OSError, IndexError) as e:  # IndexError: fewer rows than FAISS ids
+            raise damaged(p, e) from None
         return out
 
     def patient_rows(self, patient_id: str) -> list[np.ndarray]:
@@ -179,6 +209,9 @@ class Index:
             raise CTSearchInputError(None, "--patient and --exclude-patient exclude each other")
         if k < 1:
             raise CTSearchInputError(None, f"k must be >= 1, got {k}")
+        if len(self) == 0:
+            raise CTSearchInputError(self.root, "the index holds no slices yet (nothing was indexed)")
+        k = min(k, len(self))  # more hits than rows cannot exist; an absurd k must not allocate
         q = l2_normalize(np.atleast_2d(np.asarray(vectors, np.float32)))
         if q.shape[1] != self.dim:
             raise CTSearchInputError(
@@ -186,12 +219,15 @@ class Index:
             )
         try:
             return self._search(q, k, patient, exclude_patient, nprobe, refine)
-        except FileNotFoundError:
+        except FileNotFoundError as e:
             # A writer merged shards since this Index read index.json (shards load lazily, so a
             # long-lived reader can meet a removed file): go on with the new commit.
             if not self.refresh():
-                raise
-            return self._search(q, k, patient, exclude_patient, nprobe, refine)
+                raise missing(e) from None
+            try:
+                return self._search(q, k, patient, exclude_patient, nprobe, refine)
+            except FileNotFoundError as e2:
+                raise missing(e2) from None
 
     def refresh(self) -> bool:
         """Re-read index.json; True (and caches dropped) when a writer committed since it was read."""
@@ -285,3 +321,11 @@ def _row_group_starts(path: str, mtime_ns: int) -> np.ndarray:
 @lru_cache(maxsize=256)
 def _row_group(path: str, mtime_ns: int, g: int) -> list[dict]:
     return pq.ParquetFile(path).read_row_group(g, columns=META_COLUMNS).to_pylist()
+
+
+def missing(e: FileNotFoundError) -> CTSearchInputError:
+    """A file index.json lists that is not there (deleted, or never copied along with index.json)."""
+    path = Path(e.filename or str(e))
+    return CTSearchInputError(
+        path, f"missing: index.json lists it; the index is damaged (`ctsearch verify {path.parent.parent}`)"
+    )

@@ -49,7 +49,7 @@ from ctsearch.index.format import (
     shard_files,
     table_vectors,
 )
-from ctsearch.index.params import DEFAULT_ANN_THRESHOLD, build_faiss, choose_kind
+from ctsearch.index.params import DEFAULT_ANN_THRESHOLD, build_faiss, check_ann, choose_kind
 from ctsearch.store import (
     ERRORS_SCHEMA,
     LOCK_FILE,
@@ -59,6 +59,8 @@ from ctsearch.store import (
     content_hash,
     errors_table,
     lock_dir,
+    read_parquet,
+    verify_encoder,
 )
 
 
@@ -114,7 +116,7 @@ class IndexWriter:
         fingerprint, and an index is only extended with the salt it was made with (or none).
         """
         root = Path(root)
-        choose_kind(0, ann_threshold, ann)  # validates ``ann``
+        check_ann(ann_threshold, ann)  # before anything is written
         if root.exists() and not root.is_dir():
             raise CTSearchInputError(root, "is a file, not an index directory")
         fresh = not root.exists() or all(f.name == LOCK_FILE for f in root.iterdir())
@@ -136,6 +138,9 @@ class IndexWriter:
         if mpath.is_file():
             manifest = read_manifest(root)
             old = manifest["model"]
+            if old.get("encoder_sha256"):
+                # Extending with a replaced copy would mix two models' vectors in one index.
+                verify_encoder(root / old.get("dir", "model"), old["encoder_sha256"], INDEX_JSON)
             if old.get("encoder_sha256") and enc_sha and old["encoder_sha256"] != enc_sha:
                 raise CTSearchInputError(
                     model_dir,
@@ -216,7 +221,7 @@ class IndexWriter:
 
     def _load_volumes(self) -> None:
         for s in self.shards:
-            t = pq.read_table(self.root / "volumes" / f"{s.name}.parquet")
+            t = read_parquet(self.root / "volumes" / f"{s.name}.parquet")
             for r in t.to_pylist():
                 self._entries[r["entry"]] = (r["size"], r["mtime_ns"])
                 if r["status"] == "indexed":
@@ -295,7 +300,7 @@ class IndexWriter:
     def add_scan_errors(self, errors: list[dict]) -> None:
         """Record archive-scan failures (files that are not readable volumes) in errors.parquet."""
         path = self.root / "errors" / "scan.parquet"
-        old = pq.read_table(path).to_pylist() if path.is_file() else []
+        old = read_parquet(path).to_pylist() if path.is_file() else []
         rows = _dedupe(old + list(errors))
         atomic_write_table(errors_table(rows), path)
         self._write_errors()
@@ -310,7 +315,7 @@ class IndexWriter:
         rows = []
         for p in parts:
             if p.is_file():
-                rows += pq.read_table(p).to_pylist()
+                rows += read_parquet(p).to_pylist()
         atomic_write_table(errors_table(_dedupe(rows)), self.root / "errors.parquet")
 
     def compact(self) -> str | None:

@@ -196,7 +196,10 @@ class NotAxialCTSeries(CTSearchInputError):
 
 def sniff_dicom(path: str | os.PathLike) -> bool:
     """True if the file content looks like DICOM: 'DICM' after the 128-byte preamble, or a
-    preamble-less dataset starting with a group 0002/0008 tag. Names and extensions are ignored."""
+    preamble-less dataset starting with a group 0002/0008 tag. Names and extensions are ignored.
+    Only regular files are opened: reading a named pipe would block forever."""
+    if not os.path.isfile(path):
+        return False
     try:
         with open(path, "rb") as f:
             head = f.read(132)
@@ -360,6 +363,13 @@ def pixel_data_problem(path: str, ds: pydicom.Dataset) -> str | None:
     """
     if "PixelData" not in ds:
         return "missing pixel data"
+    # Pixels that cannot be CT numbers: colour (RGB, palette) or 1-bit (a mask or overlay).
+    samples = ds.get("SamplesPerPixel", 1)
+    if samples not in (None, "") and int(samples) != 1:
+        return f"not a grayscale image ({int(samples)} samples per pixel, e.g. RGB), not CT values"
+    bits = ds.get("BitsAllocated")
+    if bits not in (None, "") and int(bits) == 1:
+        return "1-bit (binary) pixel data, not CT values"
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if syntax is not None and not syntax.is_transfer_syntax:
         return f"unknown transfer syntax {str(syntax)!r}"

@@ -13,7 +13,9 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from typing import Protocol
 
 from ctsearch.errors import CTSearchInputError
@@ -44,13 +46,51 @@ def error_row(e: CTSearchInputError, stage: str) -> dict:
     return {"path": e.path or "", "stage": stage, "error": e.problem}
 
 
-def walk_files(folder: str) -> list[str]:
-    """Every file under ``folder`` (any depth), in a deterministic order."""
+def walk_files(folder: str, errors: list[dict] | None = None) -> list[str]:
+    """Every regular file under ``folder`` (any depth), in a deterministic order.
+
+    Anything else met on the way (named pipes, sockets, device files, dangling or looping
+    symbolic links, links to folders, which are not followed) is never returned, so no reader
+    opens it (a pipe would block a read forever); with ``errors`` each becomes a scan error row.
+    """
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames))
+        for d in dirnames:  # os.walk lists links to folders here and does not enter them
+            if os.path.islink(os.path.join(dirpath, d)) and errors is not None:
+                problem = not_regular(os.path.join(dirpath, d))
+                errors.append(scan_error(os.path.join(dirpath, d), problem or "symbolic link"))
+        for f in sorted(filenames):
+            path = os.path.join(dirpath, f)
+            problem = not_regular(path)
+            if problem is None:
+                out.append(path)
+            elif errors is not None:
+                errors.append(scan_error(path, problem))
     return out
+
+
+def not_regular(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a regular file that a reader may open (after symbolic links), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if os.path.islink(path):
+            if e.errno == errno.ELOOP:
+                return "symbolic link loop, skipped"
+            return f"dangling symbolic link (target {os.readlink(path)!r} does not exist), skipped"
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "symbolic link to a folder, not followed (link the files or scan the target folder)"
+    if stat.S_ISFIFO(mode):
+        return "named pipe (FIFO), not a file: not opened"
+    if stat.S_ISSOCK(mode):
+        return "socket, not a file: not opened"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device file, not a file: not opened"
+    return "not a regular file: not opened"
 
 
 def scan_error(path: str | os.PathLike, problem: str) -> dict:

@@ -25,16 +25,17 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 
 from ctsearch.errors import CTSearchInputError
 from ctsearch.io.entry import ScanEntry, case_number
 from ctsearch.io.formats import error_row, scan_error
 from ctsearch.io.orient import canonical_transform, spacing_of, to_canonical
 from ctsearch.io.volume import Volume
+from ctsearch.store import atomic_write_bytes
 
 # NIfTI RAS+ <-> DICOM LPS+: negate x and y.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -91,8 +92,11 @@ def _save(zyx: np.ndarray, affine_ras: np.ndarray, path) -> None:
     img.header.set_xyzt_units("mm", "sec")
     # Stored exactly: no scaling, so the reader's rounding is the identity.
     img.header.set_slope_inter(1.0, 0.0)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, os.fspath(path))
+    data = img.to_bytes()
+    if os.fspath(path).lower().endswith(".gz"):
+        data = gzip.compress(data, compresslevel=1, mtime=0)  # mtime 0: the same volume, the same bytes
+    # Atomic: a full disk or a killed writer never leaves half a volume behind that a scan would read.
+    atomic_write_bytes(data, path)
 
 
 # Deflate cannot expand data by more than ~1032:1, so a .nii.gz whose header needs more bytes than
@@ -186,6 +190,7 @@ def _open_checked(path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarr
         raise CTSearchInputError(path, problem or f"not a readable NIfTI file ({_describe(e)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise CTSearchInputError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
+    _check_ct_header(path, img)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
@@ -213,6 +218,28 @@ def _open_checked(path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarr
     except ValueError as e:
         raise CTSearchInputError(path, str(e)) from None
     return img, shape, affine_lps
+
+
+def _check_ct_header(path: str, img) -> None:
+    """Refuse voxel types that cannot hold CT numbers and geometry the reader would make up.
+
+    Both would otherwise be read "successfully" into a volume that is wrong: complex or RGB
+    values flattened to numbers, and a zero pixdim silently replaced by nibabel with 1 mm.
+    """
+    # The header as stored: nibabel's loaded header has its zero pixdims already "fixed" to 1.
+    with ImageOpener(path) as f:
+        header = type(img.header).from_fileobj(f, check=False)
+    dtype = header.get_data_dtype()
+    if dtype.fields is not None or dtype.kind in "cbV":
+        kind = {"c": "complex", "b": "boolean"}.get(dtype.kind, "RGB/structured")
+        raise CTSearchInputError(path, f"{kind} voxels ({dtype}) cannot be CT values")
+    # With an sform the affine (and so the spacing) comes from it; otherwise nibabel builds it
+    # from pixdim and turns a 0 there into 1 mm without saying so.
+    pixdim = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    if int(header.get("sform_code", 0)) == 0 and not np.all(np.isfinite(pixdim) & (pixdim != 0)):
+        raise CTSearchInputError(
+            path, f"voxel size (pixdim) is {pixdim.tolist()} mm: no usable geometry (zero or not a number)"
+        )
 
 
 def _check_gzip_size(path: str, size: int, needed: int) -> None:

@@ -26,7 +26,7 @@ import os
 from ctsearch.errors import CTSearchInputError
 from ctsearch.io.dicom import DicomFormat, sniff_dicom
 from ctsearch.io.entry import ScanEntry, case_number
-from ctsearch.io.formats import VolumeFormat, scan_error, walk_files
+from ctsearch.io.formats import VolumeFormat, not_regular, scan_error, walk_files
 from ctsearch.io.nifti import NiftiFormat, is_nifti_path
 from ctsearch.io.volume import Volume
 
@@ -53,8 +53,10 @@ def read_volume(path: str | os.PathLike, *, series_id: str | None = None) -> Vol
         >>> vol = read_volume("imagesTr/liver_3.nii.gz")   # doctest: +SKIP
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise CTSearchInputError(path, "no such file or folder")
+    if not os.path.isdir(path) and (problem := not_regular(path)):
+        raise CTSearchInputError(path, problem)
     for fmt in FORMATS:
         if fmt.reads(path):
             return fmt.read(path, series_id)
@@ -96,10 +98,15 @@ def scan_archive(root: str | os.PathLike) -> tuple[list[ScanEntry], list[dict]]:
         CTSearchInputError: ``root`` does not exist.
     """
     root = os.fspath(root)
-    if not os.path.exists(root):
+    if not os.path.lexists(root):
         raise CTSearchInputError(root, "no such file or folder")
-    files = [root] if os.path.isfile(root) else walk_files(root)
     errors: list[dict] = []
+    if os.path.isdir(root):
+        files = walk_files(root, errors)
+    else:
+        problem = not_regular(root)
+        files = [] if problem else [root]
+        errors += [scan_error(root, problem)] if problem else []
     claimed: dict[str, list[str]] = {fmt.name: [] for fmt in FORMATS}
     for path in files:
         name = os.path.basename(path)

@@ -134,6 +134,9 @@ class EvaluateResult:
     rows: list[dict]  # one per name: n, sources and each metric's summary_stats
     table: str  # the markdown table of the rows
     crossexam: dict | None = None  # with --crossexam: crossexam_table's input, its table and an example
+    # Patients with slices in both train (database) and test (queries): 0 for a by-patient split.
+    # Measured, never assumed: a query can retrieve its own patient's other slices otherwise.
+    shared_patients: int | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -237,6 +240,7 @@ def evaluate(
         rows=rows,
         table=markdown_table(rows, k),
         crossexam=None if cross is None else crossexam_summary(cross, per_run, k),
+        shared_patients=len(set(map(str, train.patient_id)) & set(map(str, test.patient_id))),
     )
 
 

@@ -424,9 +424,17 @@ def _fold_parts(out: Path) -> tuple[list[dict], list[dict]]:
     parts = out / PARTS_DIR
     expl = [out / EXPLANATIONS_FILE, *sorted(parts.glob("expl-*.parquet"))]
     errs = [out / "errors.parquet", *sorted(parts.glob("errors-*.parquet"))]
-    rows = [r for f in expl if f.is_file() for r in pq.read_table(f).to_pylist()]
-    errors = [r for f in errs if f.is_file() for r in pq.read_table(f).to_pylist()]
-    rows.sort(key=lambda r: (r["volume_id"], r["slice_index"]))
+    # A job killed after writing the finals but before dropping the parts has the parts' rows in
+    # both: one row per slice (and per error) is kept, so the rerun's result is the uninterrupted one.
+    by_key = {
+        slice_key(r["volume_id"], r["slice_index"]): r
+        for f in expl
+        if f.is_file()
+        for r in pq.read_table(f).to_pylist()
+    }
+    rows = sorted(by_key.values(), key=lambda r: (r["volume_id"], r["slice_index"]))
+    seen = {tuple(r.values()): r for f in errs if f.is_file() for r in pq.read_table(f).to_pylist()}
+    errors = list(seen.values())
     atomic_write_table(pa.Table.from_pylist(rows, schema=EXPLANATIONS_SCHEMA), out / EXPLANATIONS_FILE)
     atomic_write_table(errors_table(errors), out / "errors.parquet")
     for f in [*expl[1:], *errs[1:]]:

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 
 from ctsearch.config import ModelConfig
@@ -44,8 +43,8 @@ from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import check_same_salt, is_pseudonym, pseudonymise, pseudonymise_ids
 from ctsearch.index import DEFAULT_ANN_THRESHOLD, IndexWriter, l2_normalize
 from ctsearch.index.params import AnnKind
-from ctsearch.jobs.runtime import node_id, shared_value, start_ray
-from ctsearch.store import EmbeddingDtype, content_hash, file_fingerprint
+from ctsearch.jobs.runtime import announce, node_id, shared_value, start_ray
+from ctsearch.store import EmbeddingDtype, content_hash, file_fingerprint, read_parquet
 
 ID_COLUMNS = ("volume_id", "patient_id", "study_id", "series_id", "exam_date")
 SLAB_SLICES = 32  # slices per block leaving a reading task
@@ -66,7 +65,7 @@ def resolve_source(source: str | os.PathLike, id_salt: bytes | None = None) -> t
     if not src.exists():
         raise CTSearchInputError(src, "no such file or folder")
     if src.is_file() and src.suffix == ".parquet":
-        t = pq.read_table(src)
+        t = read_parquet(src)  # a corrupt manifest is one line naming it
         if "path" not in t.column_names:
             raise CTSearchInputError(
                 src, "not a manifest: no 'path' column (write one with `ctsearch prepare`)"
@@ -396,6 +395,8 @@ def index_source(
     from ctsearch.model import load_encoder
 
     _, config = load_encoder(model_dir)  # validates the model dir before any work
+    # Before the output folder exists: a missing archive or a corrupt manifest leaves nothing behind.
+    tasks, scan_errors = resolve_source(source, id_salt)
     with IndexWriter.open(
         out,
         config,
@@ -405,10 +406,11 @@ def index_source(
         ann=options.ann,
         id_salt=id_salt,
     ) as writer:
-        tasks, scan_errors = resolve_source(source, id_salt)
         if scan_errors:
             writer.add_scan_errors(scan_errors)
         pending, unchanged = _changed_tasks(writer, tasks)
+        if unchanged:
+            announce(f"{unchanged} of {len(tasks)} volumes already indexed in {out}: skipped")
         summary = IndexSummary(
             volumes_seen=len(tasks), unchanged_skipped=unchanged, scan_errors=len(scan_errors)
         )

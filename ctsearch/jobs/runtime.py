@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from typing import Any, Callable
@@ -29,29 +28,11 @@ import ray
 import ray.data
 
 from ctsearch.errors import CTSearchInputError
+from ctsearch.jobs.address import parse_address
 
 # Bounds on how long a connection may take before it is reported as unreachable.
 CONNECT_TIMEOUT_S = 10
 CLIENT_ATTEMPTS = 3  # Ray Client connections tried before giving up (see _connect)
-# ray:// addresses without a port mean the Ray Client server's default port.
-DEFAULT_CLIENT_PORT = 10001
-_ADDRESS = re.compile(
-    r"^(?:(?P<scheme>ray)://)?(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+)(?::(?P<port>\d{1,5}))?$"
-)
-
-
-def parse_address(address: str) -> tuple[str, str, int]:
-    """``HOST:PORT`` or ``ray://HOST[:PORT]`` -> (kind "gcs" | "ray", host, port); bad -> one-line error."""
-    m = _ADDRESS.match(address.strip())
-    if not m or (m["scheme"] is None and m["port"] is None):
-        raise CTSearchInputError(
-            None, f"--address {address!r} is not a Ray address: give HOST:PORT (a cluster's GCS, e.g. "
-                  "head:6379) or ray://HOST:PORT (Ray Client, e.g. ray://head:10001)",
-        )  # fmt: skip
-    port = int(m["port"]) if m["port"] else DEFAULT_CLIENT_PORT
-    if not 0 < port < 65536:
-        raise CTSearchInputError(None, f"--address {address!r}: port {port} is out of range")
-    return ("ray" if m["scheme"] else "gcs"), m["host"], port
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -64,6 +45,15 @@ def cluster_address(address: str | None) -> str | None:
     return address
 
 
+# Who hears what a job is doing before its progress starts (set by run_job; silent otherwise).
+_status: Callable[[str], None] = lambda message: None
+
+
+def announce(message: str) -> None:
+    """Tell the person running the job what it is doing: Ray start-up, a resumed run. One line."""
+    _status(message)
+
+
 def start_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
     """Connect to ``address`` (or $RAY_ADDRESS); with neither, start Ray in this process.
 
@@ -73,6 +63,12 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, quiet: bo
     shows them). Connection problems become one-line ``CTSearchInputError``s.
     """
     if not ray.is_initialized():
+        where = cluster_address(address)
+        announce(
+            f"connecting to the Ray cluster at {where} ..."
+            if where
+            else "starting Ray on this machine (127.0.0.1 only) ..."
+        )
         if quiet:
             # The driver's C++ core logs harmless ERROR lines (e.g. about actor constructor
             # arguments, ray#53727) to stderr; real failures still reach us as Python exceptions.
@@ -205,7 +201,12 @@ def is_client() -> bool:
 
 
 def run_job(
-    fn: Callable[..., Any], *args, address: str | None = None, callbacks: tuple[str, ...] = (), **kwargs
+    fn: Callable[..., Any],
+    *args,
+    address: str | None = None,
+    callbacks: tuple[str, ...] = (),
+    status: Callable[[str], None] | None = None,
+    **kwargs,
 ) -> Any:
     """Run ``fn(*args, address=address, **kwargs)``: here, or, through Ray Client, inside the cluster.
 
@@ -213,8 +214,19 @@ def run_job(
     output folder exists. Through Ray Client (``ray://``), Ray Data and Ray Train cannot drive
     the job from outside the cluster: ``fn`` then runs as one task on the head node (all paths
     are the cluster's), and the keyword arguments named in ``callbacks`` (progress callbacks)
-    are relayed back through a queue and called here with the same arguments.
+    are relayed back through a queue and called here with the same arguments. ``status(message)``
+    hears what the job announces (``announce``): Ray start-up, which takes seconds (minutes on a
+    busy cluster), and what a resumed job finds already done.
     """
+    global _status
+    outer, _status = _status, status or _status
+    try:
+        return _run_job(fn, args, address, callbacks, kwargs)
+    finally:
+        _status = outer
+
+
+def _run_job(fn, args, address, callbacks, kwargs) -> Any:
     if cluster_address(address):  # a malformed address fails here, before anything else
         start_ray(address)
     if not (ray.is_initialized() and is_client()):

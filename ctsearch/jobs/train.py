@@ -453,7 +453,7 @@ def train(
     ``on_epoch(row, total)``, if given, is called from a thread with each epoch's metrics row as
     it arrives (the CLI draws its progress bar with it). Returns a summary dict.
     """
-    from ctsearch.jobs.runtime import start_ray
+    from ctsearch.jobs.runtime import announce, start_ray
 
     check_options(opts)
     dataset_dir, out = Path(dataset_dir).resolve(), Path(out).resolve()
@@ -488,6 +488,8 @@ def train(
             init_state = initial_encoder_state(opts.init, mcfg, opts.weights)
         _prepare_run_dir(out, opts, dataset_dir)
         done = max((r["epoch"] for r in read_metrics(out) if "loss" in r), default=0)
+        if done:
+            announce(f"resuming {out} after epoch {done} of {opts.epochs}")
 
         need = math.ceil(opts.workers * opts.cpus_per_worker) + 2  # + headroom for Ray Data
         start_ray(address, num_cpus=max(need, os.cpu_count() or 1))

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from ctsearch import __version__
 from ctsearch.errors import CTSearchInputError
-from ctsearch.metrics import percent_cell, shown_metrics
+from ctsearch.metrics import percent_cell, shared_patients_phrase, shown_metrics
 from ctsearch.store import atomic_write_bytes, read_json, read_jsonl, read_run_settings
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def evaluation_section(path: Path) -> str:
 <p>{escape(str(res.get("queries", "?")))} test slices were each used as a query against the
 {escape(str(res.get("database", "?")))} slices of the training patients ({escape(str(res.get("liver_queries", "?")))}
 of the queries show liver). A retrieved slice counts as relevant when it agrees with the query on
-whether liver is visible. Test patients never appear among the training patients.</p>
+whether liver is visible. {escape(shared_patients_phrase(res.get("shared_patients")).capitalize())}.</p>
 {table}
 <dl class="legend">
 <dt>MAP@{k}</dt><dd>Mean average precision of the top {k}: for each query, the share of relevant slices among

@@ -133,7 +133,9 @@ class SearchService:
         self.groups = groups
         self.id_salt = id_salt
         self.max_upload_bytes = int(max_upload_bytes)
-        self.encoder, self.config = load_encoder(self.index.model_dir)
+        self.encoder, self.config = load_encoder(
+            self.index.model_dir, expected_sha256=self.index.encoder_sha256
+        )
         self.encoder.eval()
         self._torch = torch
         self.sources = Sources(cached_volumes)

@@ -71,6 +71,7 @@ def synth_archive(
     fmt: str = "nifti",
     exams: int = 1,
     progress: Callable[[Iterable, int, str], Iterable] | None = None,
+    overwrite: bool = False,
 ) -> SynthSummary:
     """Write a synthetic liver CT archive.
 
@@ -79,7 +80,10 @@ def synth_archive(
     ``out/nifti`` in the Medical Segmentation Decathlon layout (dataset.json, imagesTr/liver_N.nii.gz,
     labelsTr/liver_N.nii.gz); DICOM to ``out/dicom/<patient>/<study>/<series>/`` one file per slice.
     ``out/synth.json`` holds the summary and per-case ground truth. ``progress(items, total,
-    description)`` may wrap the loop over patients (the CLI's progress bar).
+    description)`` may wrap the loop over patients (the CLI's progress bar). A non-empty ``out`` is
+    refused unless it holds an archive of the same settings (rewritten byte for byte) or
+    ``overwrite`` is given and it holds only what synth writes, which is then removed first: an
+    archive is never a mix of two runs.
 
     Example:
         >>> import tempfile
@@ -101,6 +105,11 @@ def synth_archive(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CTSearchInputError(str(out), "exists and is not a folder")
+    _claim(
+        out,
+        {"patients": volumes, "volumes": volumes * exams, "size": size, "seed": seed, "fmt": fmt},
+        overwrite,
+    )
     nifti_dir = out / "nifti" if fmt in ("nifti", "both") else None
     dicom_dir = out / "dicom" if fmt in ("dicom", "both") else None
     root = np.random.SeedSequence(seed)
@@ -156,6 +165,38 @@ def synth_archive(
     out.mkdir(parents=True, exist_ok=True)
     (out / "synth.json").write_text(json.dumps(summary.to_json(), indent=2))
     return summary
+
+
+_OWN = {"nifti", "dicom", "synth.json"}  # everything synth_archive writes into ``out``
+
+
+def _claim(out: Path, settings: dict, overwrite: bool) -> None:
+    """Make sure writing into ``out`` cannot leave a mix of two archives there."""
+    import shutil
+
+    from ctsearch.errors import CTSearchInputError
+
+    found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not found:
+        return
+    try:
+        old = json.loads((out / "synth.json").read_text())
+    except (OSError, ValueError):
+        old = None
+    if isinstance(old, dict) and all(old.get(k) == v for k, v in settings.items()):
+        return  # the same settings write the same files again
+    if overwrite and set(found) <= _OWN:
+        shutil.rmtree(out)
+        return
+    if overwrite:
+        others = ", ".join(n for n in found if n not in _OWN)[:200]
+        raise CTSearchInputError(
+            out, f"holds files synth did not write ({others}); --overwrite only replaces a synth archive"
+        )
+    what = "a synth archive of other settings" if isinstance(old, dict) else f"{len(found)} entries"
+    raise CTSearchInputError(
+        out, f"is not empty ({what}); choose an empty folder, or pass --overwrite to replace the archive"
+    )
 
 
 def _write_dataset_json(nifti_dir: Path, cases: list[SynthCase]) -> None:
