@@ -151,7 +151,15 @@ def train_cmd(
         extra = (
             f"  MAP@5 {row['map_at_5']:.3f}  5-NN acc {row['knn_accuracy']:.3f}" if "map_at_5" in row else ""
         )
-        say(f"epoch {row['epoch']}/{total}  loss {row['loss']:.4f}  {row['seconds']:.0f} s{extra}", quiet)
+        rate = (
+            f"  {row['images'] / row['seconds']:.0f} images/s"
+            if row.get("images") and row["seconds"] > 0
+            else ""
+        )
+        say(
+            f"epoch {row['epoch']}/{total}  loss {row['loss']:.4f}  {row['seconds']:.0f} s{rate}{extra}",
+            quiet,
+        )
 
     try:
         summary = run_job(
