@@ -334,8 +334,8 @@ def test_the_head_going_away_gives_one_line_not_a_hang(way, synth_archive, model
 
 
 @pytest.mark.parametrize("address", ["head", "ray//head:10001", "head:99999", "http://head:8265"])
-def test_a_malformed_address_is_one_line_and_writes_nothing(address, slice_dataset, tmp_path):
-    from conftest import error_line
+def test_a_malformed_address_is_a_usage_error_and_writes_nothing(address, slice_dataset, tmp_path):
+    """Checked while the command line is parsed (exit 2, as for every bad option), before Ray."""
     from typer.testing import CliRunner
 
     from ctsearch.cli.main import app
@@ -343,7 +343,9 @@ def test_a_malformed_address_is_one_line_and_writes_nothing(address, slice_datas
     r = CliRunner().invoke(
         app, ["train", str(slice_dataset), str(tmp_path / "run"), *TINY, "--address", address]
     )
-    assert "address" in error_line(r)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    text = " ".join(r.output.replace("│", " ").split())  # rich wraps the message in a box
+    assert f"Invalid value for '--address': --address '{address}'" in text, text
     assert not (tmp_path / "run").exists()
 
 
