@@ -134,14 +134,30 @@ def test_reproduce_grid_on_tune_matches_evaluate_and_resumes(ray_session, slice_
     assert again["rows"] == table["rows"]
 
 
-def test_reproduce_refuses_a_folder_with_other_settings(ray_session, slice_dataset, tmp_path):
-    from dataclasses import replace
+def test_cli_reproduce_json_and_one_line_errors(ray_session, slice_dataset, tmp_path):
+    from conftest import error_line
+    from typer.testing import CliRunner
 
-    from ctsearch.errors import CTSearchInputError
-    from ctsearch.jobs.reproduce import ReproduceOptions, reproduce
+    from ctsearch.cli.main import app
 
     out = tmp_path / "t"
-    opts = ReproduceOptions(configs=("none",), seeds=1, n_boot=100)
-    reproduce(slice_dataset, out, _base(), opts)
-    with pytest.raises(CTSearchInputError, match="other options"):
-        reproduce(slice_dataset, out, replace(_base(), image_size=32), opts)
+    args = [
+        "reproduce",
+        str(slice_dataset),
+        str(out),
+        "--configs",
+        "none",
+        "--seeds",
+        "1",
+        "--backbone",
+        "tiny",
+    ]
+    args += ["--image-size", "64", "--init", "random", "--n-boot", "200", "--quiet"]
+    res = CliRunner().invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    table = json.loads(res.stdout)
+    assert table["trained"] == ["none-s0"] and table["rows"][0]["name"] == "no self-supervision"
+    assert table["comparisons"] == []  # one configuration: nothing to compare
+    # Settings that change what is trained are refused for a folder that holds other runs.
+    assert "other options" in error_line(CliRunner().invoke(app, [*args, "--image-size", "32"]))
+    assert "--configs" in error_line(CliRunner().invoke(app, [*args, "--configs", "clinical,hu"]))
