@@ -50,6 +50,16 @@ def reproduce_cmd(
     weights: Optional[Path] = typer.Option(
         None, help="ImageNet weight file for --init imagenet (default: the torch cache)."
     ),
+    zero_init_residual: bool = typer.Option(
+        True,
+        "--zero-init-residual/--no-zero-init-residual",
+        help="With --init random: each residual block's last BN at 0 (SimSiam code) or 1 (a full-depth random network).",
+    ),
+    train_slices: str = typer.Option(
+        "protocol",
+        **choice("protocol", "all"),
+        help="Slices SimSiam trains on: protocol (train.parquet) or all (train_all.parquet, `prepare --train-all-slices`).",
+    ),
     rescale: str = typer.Option(
         "reference",
         **choice("reference", "own"),
@@ -86,6 +96,8 @@ def reproduce_cmd(
         image_size=image_size,
         init=init,
         weights=str(weights) if weights else None,
+        zero_init_residual=zero_init_residual,
+        train_slices=train_slices,
         rescale=rescale,
         crop_scale=crop_scale,
         epochs=epochs,

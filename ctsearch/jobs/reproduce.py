@@ -141,7 +141,11 @@ def _run_trials(trials: list[dict], out: Path, base: TrainOptions, max_concurren
         # The trial itself only drives its TorchTrainer (a fraction of a CPU; `none` trials embed once).
         tune.with_resources(_trial, {"cpu": 0.1}),
         param_space={"trial": tune.grid_search(trials)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=max_concurrent,
+            # OUT/tune/<config>-s<seed>: Tune's trial folder named like the run folder it writes.
+            trial_dirname_creator=lambda trial: Path(trial.config["trial"]["run_dir"]).name,
+        ),
         run_config=tune.RunConfig(
             name="tune", storage_path=str(out), verbose=0, failure_config=tune.FailureConfig(max_failures=0)
         ),
@@ -200,6 +204,8 @@ def reproduce(
     if reused:
         log(f"reusing {len(reused)} finished runs: {', '.join(reused)}")
     if todo:
+        # Seed by seed: an interrupted grid leaves whole seeds of every configuration, comparable.
+        todo.sort(key=lambda t: t["options"]["seed"])
         start_ray(address)
         log(
             f"training {len(todo)} runs as Ray Tune trials: {', '.join(Path(t['run_dir']).name for t in todo)}"
