@@ -93,6 +93,7 @@ def test_reproduce_grid_on_tune_matches_evaluate_and_resumes(ray_session, slice_
     assert sorted(table["trained"]) == ["clinical-s0", "clinical-s1", "none-s0", "none-s1"]
     assert table["reused"] == []
     assert (out / "table.md").read_text().startswith("| pretraining | seeds |")
+    assert json.loads((out / "evaluation.json").read_text())["runs"][0]["per_query"]["map"]
     on_disk = json.loads((out / "table.json").read_text())
     assert on_disk["rows"] == table["rows"]
 

@@ -13,7 +13,8 @@ A trial whose run folder is finished with the same settings is not started again
 reproduce resumes: unfinished runs continue from their last checkpoint (``train``'s own resume).
 Then every run is evaluated by ``ctsearch.jobs.evaluate.evaluate`` (the same numbers as
 ``ctsearch evaluate`` on these folders) and ``ctsearch.stats`` adds bootstrap intervals, paired
-comparisons and verdicts. Writes ``OUT/table.json`` and ``OUT/table.md``.
+comparisons and verdicts. Writes ``OUT/table.json``, ``OUT/table.md`` and ``OUT/evaluation.json``
+(``ctsearch evaluate --out``'s JSON, with per-query scores).
 
 Example:
     >>> from ctsearch.jobs.train import TrainOptions  # doctest: +SKIP
@@ -51,7 +52,7 @@ LABELS = {"clinical": "HU clipping", "standard": "standard", "none": "no self-su
 # The paper's ordering, pair by pair: the better-claimed configuration first.
 PAIRS = (("clinical", "standard"), ("standard", "none"), ("clinical", "none"))
 COMPARED = ("map", "acc")  # metrics with per-query scores; RR is mean ± std over seeds only
-TABLE_JSON, TABLE_MD = "table.json", "table.md"
+TABLE_JSON, TABLE_MD, EVALUATION_JSON = "table.json", "table.md", "evaluation.json"
 
 
 @dataclass
@@ -216,11 +217,14 @@ def reproduce(
         dataset_dir,
         [run_dir(out, c, s) for c, s in grid],
         names=[LABELS[c] for c, _ in grid],
-        options=EvaluateOptions(k=o.k, relax_masks=o.relax_masks, per_query=True, seed=0),
+        options=EvaluateOptions(k=o.k, relax_masks=o.relax_masks, per_query=True),
         address=address,
         log=lambda msg: log(f"evaluating {msg}"),
     )
-    table = summarise(res.to_json(), grid, o)
+    evaluation = res.to_json()
+    # evaluate's own JSON too (as `ctsearch evaluate --out`): what `ctsearch report` reads today.
+    atomic_write_json(evaluation, out / EVALUATION_JSON)
+    table = summarise(evaluation, grid, o)
     table.update(
         dataset=str(dataset_dir),
         settings={k: v for k, v in asdict(base).items() if k not in ("views", "seed")},
@@ -241,7 +245,7 @@ def summarise(evaluation: dict, grid: list[tuple[str, int]], o: ReproduceOptions
     for (c, s), r in zip(grid, evaluation["runs"]):
         entry = {"config": c, "seed": s, "run": r["source"]}
         for key in COMPARED:
-            mean, low, high = bootstrap_ci(np.asarray(r["per_query"][key]), o.n_boot, seed=s)
+            _, low, high = bootstrap_ci(np.asarray(r["per_query"][key]), o.n_boot, seed=s)
             entry[key] = {"value": r[key], "ci": [low, high]}
             scores.setdefault(c, {}).setdefault(key, []).append(r["per_query"][key])
         if o.relax_masks:
