@@ -36,12 +36,18 @@ _EXACT_FLIPS = 12  # up to 2**12 sign patterns the permutation test enumerates t
 
 
 def bootstrap_ci(
-    scores: np.ndarray, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0
+    scores: np.ndarray,
+    n_boot: int = N_BOOT,
+    level: float = LEVEL,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float, float]:
     """(mean, low, high): the mean of per-query ``scores`` and its percentile bootstrap interval.
 
     ``scores`` [queries] (one run) or [seeds, queries] (a configuration's runs: seeds and queries
-    are resampled independently, as in ``paired_comparison``).
+    are resampled independently, as in ``paired_comparison``). ``groups`` [queries]: resample
+    whole groups (e.g. the query's patient: slices of one patient are not independent) instead
+    of single queries.
 
     Example (two queries: resampled means are 0, 0.5 or 1, so the 95% interval spans both ends):
         >>> bootstrap_ci(np.array([0.0, 1.0]), n_boot=2000)
@@ -50,7 +56,7 @@ def bootstrap_ci(
     scores = np.asarray(scores, np.float64)
     if scores.ndim not in (1, 2) or not scores.size:
         raise ValueError(f"need scores [queries] or [seeds, queries], got shape {scores.shape}")
-    return _two_level_bootstrap(np.atleast_2d(scores), n_boot, level, seed)
+    return _two_level_bootstrap(np.atleast_2d(scores), n_boot, level, seed, groups)
 
 
 @dataclass(frozen=True)
@@ -70,11 +76,18 @@ class Comparison:
 
 
 def paired_comparison(
-    a: np.ndarray, b: np.ndarray, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0
+    a: np.ndarray,
+    b: np.ndarray,
+    n_boot: int = N_BOOT,
+    level: float = LEVEL,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> Comparison:
     """Compare configurations A and B from their per-query scores a, b [seeds, queries].
 
     Row i of both holds the runs trained with the same seed, column j the same test query.
+    ``groups`` [queries] (e.g. patient ids): the bootstrap resamples and the permutation test
+    flips whole groups, for queries that are not independent within a group.
 
     Example (one seed; the differences are [1, 0, 0, 1]):
         >>> c = paired_comparison(np.array([[1.0, 1, 0, 1]]), np.array([[0.0, 1, 0, 0]]), n_boot=500)
@@ -85,10 +98,11 @@ def paired_comparison(
     if a.shape != b.shape or a.ndim != 2 or not a.size:
         raise ValueError(f"need two [seeds, queries] arrays of one shape, got {a.shape} and {b.shape}")
     d = a - b
-    mean, low, high = _two_level_bootstrap(d, n_boot, level, seed)
-    return Comparison(
-        mean, low, high, sign_flip_p(d.mean(axis=0), n_boot, seed), d.shape[0], d.shape[1], level
-    )
+    mean, low, high = _two_level_bootstrap(d, n_boot, level, seed, groups)
+    per_query = d.mean(axis=0)
+    if groups is not None:  # flip a whole group's sign at once: test on the groups' summed differences
+        per_query = np.bincount(_group_index(groups, d.shape[1]), weights=per_query)
+    return Comparison(mean, low, high, sign_flip_p(per_query, n_boot, seed), d.shape[0], d.shape[1], level)
 
 
 def sign_flip_p(d: np.ndarray, n_perm: int = N_BOOT, seed: int = 0) -> float:
@@ -115,18 +129,35 @@ def sign_flip_p(d: np.ndarray, n_perm: int = N_BOOT, seed: int = 0) -> float:
     return (hits + 1) / (n_perm + 1)
 
 
-def _two_level_bootstrap(d: np.ndarray, n_boot: int, level: float, seed: int) -> tuple[float, float, float]:
+def _group_index(groups: np.ndarray | None, n: int) -> np.ndarray:
+    """Group number 0..G-1 of each of n queries (each query its own group when ``groups`` is None)."""
+    if groups is None:
+        return np.arange(n)
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"need one group per query ({n}), got shape {groups.shape}")
+    return np.unique(groups, return_inverse=True)[1].reshape(-1)
+
+
+def _two_level_bootstrap(
+    d: np.ndarray, n_boot: int, level: float, seed: int, groups: np.ndarray | None = None
+) -> tuple[float, float, float]:
     """(mean, percentile interval) of the grand mean of d [seeds, queries], resampling seeds (rows)
-    and queries (columns) independently with replacement."""
+    and query groups (columns; single queries without ``groups``) independently with replacement."""
     if not 0 < level < 1 or n_boot < 1:
         raise ValueError(f"need 0 < level < 1 and n_boot >= 1, got {level} and {n_boot}")
     rng = np.random.default_rng(seed)
     s, n = d.shape
+    index = _group_index(groups, n)
+    n_groups = int(index.max()) + 1
+    sums = np.stack([np.bincount(index, weights=row, minlength=n_groups) for row in d])  # [seeds, G]
+    sizes = np.bincount(index, minlength=n_groups).astype(np.float64)  # [G]
     means = np.empty(n_boot)
     for start in range(0, n_boot, _CHUNK):
         m = min(_CHUNK, n_boot - start)
-        queries = rng.integers(n, size=(m, n))
-        per_seed = d[:, queries].mean(axis=2)  # [seeds, m]: each seed's mean over resampled queries
+        draws = rng.integers(n_groups, size=(m, n_groups))
+        times = np.stack([np.bincount(row, minlength=n_groups) for row in draws]).astype(np.float64)  # [m, G]
+        per_seed = (sums @ times.T) / (times @ sizes)  # [seeds, m]: each seed's mean over the drawn queries
         seeds = rng.integers(s, size=(m, s)) if s > 1 else np.zeros((m, 1), np.int64)
         means[start : start + m] = per_seed[seeds, np.arange(m)[:, None]].mean(axis=1)
     tail = (1 - level) / 2

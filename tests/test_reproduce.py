@@ -60,6 +60,24 @@ def test_paired_comparison_by_hand():
         paired_comparison(a, a[:1])
 
 
+def test_grouped_statistics_resample_and_flip_whole_patients_by_hand():
+    # Two patients with slice scores [0, 0] and [1, 1]: resampling patients gives means 0, 0.5, 1.
+    assert bootstrap_ci(
+        np.array([0.0, 0.0, 1.0, 1.0]), n_boot=4000, groups=np.array(["p", "p", "q", "q"])
+    ) == (pytest.approx((0.5, 0.0, 1.0)))
+    # Differences [1, 1, 2] of patients [a, a, b]: per patient 2 and 2, so only ++ and -- of the
+    # 4 patient sign patterns reach the observed |mean|: p = 1/2 (query by query it is 2/8).
+    a, b = np.array([[1.0, 1.0, 2.0]]), np.zeros((1, 3))
+    assert paired_comparison(a, b, n_boot=200, groups=np.array(["a", "a", "b"])).p_value == 0.5
+    assert paired_comparison(a, b, n_boot=200).p_value == 0.25
+    # Unequal patient sizes: the resampled mean is over the drawn slices, not over patient means.
+    # Patients x: [0] and y: [1, 1, 1]; draws xx, xy, yx, yy give 0, 3/4, 3/4, 1.
+    mean, low, high = bootstrap_ci(np.array([0.0, 1.0, 1.0, 1.0]), n_boot=4000, groups=np.array([0, 1, 1, 1]))
+    assert (mean, low, high) == pytest.approx((0.75, 0.0, 1.0))
+    with pytest.raises(ValueError):
+        bootstrap_ci(np.ones(3), groups=np.array([0, 1]))
+
+
 def test_verdicts_claim_a_direction_only_when_the_interval_excludes_zero():
     better = Comparison(0.014, 0.003, 0.025, 0.004, seeds=5, queries=1310)
     assert verdict("HU clipping", "standard", "MAP@5", better) == (

@@ -224,7 +224,12 @@ def reproduce(
     evaluation = res.to_json()
     # evaluate's own JSON too (as `ctsearch evaluate --out`): what `ctsearch report` reads today.
     atomic_write_json(evaluation, out / EVALUATION_JSON)
-    table = summarise(evaluation, grid, o)
+    import pyarrow.parquet as pq
+
+    # The queries' patients, in evaluate's (test) order: the bootstrap resamples patients, since
+    # slices of one patient are not independent queries.
+    patients = pq.read_table(dataset_dir / "test.parquet", columns=["patient_id"]).column(0).to_numpy()
+    table = summarise(evaluation, grid, o, np.asarray(patients, dtype=str))
     table.update(
         dataset=str(dataset_dir),
         settings={k: v for k, v in asdict(base).items() if k not in ("views", "seed")},
@@ -237,15 +242,18 @@ def reproduce(
     return table
 
 
-def summarise(evaluation: dict, grid: list[tuple[str, int]], o: ReproduceOptions) -> dict:
+def summarise(
+    evaluation: dict, grid: list[tuple[str, int]], o: ReproduceOptions, patients: np.ndarray | None = None
+) -> dict:
     """Rows (mean ± std over seeds, bootstrap interval), runs (interval each) and paired comparisons
-    from ``evaluate``'s JSON with ``per_query`` for the runs of ``grid``, in that order."""
+    from ``evaluate``'s JSON with ``per_query`` for the runs of ``grid``, in that order.
+    ``patients`` [queries]: each query's patient, the unit the bootstraps resample (None: queries)."""
     k = evaluation["k"]
     runs, scores = [], {}  # scores[config][metric] = [seeds, queries]
     for (c, s), r in zip(grid, evaluation["runs"]):
         entry = {"config": c, "seed": s, "run": r["source"]}
         for key in COMPARED:
-            _, low, high = bootstrap_ci(np.asarray(r["per_query"][key]), o.n_boot, seed=s)
+            _, low, high = bootstrap_ci(np.asarray(r["per_query"][key]), o.n_boot, seed=s, groups=patients)
             entry[key] = {"value": r[key], "ci": [low, high]}
             scores.setdefault(c, {}).setdefault(key, []).append(r["per_query"][key])
         if o.relax_masks:
@@ -258,14 +266,15 @@ def summarise(evaluation: dict, grid: list[tuple[str, int]], o: ReproduceOptions
             if m.header:
                 summary[m.key] = {key: row[m.key][key] for key in ("mean", "std")}
         for key in COMPARED:
-            _, low, high = bootstrap_ci(np.asarray(scores[c][key]), o.n_boot)
+            _, low, high = bootstrap_ci(np.asarray(scores[c][key]), o.n_boot, groups=patients)
             summary[key]["ci"] = [low, high]
         rows.append(summary)
     comparisons = []
     for a, b in PAIRS:
         if a in scores and b in scores:
             for m in (m for m in METRICS if m.key in COMPARED):
-                cmp = paired_comparison(np.asarray(scores[a][m.key]), np.asarray(scores[b][m.key]), o.n_boot)
+                a_scores, b_scores = np.asarray(scores[a][m.key]), np.asarray(scores[b][m.key])
+                cmp = paired_comparison(a_scores, b_scores, o.n_boot, groups=patients)
                 metric = m.header.format(k=k)
                 comparisons.append(
                     {
@@ -281,6 +290,8 @@ def summarise(evaluation: dict, grid: list[tuple[str, int]], o: ReproduceOptions
         "configs": list(dict.fromkeys(c for c, _ in grid)),
         "seeds": o.seeds,
         "queries": evaluation["queries"],
+        "resampled": "patients" if patients is not None else "queries",
+        "patients": None if patients is None else len(set(patients.tolist())),
         "database": evaluation["database"],
         "relax_masks": o.relax_masks,
         "n_boot": o.n_boot,
@@ -313,7 +324,9 @@ def markdown(table: dict) -> str:
     lines += [
         "",
         f"Values in percent: mean ± sample std over seeds; 95% CI: bootstrap over seeds and "
-        f"{table['queries']} test queries ({table['n_boot']} resamples).",
+        f"{table['queries']} test queries"
+        + (f" of {table['patients']} patients (whole patients resampled)" if table["patients"] else "")
+        + f" ({table['n_boot']} resamples); p: sign-flip permutation test.",
         "",
     ]
     lines += [f"- {c['verdict']}" for c in table["comparisons"]]
