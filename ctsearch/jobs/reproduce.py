@@ -94,7 +94,7 @@ def write_untrained(dataset_dir: Path, out: Path, opts: TrainOptions) -> None:
 
     from ctsearch.jobs.train import _append_metrics, _evaluate
     from ctsearch.model import SimSiam, initial_encoder_state, save_encoder, set_residual_bn
-    from ctsearch.store import read_slices
+    from ctsearch.store import lock_dir, read_slices
 
     mcfg = opts.model_config()
     # As train_loop_per_worker builds it, so `none` is epoch 0 of the trained runs of this seed.
@@ -105,11 +105,12 @@ def write_untrained(dataset_dir: Path, out: Path, opts: TrainOptions) -> None:
     state = initial_encoder_state(opts.init, mcfg, opts.weights)
     if state is not None:
         model.encoder.load_state_dict(state)
-    _prepare_run_dir(out, opts, dataset_dir)
-    atomic_write_bytes(b"", out / METRICS_FILE)
-    eval_data = (read_slices(dataset_dir / "train.parquet"), read_slices(dataset_dir / "test.parquet"))
-    _append_metrics(out, {"epoch": 0, **_evaluate(model.eval(), mcfg, eval_data, "cpu")})
-    save_encoder(model.encoder, mcfg, out)
+    with lock_dir(out, "`ctsearch reproduce`"):  # one writer per run folder, as `train` has
+        _prepare_run_dir(out, opts, dataset_dir)
+        atomic_write_bytes(b"", out / METRICS_FILE)
+        eval_data = (read_slices(dataset_dir / "train.parquet"), read_slices(dataset_dir / "test.parquet"))
+        _append_metrics(out, {"epoch": 0, **_evaluate(model.eval(), mcfg, eval_data, "cpu")})
+        save_encoder(model.encoder, mcfg, out)
 
 
 def _trial(config: dict) -> None:
