@@ -11,7 +11,8 @@ points.
   query bootstrap. Its p-value is a sign-flip permutation test on the per-query differences
   averaged over seeds (exact when there are at most 2**12 sign patterns): it asks whether these
   trained encoders differ on this test set, not whether the methods would with new seeds.
-- ``verdict``: one line from a comparison; a difference is claimed only when the interval excludes 0.
+- ``verdict``: one line from a comparison; a difference is claimed only when the interval excludes 0
+  and the permutation test rejects at the same level.
 
 Example:
     >>> a = np.array([[1.0, 1.0, 0.0, 1.0]]); b = np.array([[0.0, 1.0, 0.0, 0.0]])
@@ -166,7 +167,8 @@ def _two_level_bootstrap(
 
 
 def verdict(name_a: str, name_b: str, metric: str, c: Comparison) -> str:
-    """One line on A vs B: which is better when the interval excludes 0, else no detectable difference.
+    """One line on A vs B: which is better when the interval excludes 0 and p < 1 - level, else
+    no detectable difference.
 
     Example:
         >>> c = Comparison(0.014, 0.003, 0.025, 0.004, seeds=5, queries=1310)
@@ -177,8 +179,11 @@ def verdict(name_a: str, name_b: str, metric: str, c: Comparison) -> str:
         f"{100 * c.difference:+.1f} points, {100 * c.level:.0f}% CI [{100 * c.low:.1f}, {100 * c.high:.1f}], "
         f"p = {c.p_value:.2g}"
     )
-    if c.low > 0:
+    # Both must agree: with few patients a bootstrap interval can exclude 0 while no sign pattern
+    # could be significant (4 patients: the smallest exact p is 2/16).
+    significant = c.p_value < 1 - c.level
+    if c.low > 0 and significant:
         return f"{name_a} > {name_b} on {metric}: {numbers}"
-    if c.high < 0:
+    if c.high < 0 and significant:
         return f"{name_a} < {name_b} on {metric}: {numbers}"
     return f"no detectable difference between {name_a} and {name_b} on {metric}: {numbers}"

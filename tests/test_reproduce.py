@@ -85,6 +85,9 @@ def test_verdicts_claim_a_direction_only_when_the_interval_excludes_zero():
     )
     worse = Comparison(-0.02, -0.03, -0.01, 0.01, seeds=3, queries=100)
     assert verdict("A", "B", "ACC (5-NN)", worse).startswith("A < B on ACC (5-NN): -2.0 points")
+    # An interval that excludes 0 with a permutation p above 0.05 (few patients) claims nothing.
+    few = Comparison(0.13, 0.05, 0.19, 0.125, seeds=2, queries=80)
+    assert verdict("A", "B", "MAP@5", few).startswith("no detectable difference between A and B")
     level = Comparison(0.002, -0.008, 0.011, 0.6, seeds=3, queries=100)
     assert verdict("A", "B", "MAP@5", level).startswith("no detectable difference between A and B on MAP@5")
 
