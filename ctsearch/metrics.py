@@ -87,9 +87,17 @@ class Ranking:
         return self.neighbour_labels == self.q_labels[:, None]
 
 
-def average_precision_at_k(ranking: Ranking, variant: str = "paper") -> float:
-    """MAP@K of a ranking: variant "paper" (eq. 5), mean over queries of (1/K) sum_{k=1..K} precision@k;
-    variant "reference", the official code's (1/(K-1)) sum_{k=1..K-1} precision@k (needs K >= 2)."""
+def average_precision_per_query(ranking: Ranking, variant: str = "paper") -> np.ndarray:
+    """Average precision at K of each query, float64 [nq]; MAP@K is their mean.
+
+    variant "paper" (eq. 5): (1/K) sum_{k=1..K} precision@k; variant "reference", the official
+    code's (1/(K-1)) sum_{k=1..K-1} precision@k (needs K >= 2).
+
+    Example:
+        >>> r = Ranking(np.array([0, 1]), np.array([[0, 1], [0, 0]]), np.array([0, 1]))
+        >>> average_precision_per_query(r).tolist()  # (1 + 1/2) / 2, (0 + 0) / 2
+        [0.75, 0.0]
+    """
     k = ranking.k
     if variant not in ("paper", "reference"):
         raise ValueError(f"variant must be 'paper' or 'reference', got {variant!r}")
@@ -98,17 +106,28 @@ def average_precision_at_k(ranking: Ranking, variant: str = "paper") -> float:
     precision = np.cumsum(ranking.relevant, axis=1) / np.arange(1, k + 1)  # precision@1..K
     if variant == "reference":
         precision = precision[:, : k - 1]
-    return float(precision.mean())
+    return precision.mean(axis=1)
 
 
-def knn_vote_accuracy(ranking: Ranking) -> float:
-    """Accuracy of the k-NN majority vote (uniform weights); a tied vote goes to the smallest class label."""
+def average_precision_at_k(ranking: Ranking, variant: str = "paper") -> float:
+    """MAP@K of a ranking: the mean of ``average_precision_per_query``."""
+    return float(average_precision_per_query(ranking, variant).mean())
+
+
+def knn_vote_correct(ranking: Ranking) -> np.ndarray:
+    """Whether each query's k-NN majority vote (uniform weights) is right, float64 [nq] of 0/1;
+    a tied vote goes to the smallest class label."""
     classes = np.unique(ranking.db_labels)
     idx = np.searchsorted(classes, ranking.neighbour_labels)
     votes = np.zeros((idx.shape[0], len(classes)), np.int64)
     np.add.at(votes, (np.arange(idx.shape[0])[:, None], idx), 1)
     pred = classes[np.argmax(votes, axis=1)]  # argmax takes the first (smallest) tied class
-    return float(np.mean(pred == ranking.q_labels))
+    return (pred == ranking.q_labels).astype(np.float64)
+
+
+def knn_vote_accuracy(ranking: Ranking) -> float:
+    """Accuracy of the k-NN majority vote: the mean of ``knn_vote_correct``."""
+    return float(knn_vote_correct(ranking).mean())
 
 
 def map_at_k(
@@ -145,25 +164,26 @@ def knn_accuracy(
 class Metric:
     """One column of the evaluation: how it is computed, named and shown.
 
-    ``score`` turns a Ranking into a fraction in [0, 1]; None for a metric measured elsewhere
-    (RR comes from the RELAX job). ``header`` / ``report_header``: the markdown table's and the
-    HTML report's column titles, with ``{k}``; ``decimals``: of the percentages shown.
+    ``per_query`` turns a Ranking into one score per query in [0, 1] (the metric is their mean;
+    ``ctsearch.stats`` bootstraps over them); None for a metric measured elsewhere (RR comes
+    from the RELAX job). ``header`` / ``report_header``: the markdown table's and the HTML
+    report's column titles, with ``{k}``; ``decimals``: of the percentages shown.
     """
 
     key: str
     header: str
     report_header: str
     decimals: int
-    score: Callable[[Ranking], float] | None = None
+    per_query: Callable[[Ranking], np.ndarray] | None = None
     needs_k: int = 1  # the smallest K it is defined for (None is recorded below it)
 
 
 # The one table that drives ``ctsearch evaluate``'s rows, its markdown table and the HTML report.
 # A metric with an empty header is computed and stored but not shown in the tables.
 METRICS: tuple[Metric, ...] = (
-    Metric("map", "MAP@{k}", "MAP@{k} (%)", 1, average_precision_at_k),
-    Metric("map_reference", "", "", 1, lambda r: average_precision_at_k(r, "reference"), needs_k=2),
-    Metric("acc", "ACC ({k}-NN)", "ACC {k}-NN (%)", 1, knn_vote_accuracy),
+    Metric("map", "MAP@{k}", "MAP@{k} (%)", 1, average_precision_per_query),
+    Metric("map_reference", "", "", 1, lambda r: average_precision_per_query(r, "reference"), needs_k=2),
+    Metric("acc", "ACC ({k}-NN)", "ACC {k}-NN (%)", 1, knn_vote_correct),
     Metric("rr", "RR", "RR (%)", 2),
 )
 

@@ -10,7 +10,7 @@ import typer
 
 app = typer.Typer(
     name="ctsearch",
-    help="Content-based image retrieval for CT archives: synth, prepare, train, index, search, explain, evaluate, report, serve, demo.",
+    help="Content-based image retrieval for CT archives: synth, prepare, train, index, search, explain, evaluate, reproduce, report, serve, demo.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -45,6 +45,7 @@ COMMAND_MODULES = [
     "search",
     "explain",
     "evaluate",
+    "reproduce",
     "report",
     "serve",
     "demo",

@@ -118,6 +118,9 @@ class EvaluateOptions:
     gpus: int = 0  # for the RELAX part, one actor each; 0: CPU actors
     workers: int = 1  # CPU actors of the RELAX part
     crossexam: bool = False  # also measure cross-exam retrieval on the test split's two-exam patients
+    # Also keep each run's score per query (``per_query``: metric key -> [n queries], test order):
+    # what ``ctsearch.stats`` bootstraps over (``ctsearch reproduce``). Off: it grows the JSON.
+    per_query: bool = False
 
 
 @dataclass
@@ -208,7 +211,12 @@ def evaluate(
         q = embed_split(spec, test.hu, device)
         ranking = Ranking.compute(q, test.label, db, train.label, k)  # one neighbour search for every metric
         row = {"name": name, "source": source}
-        row.update({m.key: m.score(ranking) if k >= m.needs_k else None for m in METRICS if m.score})
+        scored = [m for m in METRICS if m.per_query is not None and k >= m.needs_k]
+        per_query = {m.key: m.per_query(ranking) for m in scored}
+        row.update({m.key: None for m in METRICS if m.per_query is not None})
+        row.update({m.key: float(per_query[m.key].mean()) for m in scored})
+        if o.per_query:
+            row["per_query"] = {key: v.tolist() for key, v in per_query.items()}
         if o.relax_masks > 0:
             row.update(rr_of(spec, test_path, relax, o.gpus, o.workers, address))
         if cross is not None:
@@ -222,7 +230,7 @@ def evaluate(
     for name, rs in groups.items():
         row = {"name": name, "n": len(rs), "sources": [r["source"] for r in rs]}
         for m in METRICS:
-            measured = m.score is not None or o.relax_masks > 0
+            measured = m.per_query is not None or o.relax_masks > 0
             row[m.key] = (
                 summary_stats([r.get(m.key) for r in rs])
                 if measured

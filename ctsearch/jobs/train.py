@@ -182,29 +182,40 @@ def read_metrics(out: str | os.PathLike) -> list[dict]:
     return read_jsonl(path) if path.is_file() else []
 
 
+def read_run_config(out: Path) -> dict | None:
+    """OUT/config.json, or None when OUT holds no run yet."""
+    cfg_path = out / CONFIG_FILE
+    if not cfg_path.is_file():
+        return None
+    try:
+        return json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise CTSearchInputError(cfg_path, f"unreadable run config ({e}); use a new OUT") from None
+
+
+def check_same_run(out: Path, old: dict, opts: TrainOptions) -> None:
+    """Refuse to continue the run in OUT (config.json ``old``) with options that change what is trained."""
+    defaults = TrainOptions()
+    # Options added after a run was started are absent from its config.json: they had their default.
+    previous = {k: old.get("options", {}).get(k, getattr(defaults, k)) for k in TrainOptions.IDENTITY}
+    changed = [k for k in TrainOptions.IDENTITY if previous[k] != getattr(opts, k)]
+    if changed:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {previous[k]!r} -> {getattr(opts, k)!r}" for k in changed)
+        raise CTSearchInputError(
+            out,
+            f"holds a run with other options ({diffs}); resume with the same options or use a new OUT",
+        )
+
+
 def _prepare_run_dir(out: Path, opts: TrainOptions, dataset_dir: Path) -> dict:
     """Create OUT or check that it holds the same run; (re)write config.json."""
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / CONFIG_FILE
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     starts = []
-    if cfg_path.is_file():
-        try:
-            old = json.loads(cfg_path.read_text())
-        except ValueError as e:
-            raise CTSearchInputError(cfg_path, f"unreadable run config ({e}); use a new OUT") from None
-        defaults = TrainOptions()
-        # Options added after a run was started are absent from its config.json: they had their default.
-        previous = {k: old.get("options", {}).get(k, getattr(defaults, k)) for k in TrainOptions.IDENTITY}
-        changed = [k for k in TrainOptions.IDENTITY if previous[k] != getattr(opts, k)]
-        if changed:
-            diffs = ", ".join(
-                f"--{k.replace('_', '-')} {previous[k]!r} -> {getattr(opts, k)!r}" for k in changed
-            )
-            raise CTSearchInputError(
-                out,
-                f"holds a run with other options ({diffs}); resume with the same options or use a new OUT",
-            )
+    old = read_run_config(out)
+    if old is not None:
+        check_same_run(out, old, opts)
         starts = old.get("starts", [])
     config = {
         "options": {k: v for k, v in asdict(opts).items()},

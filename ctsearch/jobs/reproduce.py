@@ -1,0 +1,344 @@
+"""``ctsearch reproduce``: Table 1 as one job, a Ray Tune grid of trainings, evaluated, with intervals and verdicts.
+
+One Tune trial per configuration and seed writes an ordinary run folder ``OUT/runs/<config>-s<seed>``:
+
+- ``clinical`` / ``standard``: ``ctsearch.jobs.train.train`` with ``--views`` set to the configuration
+  and ``--seed`` to the seed. The trial only drives: it starts the run's own Ray Train V2
+  ``TorchTrainer`` (Train inside Tune, as Ray Train V2 supports), whose workers hold the CPUs/GPUs.
+- ``none``: no self-supervision, the encoder SimSiam training would start from with that seed
+  (``--init``: ImageNet weights, or a seeded random network), saved without training
+  (``epochs`` 0 in its config.json, metrics.jsonl holds its epoch-0 evaluation).
+
+A trial whose run folder is finished with the same settings is not started again, so a killed
+reproduce resumes: unfinished runs continue from their last checkpoint (``train``'s own resume).
+Then every run is evaluated by ``ctsearch.jobs.evaluate.evaluate`` (the same numbers as
+``ctsearch evaluate`` on these folders) and ``ctsearch.stats`` adds bootstrap intervals, paired
+comparisons and verdicts. Writes ``OUT/table.json``, ``OUT/table.md`` and ``OUT/evaluation.json``
+(``ctsearch evaluate --out``'s JSON, with per-query scores).
+
+Example:
+    >>> from ctsearch.jobs.train import TrainOptions  # doctest: +SKIP
+    >>> reproduce("prepared/", "table1/", TrainOptions(backbone="tiny", image_size=64, init="random", epochs=5))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ctsearch.errors import CTSearchInputError
+from ctsearch.jobs.evaluate import EvaluateOptions, evaluate
+from ctsearch.jobs.train import (
+    METRICS_FILE,
+    TrainOptions,
+    _prepare_run_dir,
+    check_options,
+    check_same_run,
+    read_metrics,
+    read_run_config,
+    train,
+)
+from ctsearch.metrics import METRICS, percent_cell
+from ctsearch.stats import N_BOOT, bootstrap_ci, paired_comparison, verdict
+from ctsearch.store import atomic_write_bytes, atomic_write_json
+
+CONFIGS = ("clinical", "standard", "none")
+LABELS = {"clinical": "HU clipping", "standard": "standard", "none": "no self-supervision"}
+# The paper's ordering, pair by pair: the better-claimed configuration first.
+PAIRS = (("clinical", "standard"), ("standard", "none"), ("clinical", "none"))
+COMPARED = ("map", "acc")  # metrics with per-query scores; RR is mean ± std over seeds only
+TABLE_JSON, TABLE_MD, EVALUATION_JSON = "table.json", "table.md", "evaluation.json"
+
+
+@dataclass
+class ReproduceOptions:
+    """The grid and what is measured; training settings come as a ``TrainOptions`` (``base``)."""
+
+    configs: tuple[str, ...] = CONFIGS
+    seeds: int = 5  # seeds 0..seeds-1
+    k: int = 5
+    relax_masks: int = 0  # RELAX masks per liver slice for RR; 0 skips RR (the slow part)
+    n_boot: int = N_BOOT
+    max_concurrent: int = 0  # trials at once; 0: as many as the cluster's CPUs (or GPUs) hold
+
+
+def run_dir(out: Path, config: str, seed: int) -> Path:
+    return out / "runs" / f"{config}-s{seed}"
+
+
+def trial_options(base: TrainOptions, config: str, seed: int) -> TrainOptions:
+    """The training options of one trial; ``none`` keeps views (unused) and records 0 epochs."""
+    if config == "none":
+        return replace(base, seed=seed, epochs=0)
+    return replace(base, views=config, seed=seed)
+
+
+def is_finished(out: Path, opts: TrainOptions) -> bool:
+    """OUT holds the finished run of ``opts`` (raises when it holds a run with other settings)."""
+    old = read_run_config(out)
+    if old is None:
+        return False
+    check_same_run(out, old, opts)
+    done = max((r["epoch"] for r in read_metrics(out)), default=-1)
+    return (out / "encoder.safetensors").is_file() and done == opts.epochs
+
+
+def write_untrained(dataset_dir: Path, out: Path, opts: TrainOptions) -> None:
+    """The ``none`` run: SimSiam's starting encoder for ``opts.seed``, saved as a run folder."""
+    import torch
+
+    from ctsearch.jobs.train import _append_metrics, _evaluate
+    from ctsearch.model import SimSiam, initial_encoder_state, save_encoder, set_residual_bn
+    from ctsearch.store import lock_dir, read_slices
+
+    mcfg = opts.model_config()
+    # As train_loop_per_worker builds it, so `none` is epoch 0 of the trained runs of this seed.
+    torch.manual_seed(opts.seed)
+    model = SimSiam(mcfg)
+    if not opts.zero_init_residual:
+        set_residual_bn(model.encoder, 1.0)
+    state = initial_encoder_state(opts.init, mcfg, opts.weights)
+    if state is not None:
+        model.encoder.load_state_dict(state)
+    with lock_dir(out, "`ctsearch reproduce`"):  # one writer per run folder, as `train` has
+        _prepare_run_dir(out, opts, dataset_dir)
+        atomic_write_bytes(b"", out / METRICS_FILE)
+        eval_data = (read_slices(dataset_dir / "train.parquet"), read_slices(dataset_dir / "test.parquet"))
+        _append_metrics(out, {"epoch": 0, **_evaluate(model.eval(), mcfg, eval_data, "cpu")})
+        save_encoder(model.encoder, mcfg, out)
+
+
+def _trial(config: dict) -> None:
+    """One Tune trial: the run folder of one configuration and seed."""
+    from ray import tune
+
+    t = config["trial"]
+    opts = TrainOptions(**t["options"])
+    if t["config"] == "none":
+        write_untrained(Path(t["dataset"]), Path(t["run_dir"]), opts)
+    else:
+        train(t["dataset"], t["run_dir"], opts)
+    tune.report({"finished": 1})
+
+
+def _run_trials(trials: list[dict], out: Path, base: TrainOptions, max_concurrent: int) -> None:
+    """Run the trials as one Ray Tune grid; the first failed trial's error is raised."""
+    import ray
+    from ray import tune
+
+    cpus = base.workers * base.cpus_per_worker
+    gpus = base.workers * base.gpus_per_worker
+    if not max_concurrent:
+        # Each trial's TorchTrainer reserves its own workers; starting more trials than the
+        # cluster can run at once leaves them waiting for workers, so Tune starts only these.
+        have = ray.cluster_resources()
+        fits = [have.get("CPU", 1) // (cpus + 1)] + ([have.get("GPU", 0) // gpus] if gpus else [])
+        max_concurrent = max(1, int(min(fits)))
+    tuner = tune.Tuner(
+        # The trial itself only drives its TorchTrainer (a fraction of a CPU; `none` trials embed once).
+        tune.with_resources(_trial, {"cpu": 0.1}),
+        param_space={"trial": tune.grid_search(trials)},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=max_concurrent,
+            # OUT/tune/<config>-s<seed>: Tune's trial folder named like the run folder it writes.
+            trial_dirname_creator=lambda trial: Path(trial.config["trial"]["run_dir"]).name,
+        ),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=str(out), verbose=0, failure_config=tune.FailureConfig(max_failures=0)
+        ),
+    )
+    for result in tuner.fit():
+        if result.error is not None:
+            cause = getattr(result.error, "cause", None) or result.error
+            if isinstance(cause, CTSearchInputError):
+                raise CTSearchInputError(cause.path, cause.problem) from None
+            raise result.error
+
+
+def reproduce(
+    dataset_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    base: TrainOptions,
+    options: ReproduceOptions | None = None,
+    *,
+    address: str | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> dict:
+    """Train (or reuse) every configuration x seed in OUT/runs as Ray Tune trials, evaluate, write the table.
+
+    Returns table.json's content.
+    """
+    from ctsearch.jobs.runtime import start_ray
+
+    o = options or ReproduceOptions()
+    unknown = [c for c in o.configs if c not in CONFIGS]
+    if unknown or not o.configs or len(set(o.configs)) != len(o.configs):
+        raise CTSearchInputError(
+            None, f"--configs must be distinct names of {list(CONFIGS)}, got {o.configs}"
+        )
+    if o.seeds < 1:
+        raise CTSearchInputError(None, "--seeds must be at least 1")
+    check_options(base)
+    dataset_dir, out = Path(dataset_dir).resolve(), Path(out).resolve()
+    for split in ("train", "test"):
+        if not (dataset_dir / f"{split}.parquet").is_file():
+            raise CTSearchInputError(
+                dataset_dir / f"{split}.parquet",
+                "no such slice dataset (run `ctsearch prepare --protocol decathlon` first)",
+            )
+
+    grid = [(c, s) for c in o.configs for s in range(o.seeds)]
+    todo, reused = [], []
+    for c, s in grid:
+        opts = trial_options(base, c, s)
+        d = run_dir(out, c, s)
+        if is_finished(d, opts):  # also refuses a folder that holds other settings, before any work
+            reused.append(d.name)
+        else:
+            todo.append(
+                {"config": c, "options": asdict(opts), "run_dir": str(d), "dataset": str(dataset_dir)}
+            )
+    if reused:
+        log(f"reusing {len(reused)} finished runs: {', '.join(reused)}")
+    if todo:
+        # Seed by seed: an interrupted grid leaves whole seeds of every configuration, comparable.
+        todo.sort(key=lambda t: t["options"]["seed"])
+        start_ray(address)
+        log(
+            f"training {len(todo)} runs as Ray Tune trials: {', '.join(Path(t['run_dir']).name for t in todo)}"
+        )
+        _run_trials(todo, out, base, o.max_concurrent)
+
+    res = evaluate(
+        dataset_dir,
+        [run_dir(out, c, s) for c, s in grid],
+        names=[LABELS[c] for c, _ in grid],
+        options=EvaluateOptions(k=o.k, relax_masks=o.relax_masks, per_query=True),
+        address=address,
+        log=lambda msg: log(f"evaluating {msg}"),
+    )
+    evaluation = res.to_json()
+    # evaluate's own JSON too (as `ctsearch evaluate --out`): what `ctsearch report` reads today.
+    atomic_write_json(evaluation, out / EVALUATION_JSON)
+    import pyarrow.parquet as pq
+
+    # The queries' patients, in evaluate's (test) order: the bootstrap resamples patients, since
+    # slices of one patient are not independent queries.
+    patients = pq.read_table(dataset_dir / "test.parquet", columns=["patient_id"]).column(0).to_numpy()
+    table = summarise(evaluation, grid, o, np.asarray(patients, dtype=str))
+    table.update(
+        dataset=str(dataset_dir),
+        settings={k: v for k, v in asdict(base).items() if k not in ("views", "seed")},
+        trained=[Path(t["run_dir"]).name for t in todo],
+        reused=reused,
+    )
+    table["markdown"] = markdown(table)
+    atomic_write_json(table, out / TABLE_JSON)
+    atomic_write_bytes((table["markdown"] + "\n").encode(), out / TABLE_MD)
+    return table
+
+
+def summarise(
+    evaluation: dict, grid: list[tuple[str, int]], o: ReproduceOptions, patients: np.ndarray | None = None
+) -> dict:
+    """Rows (mean ± std over seeds, bootstrap interval), runs (interval each) and paired comparisons
+    from ``evaluate``'s JSON with ``per_query`` for the runs of ``grid``, in that order.
+    ``patients`` [queries]: each query's patient, the unit the bootstraps resample (None: queries)."""
+    k = evaluation["k"]
+    runs, scores = [], {}  # scores[config][metric] = [seeds, queries]
+    for (c, s), r in zip(grid, evaluation["runs"]):
+        entry = {"config": c, "seed": s, "run": r["source"]}
+        for key in COMPARED:
+            _, low, high = bootstrap_ci(np.asarray(r["per_query"][key]), o.n_boot, seed=s, groups=patients)
+            entry[key] = {"value": r[key], "ci": [low, high]}
+            scores.setdefault(c, {}).setdefault(key, []).append(r["per_query"][key])
+        if o.relax_masks:
+            entry["rr"] = {"value": r.get("rr")}
+        runs.append(entry)
+    rows = []
+    for c, row in zip(dict.fromkeys(c for c, _ in grid), evaluation["rows"]):
+        summary = {"config": c, "name": LABELS[c], "seeds": row["n"]}
+        for m in METRICS:
+            if m.header:
+                summary[m.key] = {key: row[m.key][key] for key in ("mean", "std")}
+        for key in COMPARED:
+            _, low, high = bootstrap_ci(np.asarray(scores[c][key]), o.n_boot, groups=patients)
+            summary[key]["ci"] = [low, high]
+        rows.append(summary)
+    comparisons = []
+    for a, b in PAIRS:
+        if a in scores and b in scores:
+            for m in (m for m in METRICS if m.key in COMPARED):
+                a_scores, b_scores = np.asarray(scores[a][m.key]), np.asarray(scores[b][m.key])
+                cmp = paired_comparison(a_scores, b_scores, o.n_boot, groups=patients)
+                metric = m.header.format(k=k)
+                comparisons.append(
+                    {
+                        "a": a,
+                        "b": b,
+                        "metric": m.key,
+                        **cmp.to_json(),
+                        "verdict": verdict(LABELS[a], LABELS[b], metric, cmp),
+                    }
+                )
+    return {
+        "k": k,
+        "configs": list(dict.fromkeys(c for c, _ in grid)),
+        "seeds": o.seeds,
+        "queries": evaluation["queries"],
+        "resampled": "patients" if patients is not None else "queries",
+        "patients": None if patients is None else len(set(patients.tolist())),
+        "database": evaluation["database"],
+        "relax_masks": o.relax_masks,
+        "n_boot": o.n_boot,
+        "rows": rows,
+        "runs": runs,
+        "comparisons": comparisons,
+    }
+
+
+def _ci_cell(stat: dict, decimals: int) -> str:
+    low, high = stat.get("ci") or (math.nan, math.nan)
+    return f"[{100 * low:.{decimals}f}, {100 * high:.{decimals}f}]"
+
+
+def markdown(table: dict) -> str:
+    """table.md: Table 1 (mean ± std over seeds, 95% bootstrap CI), the verdicts, then every run."""
+    k = table["k"]
+    shown = [m for m in METRICS if m.header and (m.key in COMPARED or table["relax_masks"])]
+    head = []
+    for m in shown:
+        head += [m.header.format(k=k)] + (["95% CI"] if m.key in COMPARED else [])
+    lines = ["| pretraining | seeds | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+    for r in table["rows"]:
+        cells = []
+        for m in shown:
+            cells.append(percent_cell(r[m.key], m.decimals))
+            if m.key in COMPARED:
+                cells.append(_ci_cell(r[m.key], m.decimals))
+        lines.append(f"| {r['name']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Values in percent: mean ± sample std over seeds; 95% CI: bootstrap over seeds and "
+        f"{table['queries']} test queries"
+        + (f" of {table['patients']} patients (whole patients resampled)" if table["patients"] else "")
+        + f" ({table['n_boot']} resamples); p: sign-flip permutation test.",
+        "",
+    ]
+    lines += [f"- {c['verdict']}" for c in table["comparisons"]]
+    lines += [
+        "",
+        "| run | "
+        + " | ".join(f"{m.header.format(k=k)} (95% CI)" for m in shown if m.key in COMPARED)
+        + " |",
+        "|---|" + "---|" * len(COMPARED),
+    ]
+    for r in table["runs"]:
+        cells = [f"{100 * r[key]['value']:.1f} {_ci_cell(r[key], 1)}" for key in COMPARED]
+        lines.append(f"| {Path(r['run']).name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
