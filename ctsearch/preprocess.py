@@ -52,21 +52,18 @@ def eval_transform(hu, config: ModelConfig, channels: int = 3) -> torch.Tensor:
     return x.contiguous() if channels == 1 else to_rgb(x)
 
 
-def eval_transform_each(
-    slices: list[np.ndarray], config: ModelConfig, channels: int = 3, device: str | torch.device = "cpu"
-) -> torch.Tensor:
-    """HU slices [y, x] that may differ in size -> [n, channels, S, S] on ``device``, in the given order.
+def eval_transform_each(slices: list[np.ndarray], config: ModelConfig, channels: int = 3) -> torch.Tensor:
+    """HU slices [y, x] that may differ in size -> [n, channels, S, S], in the given order.
 
-    Slices of one size are transformed as one stack (the resize runs once per size), on ``device``.
+    Slices of one size are transformed as one stack (the resize runs once per size).
     """
     S = config.image_size
-    out = torch.zeros((len(slices), channels, S, S), dtype=torch.float32, device=device)
+    out = torch.zeros((len(slices), channels, S, S), dtype=torch.float32)
     by_shape: dict[tuple, list[int]] = defaultdict(list)
     for i, a in enumerate(slices):
         by_shape[tuple(np.shape(a))].append(i)
     for idx in by_shape.values():
-        hu = torch.from_numpy(np.stack([slices[i] for i in idx])).to(device, non_blocking=True)
-        out[idx] = eval_transform(hu, config, channels)
+        out[idx] = eval_transform(np.stack([slices[i] for i in idx]), config, channels)
     return out
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ctsearch.index.format import HIT_COLUMNS
+
 TOKEN = "test-token-0123456789abcdef"
 
 
@@ -438,20 +440,7 @@ def test_sharded_deployment_returns_exactly_the_single_process_results(server, c
     info = get_json(server, "/api/info")
     assert info["shard_groups"] == 2
     index = Index.open(serve_index)
-    keys = (
-        "rank",
-        "score",
-        "volume_id",
-        "patient_id",
-        "study_id",
-        "series_id",
-        "exam_date",
-        "slice_index",
-        "z_mm",
-        "path",
-        "shard",
-        "row",
-    )
+    keys = (*HIT_COLUMNS, "shard", "row")
     for p, e in ((0, 0), (1, 1), (2, 0)):
         ex = first_exam(catalogue, p, e)
         ref = f"{ex['volume_id']}:{10 + 11 * p}"

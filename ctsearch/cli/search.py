@@ -17,19 +17,6 @@ from ctsearch.cli.common import (
     say,
 )
 
-JSON_KEYS = (
-    "rank",
-    "score",
-    "volume_id",
-    "patient_id",
-    "study_id",
-    "series_id",
-    "exam_date",
-    "slice_index",
-    "z_mm",
-    "path",
-)
-
 
 def register(app: typer.Typer) -> None:
     app.command("search")(search_cmd)
@@ -78,6 +65,7 @@ def search_cmd(
     from ctsearch.errors import CTSearchInputError
     from ctsearch.ids import load_salt
     from ctsearch.index import Index
+    from ctsearch.index.format import HIT_COLUMNS
     from ctsearch.query import embed_query, embed_series
 
     id_salt = load_salt(id_salt_file)
@@ -111,14 +99,14 @@ def search_cmd(
             series=(lambda: embed_series(index, query)) if Path(query).exists() else None,
         )
         if json_out:
-            emit_json({"query": {k: qmeta.get(k) for k in JSON_KEYS if k in qmeta}, **res})
+            emit_json({"query": {k: qmeta.get(k) for k in HIT_COLUMNS if k in qmeta}, **res})
         else:
             _print_exams(qmeta, res)
         return
     if k > len(index):
         say(f"-k {k} is more than the index's {len(index)} slices: returning all of them")
     res = index.search(vector, k=k, patient=patient, exclude_patient=exclude_patient, nprobe=nprobe)
-    hits = [{key: h.get(key) for key in JSON_KEYS} for h in res.hits[0]]
+    hits = [{key: h.get(key) for key in HIT_COLUMNS} for h in res.hits[0]]
     if json_out:
         emit_json(hits)
         return

@@ -33,6 +33,8 @@ from ctsearch.store import EMBEDDING_META_SCHEMA, embeddings_schema
 INDEX_JSON = "index.json"
 FORMAT_VERSION = 1
 META_COLUMNS = EMBEDDING_META_SCHEMA.names
+# What every search hit carries, in the order the CLI and the API list it (then shard and row).
+HIT_COLUMNS = ("rank", "score", *META_COLUMNS)
 ROW_GROUP = 4096  # rows per parquet row group: metadata of a hit is read one row group at a time
 
 VOLUMES_SCHEMA = pa.schema(

@@ -42,6 +42,7 @@ from ctsearch.config import ModelConfig
 from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import check_same_salt, is_pseudonym, pseudonymise, pseudonymise_ids
 from ctsearch.index import DEFAULT_ANN_THRESHOLD, IndexWriter, l2_normalize
+from ctsearch.index.format import META_COLUMNS
 from ctsearch.index.params import AnnKind
 from ctsearch.jobs.runtime import announce, node_id, shared_value, start_ray
 from ctsearch.store import EmbeddingDtype, content_hash, file_fingerprint, read_parquet
@@ -575,22 +576,7 @@ def _commit(writer: IndexWriter, parts: list[dict], summary: IndexSummary) -> No
     idx = np.concatenate(keep) if keep else np.zeros(0, np.int64)
     for node, count in zip(*np.unique(cols["embed_node"][idx].astype(str), return_counts=True)):
         summary.nodes["embed"][node] = summary.nodes["embed"].get(node, 0) + int(count)
-    rows = [
-        {
-            c: _py(cols[c][i])
-            for c in (
-                "volume_id",
-                "patient_id",
-                "study_id",
-                "series_id",
-                "exam_date",
-                "slice_index",
-                "z_mm",
-                "path",
-            )
-        }
-        for i in idx
-    ]
+    rows = [{c: _py(cols[c][i]) for c in META_COLUMNS} for i in idx]
     for r in rows:
         r["exam_date"] = r["exam_date"] or None
     vectors = (

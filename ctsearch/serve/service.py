@@ -22,26 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctsearch.errors import CTSearchInputError
+from ctsearch.index.format import HIT_COLUMNS
 from ctsearch.serve.shards import ShardGroup, distinct_hits, merge_hits
 from ctsearch.serve.sources import LRU, Sources, parse_window, read_upload, thumbnail_png, upload_digest
 
 # Keys of a hit in the API, in the order the docs list them.
-HIT_KEYS = (
-    "rank",
-    "score",
-    "volume_id",
-    "patient_id",
-    "study_id",
-    "series_id",
-    "exam_date",
-    "slice_index",
-    "z_mm",
-    "path",
-    "format",
-    "sop_instance_uid",
-    "shard",
-    "row",
-)
+HIT_KEYS = (*HIT_COLUMNS, "format", "sop_instance_uid", "shard", "row")
 ONE_PER = ("series", "study")
 DEFAULT_MASKS = 1000  # RELAX masks per explanation; the paper uses 3000 (?masks=3000)
 MAX_MASKS = 5000
