@@ -23,6 +23,22 @@ from ctsearch.ids import check_same_salt, pseudonymise_ids, withhold_ids
 from ctsearch.index import Index, l2_normalize
 
 
+def slice_meta(vol, s: int, volume_id: str, path: str | None) -> dict:
+    """A query slice's metadata, as an index row's (META_COLUMNS) plus the volume's ``pixel_hash``,
+    which recognises the index's copies of this scan (ctsearch.crossexam)."""
+    return {
+        "volume_id": volume_id,
+        "patient_id": vol.patient_id,
+        "study_id": vol.study_id,
+        "series_id": vol.series_id,
+        "exam_date": vol.exam_date,
+        "slice_index": s,
+        "z_mm": float(vol.z_mm()[s]),
+        "path": path,
+        "pixel_hash": vol.pixel_hash(),
+    }
+
+
 def embed_query(
     index: Index, query: str | os.PathLike, slice_index: int | None = None, id_salt: bytes | None = None
 ) -> tuple[np.ndarray, dict]:
@@ -47,17 +63,7 @@ def embed_query(
             )
         encoder, config = load_encoder(index.model_dir, expected_sha256=index.encoder_sha256)
         v = l2_normalize(embed(encoder, vol.hu[s : s + 1], config))[0]
-        meta = {
-            "volume_id": vol.series_id or p.name,
-            "patient_id": vol.patient_id,
-            "study_id": vol.study_id,
-            "series_id": vol.series_id,
-            "exam_date": vol.exam_date,
-            "slice_index": s,
-            "z_mm": float(vol.z_mm()[s]),
-            "path": str(p),
-            "pixel_hash": vol.pixel_hash(),  # recognises the index's copies of this scan (crossexam)
-        }
+        meta = slice_meta(vol, s, vol.series_id or p.name, str(p))
         return v, query_ids(index, meta, id_salt)
     vid, sep, si = str(query).rpartition(":")
     if sep and vid and si.lstrip("-").isdigit():

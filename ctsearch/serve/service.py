@@ -250,7 +250,7 @@ class SearchService:
     def _resolve_upload(self, q: Query) -> Resolved:
         from ctsearch.index import l2_normalize
         from ctsearch.model import embed
-        from ctsearch.query import query_ids
+        from ctsearch.query import query_ids, slice_meta
 
         vol = self._uploads.get_or_make(
             upload_digest(q.upload), lambda: read_upload(q.upload, self.max_upload_bytes)
@@ -263,17 +263,9 @@ class SearchService:
             )
         with self._torch.inference_mode():
             vector = l2_normalize(embed(self.encoder, vol.hu[s : s + 1], self.config))[0]
-        meta = {
-            "volume_id": vol.series_id or "upload",
-            "patient_id": vol.patient_id,
-            "study_id": vol.study_id,
-            "series_id": vol.series_id,
-            "exam_date": vol.exam_date,
-            "slice_index": s,
-            "z_mm": float(vol.z_mm()[s]),
-            "path": None,
-            "pixel_hash": vol.pixel_hash(),  # an indexed copy of the upload is not another exam
-        }
+        meta = slice_meta(
+            vol, s, vol.series_id or "upload", None
+        )  # pixel_hash: an indexed copy is no other exam
         meta = query_ids(self.index, meta, self.id_salt)  # the same hashing as `ctsearch search FILE`
         return Resolved(vector, {**meta, "upload": True, "n_slices": n}, np.asarray(vol.hu[s]))
 
