@@ -1,0 +1,437 @@
+"""Where ctsearch's files live: a local folder or an object-store URI, behind one seam.
+
+Every path a command takes may be a local path or a URI that ``pyarrow.fs`` resolves
+(``s3://bucket/key``, ``gs://``, ``hdfs://``, ``file://``). A location is resolved here, once, to
+a filesystem and a path in it; nothing else in ctsearch parses URIs or talks to a store.
+
+- **Local paths** behave exactly as before: atomic temp + rename, ``flock`` locks, memory maps.
+- **Object stores** have no rename and no locks. A whole-object PUT is atomic, so single files are
+  written in one PUT; folders a job reads whole (a run, a slice dataset, an index) are mirrored into
+  a local cache (:func:`mirror`); folders a job writes are written into a staging folder and
+  uploaded file by file when the job succeeds (:func:`output_folder`). Concurrency is handled
+  with conditional writes (:func:`put_if`: S3's ``If-None-Match`` / ``If-Match``) and a writer's
+  :class:`Lease` with a stated expiry. Only ``s3://`` offers conditional writes here; other
+  schemes can be read and written, but not used for an index that several writers share.
+
+Credentials and endpoints come from the standard environment of the store's SDK (for S3:
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``,
+``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``, instance roles); ctsearch never writes them
+anywhere. docs/cluster.md, "Object storage".
+
+Example:
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> write_bytes(join(d, "a", "b.txt"), b"hi")
+    >>> read_bytes(join(d, "a", "b.txt")), is_remote(d), is_remote("s3://bucket/run")
+    (b'hi', False, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from ctsearch.errors import CTSearchInputError
+
+CACHE_ENV = "CTSEARCH_CACHE"  # where remote folders are mirrored; default ~/.cache/ctsearch
+CAS_SCHEMES = ("s3",)  # schemes with conditional writes (put_if, Lease)
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    """True for a URI of a store other than the local filesystem (``file://`` is local)."""
+    s = os.fspath(location)
+    return "://" in s and not s.startswith("file://")
+
+
+def scheme(location: str | os.PathLike) -> str:
+    s = os.fspath(location)
+    return s.split("://", 1)[0].lower() if "://" in s else "file"
+
+
+def _local(location: str | os.PathLike) -> str:
+    s = os.fspath(location)
+    return s[len("file://") :] if s.startswith("file://") else s
+
+
+@lru_cache(maxsize=16)
+def _filesystem(root_uri: str) -> pafs.FileSystem:
+    try:
+        fs, _ = pafs.FileSystem.from_uri(root_uri)
+    except (ValueError, OSError) as e:  # pyarrow.ArrowInvalid is a ValueError
+        raise CTSearchInputError(root_uri, f"cannot open this storage location ({_why(e)})") from None
+    return fs
+
+
+def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path in it) for a local path or URI; one filesystem object per bucket.
+
+    Example:
+        >>> fs, path = resolve("/tmp/x")
+        >>> type(fs).__name__, path
+        ('LocalFileSystem', '/tmp/x')
+    """
+    if not is_remote(location):
+        return pafs.LocalFileSystem(), os.path.abspath(_local(location))
+    s = os.fspath(location)
+    sch, rest = s.split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    if not bucket:
+        raise CTSearchInputError(s, "a storage URI needs a bucket: scheme://bucket/path")
+    fs = _filesystem(f"{sch.lower()}://{bucket}")
+    return fs, rest.rstrip("/")
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    """``location`` / parts, for local paths and URIs alike."""
+    s = os.fspath(location)
+    if not is_remote(s):
+        return os.path.join(_local(s), *parts)
+    return "/".join([s.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def name(location: str | os.PathLike) -> str:
+    return os.fspath(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _why(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    low = text.lower()
+    if "access_denied" in low or "accessdenied" in low or "forbidden" in low or "403" in low:
+        return "access denied: check the credentials in AWS_ACCESS_KEY_ID / AWS_PROFILE and the bucket policy"
+    if "nosuchbucket" in low or "bucket" in low and "not found" in low or "does not exist" in low:
+        return "no such bucket"
+    if "connect" in low or "curl" in low or "timed out" in low or "resolve" in low:
+        return f"the storage endpoint cannot be reached ({text[:160]})"
+    return text[:200] or type(e).__name__
+
+
+def storage_error(location: str | os.PathLike, e: BaseException, doing: str) -> CTSearchInputError:
+    """A store's exception as the one-line error naming ``location`` (never a credential)."""
+    return CTSearchInputError(location, f"cannot {doing} ({_why(e)})")
+
+
+def info(location: str | os.PathLike) -> pafs.FileInfo:
+    fs, path = resolve(location)
+    try:
+        return fs.get_file_info(path)
+    except OSError as e:
+        raise storage_error(location, e, "look this up") from None
+
+
+def exists(location: str | os.PathLike) -> bool:
+    return info(location).type != pafs.FileType.NotFound
+
+
+def is_file(location: str | os.PathLike) -> bool:
+    return info(location).type == pafs.FileType.File
+
+
+def is_dir(location: str | os.PathLike) -> bool:
+    """A folder; on an object store, any key prefix with objects under it."""
+    return info(location).type == pafs.FileType.Directory
+
+
+def read_bytes(location: str | os.PathLike) -> bytes:
+    if not is_remote(location):
+        return Path(_local(location)).read_bytes()
+    fs, path = resolve(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if "not found" in str(e).lower() or "nosuchkey" in str(e).lower():
+            raise FileNotFoundError(2, "No such file or directory", os.fspath(location)) from None
+        raise storage_error(location, e, "read this object") from None
+
+
+def write_bytes(location: str | os.PathLike, data: bytes) -> None:
+    """Write a whole file so that no reader ever sees part of it: temp + rename on a local disk,
+    one PUT (atomic per object) on a store."""
+    if not is_remote(location):
+        from ctsearch.store import atomic_write_bytes
+
+        atomic_write_bytes(data, _local(location))
+        return
+    fs, path = resolve(location)
+    try:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+    except OSError as e:
+        raise storage_error(location, e, "write this object") from None
+
+
+def read_json(location: str | os.PathLike, what: str) -> dict:
+    """A JSON object; a missing or unreadable one, or another JSON value, is a one-line error naming ``what``."""
+    try:
+        obj = json.loads(read_bytes(location))
+    except (OSError, ValueError) as e:
+        raise CTSearchInputError(location, f"is not a readable {what} ({_why(e)})") from None
+    if not isinstance(obj, dict):
+        raise CTSearchInputError(location, f"is not a {what} (expected a JSON object)")
+    return obj
+
+
+def list_files(location: str | os.PathLike) -> dict[str, int]:
+    """{path relative to ``location``: size} of every file under a folder (recursive); {} if absent."""
+    fs, root = resolve(location)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise storage_error(location, e, "list this folder") from None
+    n = len(root.rstrip("/")) + 1
+    return {i.path[n:]: int(i.size or 0) for i in infos if i.type == pafs.FileType.File}
+
+
+def delete(location: str | os.PathLike) -> None:
+    """Delete one file; a missing one is not an error."""
+    if not is_remote(location):
+        Path(_local(location)).unlink(missing_ok=True)
+        return
+    fs, path = resolve(location)
+    try:
+        fs.delete_file(path)
+    except OSError as e:
+        low = str(e).lower()
+        if not any(m in low for m in ("not found", "nosuchkey", "does not exist", "no such file")):
+            raise storage_error(location, e, "delete this object") from None
+
+
+def upload(local: str | os.PathLike, location: str | os.PathLike, names: list[str] | None = None) -> None:
+    """Copy files from a local folder to ``location`` (all of them, or ``names`` relative to it)."""
+    src = Path(local)
+    names = names if names is not None else [str(p.relative_to(src)) for p in src.rglob("*") if p.is_file()]
+    for n in sorted(names):
+        write_bytes(join(location, n), (src / n).read_bytes())
+
+
+def download(location: str | os.PathLike, local: str | os.PathLike, names: list[str] | None = None) -> Path:
+    """Copy the files under ``location`` (or ``names`` relative to it) into the local folder ``local``."""
+    dst = Path(local)
+    for n in sorted(names if names is not None else list_files(location)):
+        target = dst / n
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        tmp.write_bytes(read_bytes(join(location, n)))
+        os.replace(tmp, target)
+    return dst
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ctsearch")
+
+
+def cache_dir(location: str | os.PathLike) -> Path:
+    """The local folder that mirrors a remote ``location`` (one per URI, named after it)."""
+    s = os.fspath(location).rstrip("/")
+    key = hashlib.sha256(s.encode()).hexdigest()[:16]
+    return cache_root() / f"{name(s)[:40]}-{key}"
+
+
+def mirror(location: str | os.PathLike, names: list[str] | None = None) -> Path:
+    """A local folder holding the files of ``location``: the folder itself when it is local, else
+    its cache copy, brought up to date (files missing there or of another size are fetched, files
+    gone from the store are removed). ``names``: only these files (relative paths)."""
+    if not is_remote(location):
+        return Path(_local(location))
+    remote = list_files(location)
+    if names is not None:
+        remote = {n: remote[n] for n in names if n in remote}
+    dst = cache_dir(location)
+    dst.mkdir(parents=True, exist_ok=True)
+    stale = [n for n, size in remote.items() if not (dst / n).is_file() or (dst / n).stat().st_size != size]
+    if names is None:
+        for p in [p for p in dst.rglob("*") if p.is_file()]:
+            if str(p.relative_to(dst)) not in remote:
+                p.unlink()
+    return download(location, dst, stale)
+
+
+@contextlib.contextmanager
+def output_folder(location: str | os.PathLike, fetch: bool = False) -> Iterator[Path]:
+    """A local folder to write a job's output into; for a remote ``location`` a staging folder
+    whose files are uploaded when the block ends without an exception (``fetch``: start from the
+    store's current files, to continue a job). Local: the folder itself, written in place."""
+    if not is_remote(location):
+        p = Path(_local(location))
+        yield p
+        return
+    stage = mirror(location) if fetch else Path(tempfile.mkdtemp(prefix="ctsearch-stage-"))
+    yield stage
+    upload(stage, location)
+
+
+# ----------------------------------------------------------------------------- conditional writes
+
+
+def _require_cas(location: str | os.PathLike) -> None:
+    if scheme(location) not in CAS_SCHEMES:
+        raise CTSearchInputError(
+            location,
+            f"{scheme(location)}:// has no conditional writes here; a shared index needs s3:// or a local folder",
+        )
+
+
+@lru_cache(maxsize=1)
+def _s3_client():
+    import boto3  # only for the conditional requests pyarrow does not expose
+
+    return boto3.client("s3")
+
+
+def _bucket_key(location: str | os.PathLike) -> tuple[str, str]:
+    rest = os.fspath(location).split("://", 1)[1]
+    bucket, _, key = rest.partition("/")
+    return bucket, key
+
+
+def get_versioned(location: str | os.PathLike) -> tuple[bytes | None, str | None]:
+    """(bytes, version tag) of an object, or (None, None) when there is none. The tag is what
+    :func:`put_if` compares against (S3: the ETag)."""
+    _require_cas(location)
+    import botocore.exceptions
+
+    bucket, key = _bucket_key(location)
+    try:
+        r = _s3_client().get_object(Bucket=bucket, Key=key)
+        return r["Body"].read(), r["ETag"]
+    except botocore.exceptions.ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None, None
+        raise storage_error(location, e, "read this object") from None
+    except botocore.exceptions.BotoCoreError as e:
+        raise storage_error(location, e, "read this object") from None
+
+
+def put_if(location: str | os.PathLike, data: bytes, tag: str | None) -> str | None:
+    """Write ``data`` only if the object is still at version ``tag`` (None: only if there is no
+    object). Returns the new tag, or None when another writer got there first."""
+    _require_cas(location)
+    import botocore.exceptions
+
+    bucket, key = _bucket_key(location)
+    cond = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+    try:
+        return _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **cond)["ETag"]
+    except botocore.exceptions.ClientError as e:
+        code = e.response.get("Error", {}).get("Code")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            return None
+        raise storage_error(location, e, "write this object") from None
+    except botocore.exceptions.BotoCoreError as e:
+        raise storage_error(location, e, "write this object") from None
+
+
+class Lease:
+    """One writer at a time for a remote folder: an object ``ROOT/.lease`` naming its holder and
+    an expiry, taken and renewed with conditional writes. Replaces ``flock`` where the store has none.
+
+    The holder renews it every ``ttl / 3`` seconds from a background thread; a lease whose holder
+    died is free once expired, or at once when the holder was a process on this host that no
+    longer exists. ``lost`` turns True if a renewal finds the lease taken over (the holder was
+    stalled past the expiry): its next commit is then refused by the commit's own conditional write.
+    """
+
+    FILE = ".lease"
+
+    def __init__(self, root: str, job: str, ttl: float = 60.0):
+        self.location, self.job, self.ttl = join(root, self.FILE), job, float(ttl)
+        self.holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        self.token = uuid.uuid4().hex
+        self.tag: str | None = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps(
+            {
+                "holder": self.holder,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "token": self.token,
+                "expires": time.time() + self.ttl,
+            }
+        ).encode()
+
+    def acquire(self) -> Lease:
+        tag = put_if(self.location, self._body(), None)
+        if tag is None:
+            data, old = get_versioned(self.location)
+            current = _parse_lease(data)
+            if data is not None and not _free(current):
+                until = time.strftime("%H:%M:%S", time.localtime(current.get("expires", 0)))
+                raise CTSearchInputError(
+                    self.location.rsplit("/", 1)[0],
+                    f"another {self.job} is writing to this folder ({current.get('holder', 'unknown')}, "
+                    f"lease until {until}); wait for it to finish or choose another output folder",
+                )
+            tag = put_if(self.location, self._body(), old)  # take over: only one of several can
+            if tag is None:
+                raise CTSearchInputError(
+                    self.location.rsplit("/", 1)[0], f"another {self.job} took this folder over just now"
+                )
+        self.tag = tag
+        self._thread = threading.Thread(target=self._renew, name="ctsearch-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                tag = put_if(self.location, self._body(), self.tag)
+            except CTSearchInputError:
+                continue  # the store is unreachable for a moment: try again before the expiry
+            if tag is None:
+                self.lost = True
+                return
+            self.tag = tag
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.tag is not None and not self.lost:
+            data, tag = get_versioned(self.location)
+            if tag == self.tag and _parse_lease(data).get("token") == self.token:
+                delete(self.location)
+        self.tag = None
+
+
+def _parse_lease(data: bytes | None) -> dict:
+    try:
+        d = json.loads(data or b"{}")
+    except ValueError:
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _free(lease: dict) -> bool:
+    """An expired lease, an unreadable one, or one held by a process of this host that is gone."""
+    try:
+        if float(lease["expires"]) < time.time():
+            return True
+        if lease.get("host") == socket.gethostname():
+            os.kill(int(lease["pid"]), 0)
+            return False
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # the process exists, under another user
+        return False
+    except (KeyError, TypeError, ValueError):
+        return True
+    return False
