@@ -93,6 +93,11 @@ def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return fs, rest.rstrip("/")
 
 
+def absolute(location: str | os.PathLike) -> str:
+    """A local path made absolute (for another process or node); a URI as it is."""
+    return os.fspath(location) if is_remote(location) else os.path.abspath(_local(location))
+
+
 def join(location: str | os.PathLike, *parts: str) -> str:
     """``location`` / parts, for local paths and URIs alike."""
     s = os.fspath(location)
@@ -187,13 +192,20 @@ def read_json(location: str | os.PathLike, what: str) -> dict:
 
 def list_files(location: str | os.PathLike) -> dict[str, int]:
     """{path relative to ``location``: size} of every file under a folder (recursive); {} if absent."""
+    return {n: size for n, (size, _) in _listing(location).items()}
+
+
+def _listing(location: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} of every file under a folder."""
     fs, root = resolve(location)
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as e:
         raise storage_error(location, e, "list this folder") from None
     n = len(root.rstrip("/")) + 1
-    return {i.path[n:]: int(i.size or 0) for i in infos if i.type == pafs.FileType.File}
+    return {
+        i.path[n:]: (int(i.size or 0), int(i.mtime_ns or 0)) for i in infos if i.type == pafs.FileType.File
+    }
 
 
 def delete(location: str | os.PathLike) -> None:
@@ -241,23 +253,41 @@ def cache_dir(location: str | os.PathLike) -> Path:
     return cache_root() / f"{name(s)[:40]}-{key}"
 
 
-def mirror(location: str | os.PathLike, names: list[str] | None = None) -> Path:
+def mirror(
+    location: str | os.PathLike,
+    names: list[str] | None = None,
+    prune: bool = False,
+    keep: tuple[str, ...] = (),
+) -> Path:
     """A local folder holding the files of ``location``: the folder itself when it is local, else
-    its cache copy, brought up to date (files missing there or of another size are fetched, files
-    gone from the store are removed). ``names``: only these files (relative paths)."""
+    its cache copy, brought up to date (files missing there, or of another size or time, are fetched).
+
+    ``names``: only these files (relative paths; those the store does not have are skipped).
+    Local files the store no longer has are removed, and with ``names`` and ``prune`` every
+    local file not named too, except those in ``keep``.
+    """
     if not is_remote(location):
         return Path(_local(location))
-    remote = list_files(location)
+    remote = _listing(location)
     if names is not None:
         remote = {n: remote[n] for n in names if n in remote}
     dst = cache_dir(location)
     dst.mkdir(parents=True, exist_ok=True)
-    stale = [n for n, size in remote.items() if not (dst / n).is_file() or (dst / n).stat().st_size != size]
-    if names is None:
+
+    def current(n: str, size: int, mtime: int) -> bool:
+        st = (dst / n).stat() if (dst / n).is_file() else None
+        return st is not None and st.st_size == size and st.st_mtime_ns == mtime
+
+    stale = [n for n, (size, mtime) in remote.items() if not current(n, size, mtime)]
+    if names is None or prune:
         for p in [p for p in dst.rglob("*") if p.is_file()]:
-            if str(p.relative_to(dst)) not in remote:
+            rel = str(p.relative_to(dst))
+            if rel not in remote and rel not in keep and not p.name.startswith("."):
                 p.unlink()
-    return download(location, dst, stale)
+    download(location, dst, stale)
+    for n in stale:  # the store's time, so the next mirror knows these copies are current
+        os.utime(dst / n, ns=(remote[n][1], remote[n][1]))
+    return dst
 
 
 @contextlib.contextmanager
@@ -277,7 +307,7 @@ def output_folder(location: str | os.PathLike, fetch: bool = False) -> Iterator[
 # ----------------------------------------------------------------------------- conditional writes
 
 
-def _require_cas(location: str | os.PathLike) -> None:
+def require_conditional_writes(location: str | os.PathLike) -> None:
     if scheme(location) not in CAS_SCHEMES:
         raise CTSearchInputError(
             location,
@@ -301,7 +331,7 @@ def _bucket_key(location: str | os.PathLike) -> tuple[str, str]:
 def get_versioned(location: str | os.PathLike) -> tuple[bytes | None, str | None]:
     """(bytes, version tag) of an object, or (None, None) when there is none. The tag is what
     :func:`put_if` compares against (S3: the ETag)."""
-    _require_cas(location)
+    require_conditional_writes(location)
     import botocore.exceptions
 
     bucket, key = _bucket_key(location)
@@ -319,7 +349,7 @@ def get_versioned(location: str | os.PathLike) -> tuple[bytes | None, str | None
 def put_if(location: str | os.PathLike, data: bytes, tag: str | None) -> str | None:
     """Write ``data`` only if the object is still at version ``tag`` (None: only if there is no
     object). Returns the new tag, or None when another writer got there first."""
-    _require_cas(location)
+    require_conditional_writes(location)
     import botocore.exceptions
 
     bucket, key = _bucket_key(location)

@@ -79,7 +79,9 @@ def test_a_lease_admits_one_writer_and_frees_on_release(bucket):
 
 
 def test_an_expired_lease_or_a_dead_local_holder_is_taken_over(bucket):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     pid = int(dead.stdout)  # that process has exited
     import socket
     import time
@@ -92,7 +94,9 @@ def test_an_expired_lease_or_a_dead_local_holder_is_taken_over(bucket):
         storage.Lease(bucket + "/idx", "`ctsearch index`").acquire().release()
     storage.write_bytes(
         bucket + "/idx/.lease",
-        json.dumps({"holder": "pid 7 on elsewhere", "host": "elsewhere", "pid": 7, "expires": time.time() + 600}).encode(),
+        json.dumps(
+            {"holder": "pid 7 on elsewhere", "host": "elsewhere", "pid": 7, "expires": time.time() + 600}
+        ).encode(),
     )
     with pytest.raises(CTSearchInputError, match="pid 7 on elsewhere"):
         storage.Lease(bucket + "/idx", "`ctsearch index`").acquire()

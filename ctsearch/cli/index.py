@@ -40,10 +40,10 @@ def index_cmd(
     model: Path = typer.Option(
         ..., "--model", help="Run directory of `ctsearch train` (model.json + encoder.safetensors)."
     ),
-    out: Path = typer.Option(
+    out: str = typer.Option(
         ...,
         "--out",
-        help="Index directory; created, or extended when it already holds an index of the same model.",
+        help="Index directory or s3:// URI; created, or extended when it already holds an index of the same model.",
     ),
     gpus: int = typer.Option(
         0, min=0, help="GPUs to embed on, one model per GPU (bf16, channels_last); 0: one model on the CPU."
@@ -86,6 +86,7 @@ def index_cmd(
     finished by running the same command again. Failures go to OUT/errors.parquet.
     """
     check_faiss_wheels()
+    from ctsearch import storage
     from ctsearch.ids import load_salt
     from ctsearch.index.params import check_ann
 
@@ -126,7 +127,7 @@ def index_cmd(
         raise CTSearchInputError(
             source,
             f"no volume could be indexed ({summary.volumes_failed} failed, "
-            f"{summary.scan_errors} unreadable files; see {out / 'errors.parquet'})",
+            f"{summary.scan_errors} unreadable files; see {storage.join(out, 'errors.parquet')})",
         )
     if json_out:
         emit_json(summary.to_json())
@@ -135,6 +136,6 @@ def index_cmd(
         f"indexed {summary.volumes_indexed} volumes ({summary.rows_added} slices) into {out}; "
         f"skipped {summary.unchanged_skipped + summary.duplicates_skipped} already indexed; "
         f"{summary.volumes_failed} failed, {summary.scan_errors} unreadable files "
-        f"(see {out / 'errors.parquet'}); index now {summary.index_rows} slices in {summary.shards} shards",
+        f"(see {storage.join(out, 'errors.parquet')}); index now {summary.index_rows} slices in {summary.shards} shards",
         quiet,
     )

@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def search_cmd(
-    index_dir: Path = typer.Argument(..., help="Index directory written by `ctsearch index`."),
+    index_dir: str = typer.Argument(..., help="Index directory (or s3:// URI) written by `ctsearch index`."),
     query: str = typer.Argument(
         ..., help="A NIfTI file or DICOM series folder, or a row of the index as volume_id:slice_index."
     ),

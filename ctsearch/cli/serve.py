@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from ctsearch import storage
 from ctsearch.cli.common import ADDRESS_OPT, QUIET_OPT, SALT_OPT, check_faiss_wheels, handle_errors, say
 from ctsearch.errors import CTSearchInputError
 
@@ -39,7 +40,7 @@ def read_token(path: Path) -> str:
 
 @handle_errors
 def serve_cmd(
-    index_dir: Path = typer.Argument(..., help="Index directory written by `ctsearch index`."),
+    index_dir: str = typer.Argument(..., help="Index directory (or s3:// URI) written by `ctsearch index`."),
     host: str = typer.Option(
         "127.0.0.1",
         "--host",
@@ -85,7 +86,7 @@ def serve_cmd(
     from ctsearch.serve.deploy import ServeOptions
 
     options = ServeOptions(
-        index_dir=str(index_dir.resolve()),
+        index_dir=storage.absolute(index_dir),
         host=host,
         port=port,
         replicas=replicas,

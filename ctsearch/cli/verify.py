@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from ctsearch.cli.common import JSON_OPT, check_faiss_wheels, emit_json, emit_result, handle_errors
@@ -16,7 +14,7 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def verify_cmd(
-    index_dir: Path = typer.Argument(..., help="Index directory written by `ctsearch index`."),
+    index_dir: str = typer.Argument(..., help="Index directory (or s3:// URI) written by `ctsearch index`."),
     json_out: bool = JSON_OPT,
 ) -> None:
     """Read every file of INDEX_DIR once and check it against index.json (read-only).

@@ -9,6 +9,11 @@
     INDEX_DIR/errors/<shard>.parquet     what failed in that shard, and why
     INDEX_DIR/errors.parquet             all errors of all committed shards (+ archive scan errors)
 
+On an object store (``s3://``) the same files are objects under the index's URI. Shard files are
+written once, under names no other writer uses, before ``index.json`` is replaced by a conditional
+write; a writer holds a lease (``.lease``) instead of a lock (ctsearch.index.writer). Readers
+work on a local mirror (:func:`fetch_index`).
+
 docs/formats.md, "Index directories", is the full description.
 
 Example:
@@ -27,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ctsearch import storage
+from ctsearch.config import ENCODER_FILE, MODEL_JSON
 from ctsearch.errors import CTSearchInputError
 from ctsearch.store import EMBEDDING_META_SCHEMA, embeddings_schema
 
@@ -107,6 +114,45 @@ def shard_files(root: Path, name: str) -> list[Path]:
         root / "volumes" / f"{name}.parquet",
         root / "errors" / f"{name}.parquet",
     ]
+
+
+def committed_files(manifest: dict) -> list[str]:
+    """The files (relative paths) a reader of this index.json needs: its model and its shards'."""
+    model = manifest.get("model", {}).get("dir") or "model"
+    names = [f"{model}/{f}" for f in (MODEL_JSON, ENCODER_FILE)] + ["errors.parquet", "errors/scan.parquet"]
+    for s in manifest.get("shards", []):
+        names += [str(p) for p in shard_files(Path(), s["name"])]
+    return names
+
+
+def fetch_index(uri: str, attempts: int = 3) -> Path:
+    """Mirror the committed state of the index at ``uri`` into the local cache and return that folder.
+
+    index.json is read first and written into the mirror last, so the mirror always holds a
+    whole commit. A file that vanishes while being fetched (a compaction removed the shards it
+    merged) means a newer commit: the fetch starts again from the new index.json.
+    """
+    for attempt in range(attempts):
+        try:
+            data = storage.read_bytes(storage.join(uri, INDEX_JSON))
+        except FileNotFoundError:
+            raise CTSearchInputError(
+                uri, f"not an index (no {INDEX_JSON}; build one with `ctsearch index`)"
+            ) from None
+        try:
+            manifest = json.loads(data)
+            wanted = committed_files(manifest)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            wanted = []  # read_manifest on the mirror says what is wrong with it
+        try:
+            local = storage.mirror(uri, names=wanted, prune=True, keep=(INDEX_JSON,))
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
+            continue
+        storage.write_bytes(local / INDEX_JSON, data)
+        return local
+    raise AssertionError("unreachable")
 
 
 def embeddings_to_table(rows: list[dict] | pa.Table, vectors: np.ndarray, dtype: str = "float32") -> pa.Table:

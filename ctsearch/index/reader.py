@@ -17,10 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ctsearch import storage
 from ctsearch.config import ModelConfig
 from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import NOT_PSEUDONYMISED, stored_id
-from ctsearch.index.format import META_COLUMNS, ShardRecord, damaged, read_manifest
+from ctsearch.index.format import META_COLUMNS, ShardRecord, damaged, fetch_index, read_manifest
 from ctsearch.index.search import l2_normalize, merge_topk, search_shard, torch_topk
 
 
@@ -47,18 +48,26 @@ class Index:
     Example: ``Index.open("idx").search(vectors, k=5, exclude_patient="p7").hits[0]``.
     """
 
-    def __init__(self, root: Path, manifest: dict, device: str = "cpu"):
+    def __init__(self, root: Path, manifest: dict, device: str = "cpu", source: str | None = None):
         self.root, self.manifest, self.device = root, manifest, device
+        self.source = source  # the index's URI when ``root`` is a local mirror of an object store
         self.shards = [ShardRecord.from_json(s) for s in manifest["shards"]]
         self._faiss: dict[str, faiss.Index] = {}
         self._torch: dict[str, object] = {}
 
     @classmethod
     def open(cls, root: str | os.PathLike, device: str = "cpu") -> Index:
-        """Open ``root`` (FAISS files load lazily, on first search)."""
-        root = Path(root)
+        """Open ``root``, a folder or an object-store URI (FAISS files load lazily, on first search).
+
+        A URI is mirrored into the local cache first (:func:`ctsearch.index.format.fetch_index`):
+        FAISS and the re-ranking memory maps need local files.
+        """
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
             raise CTSearchInputError(None, f"device must be cpu or cuda, got {device!r}")
+        if storage.is_remote(root):
+            local = fetch_index(root)
+            return cls(local, read_manifest(local), device, source=os.fspath(root))
+        root = Path(root)
         return cls(root, read_manifest(root), device)
 
     def __len__(self) -> int:
@@ -231,6 +240,8 @@ class Index:
 
     def refresh(self) -> bool:
         """Re-read index.json; True (and caches dropped) when a writer committed since it was read."""
+        if self.source is not None:
+            fetch_index(self.source)
         manifest = read_manifest(self.root)
         if manifest == self.manifest:
             return False

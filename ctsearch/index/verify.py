@@ -18,8 +18,9 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
+from ctsearch import storage
 from ctsearch.errors import CTSearchInputError
-from ctsearch.index.format import ShardRecord, read_manifest
+from ctsearch.index.format import ShardRecord, fetch_index, read_manifest
 from ctsearch.store import read_model_config, require_model_dir, verify_encoder
 
 Problem = tuple[str, str]  # (file, what is wrong with it)
@@ -32,6 +33,12 @@ def verify_index(root: str | os.PathLike) -> list[Problem]:
         CTSearchInputError: ``root`` is not an index, or its index.json is unreadable (nothing
             else can be checked without it).
     """
+    if storage.is_remote(root):  # every byte is read anyway: check the committed files, fetched
+        uri, local = os.fspath(root).rstrip("/"), fetch_index(os.fspath(root))
+        return [
+            (uri + f[len(str(local)) :] if f.startswith(str(local)) else f, why)
+            for f, why in verify_index(local)
+        ]
     root = Path(root)
     manifest = read_manifest(root)
     problems: list[Problem] = []

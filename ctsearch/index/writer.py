@@ -2,7 +2,16 @@
 
 A shard exists once ``index.json`` lists it; ``index.json`` is replaced atomically after the
 shard's files are written, so a crash leaves either the old or the new index, never half a
-shard. Files of uncommitted shards are deleted by the next writer. Small flat shards are merged
+shard. Files of uncommitted shards are deleted by the next writer.
+
+On an object store (``s3://``), where there is no rename and no ``flock``, the writer works in a
+local copy and publishes each commit: the shard's files are uploaded first, as write-once objects
+under a name no other writer uses (``shard-00007-<random>``), then ``index.json`` is replaced by a
+conditional write against the version this writer last wrote or read (``If-Match``; a new index:
+``If-None-Match``). Of two writers, at most one commit per version succeeds; the other stops with
+a one-line error and commits nothing more. A writer holds a :class:`ctsearch.storage.Lease` (stated
+expiry, renewed while it runs) instead of the lock, and on taking over it rewrites ``index.json``
+with its own token, so a stalled former holder can no longer commit. Small flat shards are merged
 into one ANN shard once together they reach the threshold (:meth:`IndexWriter.compact`).
 
 Example:
@@ -24,8 +33,11 @@ Example:
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ctsearch import storage
 from ctsearch.config import ENCODER_FILE, MODEL_JSON, ModelConfig
 from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import check_same_salt, ids_block
@@ -44,6 +57,7 @@ from ctsearch.index.format import (
     ROW_GROUP,
     VOLUMES_SCHEMA,
     ShardRecord,
+    committed_files,
     embeddings_to_table,
     read_manifest,
     shard_files,
@@ -85,6 +99,9 @@ class IndexWriter:
     _known: dict = field(default_factory=dict)  # (series_id, content_hash) -> volume_id
     _entries: dict = field(default_factory=dict)  # entry -> (size, mtime_ns)
     _lock: object = None  # open file holding the flock
+    remote: str | None = None  # the index's URI when ``root`` is this writer's local copy of it
+    _tag: str | None = None  # version of the remote index.json this writer last read or wrote
+    _lease: storage.Lease | None = None
 
     @classmethod
     def create(
@@ -115,8 +132,12 @@ class IndexWriter:
         ``id_salt``: the rows' ids are hashed with it (ctsearch.ids); index.json records its
         fingerprint, and an index is only extended with the salt it was made with (or none).
         """
-        root = Path(root)
         check_ann(ann_threshold, ann)  # before anything is written
+        if storage.is_remote(root):
+            return cls._open_remote(
+                os.fspath(root), model_config, model_dir, dtype, ann_threshold, ann, id_salt
+            )
+        root = Path(root)
         if root.exists() and not root.is_dir():
             raise CTSearchInputError(root, "is a file, not an index directory")
         fresh = not root.exists() or all(f.name == LOCK_FILE for f in root.iterdir())
@@ -128,6 +149,87 @@ class IndexWriter:
             raise
         w._lock = lock
         return w
+
+    @classmethod
+    def _open_remote(cls, uri, model_config, model_dir, dtype, ann_threshold, ann, id_salt) -> IndexWriter:
+        """Take the lease, reset this host's working copy to the committed state, fence or create."""
+        storage.require_conditional_writes(uri)
+        lease = storage.Lease(uri, "`ctsearch index`").acquire()
+        lock = None
+        try:
+            # This writer's own copy: the lease, not a local lock, says who writes.
+            (storage.cache_root() / "writers").mkdir(parents=True, exist_ok=True)
+            work = Path(
+                tempfile.mkdtemp(
+                    prefix=storage.cache_dir(uri).name + "-", dir=storage.cache_root() / "writers"
+                )
+            )
+            lock = lock_dir(work, "`ctsearch index`")
+            data, tag = storage.get_versioned(storage.join(uri, INDEX_JSON))
+            if data is None:
+                if set(storage.list_files(uri)) - {storage.Lease.FILE}:
+                    raise CTSearchInputError(
+                        uri, f"exists, is not empty and has no {INDEX_JSON}; choose a new --out location"
+                    )
+            else:
+                (work / INDEX_JSON).write_bytes(data)
+                # What a writer reads: model, volume and error records (embeddings only to compact).
+                names = [
+                    n
+                    for n in committed_files(read_manifest(work))
+                    if not n.startswith(("embeddings/", "faiss/"))
+                ]
+                have = storage.list_files(uri)
+                storage.download(uri, work, [n for n in names if n in have])
+            w = cls._open_locked(
+                work, model_config, model_dir, dtype, ann_threshold, ann, data is None, id_salt
+            )
+            w.remote, w._tag, w._lease, w._lock = uri, tag, lease, lock
+            w.manifest["writer"] = {"holder": lease.holder, "token": lease.token, "since": time.time()}
+            atomic_write_json(w.manifest, work / INDEX_JSON)
+            # A new index: the model first. An existing one: the rewrite alone fences out a former
+            # holder (its token is gone from index.json, so its next conditional write fails).
+            w._publish([f"model/{f}" for f in (MODEL_JSON, ENCODER_FILE)] if data is None else [])
+            w._remove_remote_leftovers()
+            return w
+        except BaseException:
+            lease.release()
+            if lock is not None:
+                lock.close()
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def _publish(self, new_files: list[str], removed: list[str] = ()) -> None:
+        """Upload ``new_files`` (write-once), then replace the remote index.json conditionally."""
+        if self._lease.lost:
+            raise CTSearchInputError(
+                self.remote,
+                "this writer's lease expired and another writer took the index over; nothing more was committed",
+            )
+        storage.upload(self.root, self.remote, [n for n in new_files if (self.root / n).is_file()])
+        tag = storage.put_if(
+            storage.join(self.remote, INDEX_JSON), (self.root / INDEX_JSON).read_bytes(), self._tag
+        )
+        if tag is None:
+            self.close()
+            raise CTSearchInputError(
+                self.remote,
+                "another writer committed to this index since this one read it; this commit was not made "
+                "(run the command again to continue from what is committed)",
+            )
+        self._tag = tag
+        if (self.root / "errors.parquet").is_file():  # derived from the shards' error files; read by `verify`
+            storage.upload(self.root, self.remote, ["errors.parquet"])
+        for name in removed:
+            for f in shard_files(Path(), name):
+                storage.delete(storage.join(self.remote, str(f)))
+
+    def _remove_remote_leftovers(self) -> None:
+        """Delete objects of shards no commit lists: uploads of a writer that died or lost its commit."""
+        keep = set(committed_files(self.manifest))
+        for n in storage.list_files(self.remote):
+            if n.split("/", 1)[0] in ("embeddings", "faiss", "volumes", "errors") and n not in keep:
+                storage.delete(storage.join(self.remote, n))
 
     @classmethod
     def _open_locked(
@@ -197,10 +299,14 @@ class IndexWriter:
         return w
 
     def close(self) -> None:
-        """Release the directory lock (the writer cannot commit after this)."""
+        """Release the directory lock, or the lease (the writer cannot commit after this)."""
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+            shutil.rmtree(self.root, ignore_errors=True)  # the writer's working copy
 
     def __enter__(self) -> IndexWriter:
         return self
@@ -243,7 +349,7 @@ class IndexWriter:
         self, rows: list[dict] | pa.Table, vectors: np.ndarray, volumes: list[dict], errors: list[dict]
     ) -> str:
         """Write one shard's files, then commit it to index.json (atomic). Returns the shard name."""
-        name = f"shard-{self.manifest['next_shard']:05d}"
+        name = self._shard_name()
         vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.manifest["embedding_dim"])
         kind, params = self._write_shard_files(name, rows, vectors, volumes, errors)
         self._commit(
@@ -275,6 +381,11 @@ class IndexWriter:
         atomic_write_table(errors_table(errors), r / "errors" / f"{name}.parquet")
         return kind, params
 
+    def _shard_name(self) -> str:
+        n = f"shard-{self.manifest['next_shard']:05d}"
+        # On a store, files are never overwritten: a name no other (or former) writer can pick.
+        return f"{n}-{uuid.uuid4().hex[:8]}" if self.remote else n
+
     @property
     def shards(self) -> list[ShardRecord]:
         """The committed shards, in index.json's order."""
@@ -293,6 +404,8 @@ class IndexWriter:
         self._write_errors()
         m["errors"] = pq.read_metadata(self.root / "errors.parquet").num_rows
         atomic_write_json(m, self.root / INDEX_JSON)
+        if self.remote:
+            self._publish([str(f) for s in add for f in shard_files(Path(), s.name)], remove)
         for name in remove:
             for f in shard_files(self.root, name):
                 f.unlink(missing_ok=True)
@@ -306,6 +419,8 @@ class IndexWriter:
         self._write_errors()
         self.manifest["errors"] = pq.read_metadata(self.root / "errors.parquet").num_rows
         atomic_write_json(self.manifest, self.root / INDEX_JSON)
+        if self.remote:
+            self._publish(["errors/scan.parquet"])
 
     def _write_errors(self) -> None:
         names = [s.name for s in self.shards]
@@ -328,12 +443,14 @@ class IndexWriter:
         flats = [s for s in self.shards if s.kind == "flat" and s.rows > 0]
         if len(flats) < 2 or sum(s.rows for s in flats) < m["ann_threshold"]:
             return None
+        if self.remote:  # this writer's copy holds records only; the vectors are in the store
+            storage.download(self.remote, self.root, [f"embeddings/{s.name}.parquet" for s in flats])
         read = lambda sub: pa.concat_tables(
             [pq.read_table(self.root / sub / f"{s.name}.parquet") for s in flats],
             promote_options="default",  # shards written before a column was added (pixel_hash) lack it
         )  # noqa: E731
         table, vols, errs = read("embeddings"), read("volumes").to_pylist(), read("errors").to_pylist()
-        name = f"shard-{m['next_shard']:05d}"
+        name = self._shard_name()
         kind, params = self._write_shard_files(
             name, table.select(META_COLUMNS), table_vectors(table), vols, errs
         )
