@@ -149,18 +149,21 @@ def is_dir(location: str | os.PathLike) -> bool:
 
 
 def read_bytes(location: str | os.PathLike) -> bytes:
+    """A whole file. FileNotFoundError if there is none; a missing bucket is a one-line error."""
     if not is_remote(location):
         return Path(_local(location)).read_bytes()
     fs, path = resolve(location)
     try:
         with fs.open_input_stream(path) as f:
             return f.read()
-    except FileNotFoundError:
-        raise
     except OSError as e:
-        if "not found" in str(e).lower() or "nosuchkey" in str(e).lower():
-            raise FileNotFoundError(2, "No such file or directory", os.fspath(location)) from None
-        raise storage_error(location, e, "read this object") from None
+        low = str(e).lower()
+        if not isinstance(e, FileNotFoundError) and "not found" not in low and "nosuchkey" not in low:
+            raise storage_error(location, e, "read this object") from None
+    bucket = path.split("/", 1)[0]
+    if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+        raise CTSearchInputError(location, f"no such bucket: {bucket}")
+    raise FileNotFoundError(2, "No such file or directory", os.fspath(location))
 
 
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:

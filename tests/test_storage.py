@@ -117,8 +117,10 @@ def test_a_renewal_that_finds_the_lease_taken_marks_it_lost(bucket):
 
 
 def test_a_missing_bucket_and_wrong_endpoint_are_one_line_errors(s3_server, monkeypatch):
-    with pytest.raises(CTSearchInputError, match="s3://no-such-bucket-ctsearch/x"):
+    with pytest.raises(CTSearchInputError, match="s3://no-such-bucket-ctsearch/x.*no such bucket"):
         storage.read_json("s3://no-such-bucket-ctsearch/x/config.json", "run config")
+    with pytest.raises(CTSearchInputError, match="no such bucket"):
+        storage.write_bytes("s3://no-such-bucket-ctsearch/x/config.json", b"{}")
 
 
 def test_credentials_never_reach_an_error_message(bucket):
