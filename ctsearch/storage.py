@@ -65,10 +65,38 @@ def _local(location: str | os.PathLike) -> str:
     return s[len("file://") :] if s.startswith("file://") else s
 
 
-@lru_cache(maxsize=16)
 def _filesystem(root_uri: str) -> pafs.FileSystem:
+    return _filesystem_for(root_uri, *_credentials_key())
+
+
+def _credentials_key() -> tuple:
+    """What identifies the credentials in force (a digest, not the secret), so that a changed
+    environment gets a new client."""
+    env = os.environ
+    secret = hashlib.sha256(env.get("AWS_SECRET_ACCESS_KEY", "").encode()).hexdigest()[:16]
+    return env.get("AWS_ACCESS_KEY_ID"), secret, _endpoint(), env.get("AWS_PROFILE")
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@lru_cache(maxsize=16)
+def _filesystem_for(root_uri: str, key_id, secret_digest, endpoint, profile) -> pafs.FileSystem:
+    env = os.environ
     try:
-        fs, _ = pafs.FileSystem.from_uri(root_uri)
+        if root_uri.startswith("s3://") and key_id and env.get("AWS_SECRET_ACCESS_KEY"):
+            # Keys from the environment, given explicitly: the filesystem object then carries them
+            # when Ray ships it to a worker whose environment has none (it is never logged).
+            region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+            return pafs.S3FileSystem(
+                access_key=key_id,
+                secret_key=env["AWS_SECRET_ACCESS_KEY"],
+                session_token=env.get("AWS_SESSION_TOKEN"),
+                endpoint_override=endpoint,
+                region=region or pafs.resolve_s3_region(root_uri[len("s3://") :]),
+            )
+        fs, _ = pafs.FileSystem.from_uri(root_uri)  # the SDK's own chain: profile, instance role
     except (ValueError, OSError) as e:  # pyarrow.ArrowInvalid is a ValueError
         raise CTSearchInputError(root_uri, f"cannot open this storage location ({_why(e)})") from None
     return fs
@@ -113,7 +141,16 @@ def name(location: str | os.PathLike) -> str:
 def _why(e: BaseException) -> str:
     text = " ".join(str(e).split())
     low = text.lower()
-    if "access_denied" in low or "accessdenied" in low or "forbidden" in low or "403" in low:
+    denied = (
+        "access_denied",
+        "accessdenied",
+        "forbidden",
+        "403",
+        "signature",
+        "invalidaccesskeyid",
+        "invalid_access_key",
+    )
+    if any(m in low for m in denied):
         return "access denied: check the credentials in AWS_ACCESS_KEY_ID / AWS_PROFILE and the bucket policy"
     if "nosuchbucket" in low or "bucket" in low and "not found" in low or "does not exist" in low:
         return "no such bucket"
@@ -318,11 +355,16 @@ def require_conditional_writes(location: str | os.PathLike) -> None:
         )
 
 
-@lru_cache(maxsize=1)
 def _s3_client():
+    return _s3_client_for(*_credentials_key())
+
+
+@lru_cache(maxsize=4)
+def _s3_client_for(key_id, secret_digest, endpoint, profile):
     import boto3  # only for the conditional requests pyarrow does not expose
 
-    return boto3.client("s3")
+    # A session of its own: boto3's default session keeps the credentials it first found.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint)
 
 
 def _bucket_key(location: str | os.PathLike) -> tuple[str, str]:

@@ -199,22 +199,29 @@ def crash_index_writer(monkeypatch, point: str, n: int) -> None:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A real S3 API server (moto's standalone server) on 127.0.0.1, and the standard AWS
-    environment variables pointing at it for the whole session. Yields its endpoint URL."""
+    """A real S3 API server (moto's standalone server) on 127.0.0.1 that checks credentials, and
+    the standard AWS environment variables holding a valid key for the whole session. Yields the
+    endpoint URL. A request signed with other keys (or none) is refused, as by AWS."""
+    import json
     import socket
     import subprocess
     import sys
     import time
 
     pytest.importorskip("moto.server", reason="moto[server] is in the test extras (pip install -e '.[test]')")
+    import boto3
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("s3") / "moto.log"
+    # Credentials are enforced after the first 3 requests: the ones below that create the key.
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):
@@ -225,9 +232,20 @@ def s3_server(tmp_path_factory):
             if proc.poll() is not None:
                 pytest.fail(f"moto server exited: {log.read_text()[-500:]}")
             time.sleep(0.1)
+    iam = boto3.client(
+        "iam",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="setup",
+        aws_secret_access_key="setup",
+    )
+    iam.create_user(UserName="ctsearch-test")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="ctsearch-test", PolicyName="s3", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="ctsearch-test")["AccessKey"]
     env = {
-        "AWS_ACCESS_KEY_ID": "ctsearch-test-key",
-        "AWS_SECRET_ACCESS_KEY": "ctsearch-test-secret-do-not-log",
+        "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+        "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": url,
         "AWS_EC2_METADATA_DISABLED": "true",

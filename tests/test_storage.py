@@ -128,3 +128,28 @@ def test_credentials_never_reach_an_error_message(bucket):
     with pytest.raises(CTSearchInputError) as e:
         storage.read_json(bucket + "/missing.json", "run config")
     assert secret not in str(e.value)
+
+
+def test_the_keys_come_from_the_environment_and_travel_with_the_filesystem(bucket, monkeypatch, tmp_path):
+    """The server checks signatures: wrong keys are a one-line error naming the URI and not the
+    secret; a filesystem object shipped to a process without AWS variables (a Ray worker) still works."""
+    import pickle
+
+    storage.write_bytes(bucket + "/k.txt", b"signed")
+    fs, path = storage.resolve(bucket + "/k.txt")
+    (tmp_path / "fs.pkl").write_bytes(pickle.dumps((fs, path)))
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    code = "import pickle,sys; fs, p = pickle.load(open(sys.argv[1], 'rb')); print(fs.open_input_stream(p).read().decode())"
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "fs.pkl")], env=bare, capture_output=True, text=True
+    )
+    assert r.stdout.strip() == "signed", r.stderr[-500:]
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    for call in (
+        lambda: storage.read_bytes(bucket + "/k.txt"),
+        lambda: storage.put_if(bucket + "/n", b"x", None),
+    ):
+        with pytest.raises(CTSearchInputError, match="access denied") as e:
+            call()
+        assert bucket in str(e.value) and "not-the-secret" not in str(e.value) and secret not in str(e.value)
