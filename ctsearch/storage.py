@@ -191,7 +191,7 @@ def read_bytes(location: str | os.PathLike) -> bytes:
         return Path(_local(location)).read_bytes()
     fs, path = resolve(location)
     try:
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path, compression=None) as f:
             return f.read()
     except OSError as e:
         low = str(e).lower()
@@ -213,7 +213,7 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
         return
     fs, path = resolve(location)
     try:
-        with fs.open_output_stream(path) as f:
+        with fs.open_output_stream(path, compression=None) as f:
             f.write(data)
     except OSError as e:
         raise storage_error(location, e, "write this object") from None

@@ -153,3 +153,16 @@ def test_the_keys_come_from_the_environment_and_travel_with_the_filesystem(bucke
         with pytest.raises(CTSearchInputError, match="access denied") as e:
             call()
         assert bucket in str(e.value) and "not-the-secret" not in str(e.value) and secret not in str(e.value)
+
+
+def test_gz_objects_are_stored_as_given(bucket):
+    """pyarrow's streams default to compression="detect": a .gz name must not make the store
+    gzip the bytes again on write, nor un-gzip them on read (a .nii.gz is read as what it is)."""
+    import boto3
+
+    data = b"\x1f\x8b" + bytes(range(256)) * 40
+    loc = bucket + "/v/liver_0.nii.gz"
+    storage.write_bytes(loc, data)
+    b, key = loc.split("://", 1)[1].split("/", 1)
+    assert boto3.client("s3").get_object(Bucket=b, Key=key)["Body"].read() == data
+    assert storage.read_bytes(loc) == data
