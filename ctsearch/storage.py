@@ -510,3 +510,205 @@ def _free(lease: dict) -> bool:
     except (KeyError, TypeError, ValueError):
         return True
     return False
+
+
+# ----------------------------------------------------------------------------- objects read by tasks
+#
+# A Ray task that reads an archive's volume is handed the URI and the filesystem object resolved on
+# the driver (``filesystems``: {store root: pyarrow filesystem}; it pickles with its endpoint and
+# region, never with the secret key: a worker finds credentials through its own SDK chain), fetches
+# the object's bytes into a node-local temp folder (:func:`local_copy`) and decodes them there.
+
+
+def store_root(location: str | os.PathLike) -> str:
+    """``scheme://bucket`` of a URI (the key of a ``filesystems`` dict); "" for a local path."""
+    if not is_remote(location):
+        return ""
+    sch, rest = os.fspath(location).split("://", 1)
+    return f"{sch.lower()}://{rest.split('/', 1)[0]}"
+
+
+def filesystems(locations) -> dict[str, pafs.FileSystem]:
+    """{store root: filesystem} for the remote ones among ``locations``, resolved here (on the
+    driver) to be handed to tasks, which then need neither the driver's environment nor a resolve."""
+    out: dict[str, pafs.FileSystem] = {}
+    for loc in locations:
+        root = store_root(loc)
+        if root and root not in out:
+            out[root] = resolve(loc)[0]
+    return out
+
+
+def resolve_in(
+    location: str | os.PathLike, fss: dict[str, pafs.FileSystem] | None = None
+) -> tuple[pafs.FileSystem, str]:
+    """:func:`resolve`, taking the filesystem from ``fss`` (see :func:`filesystems`) when it holds
+    the location's store."""
+    root = store_root(location)
+    if root and fss and root in fss:
+        return fss[root], os.fspath(location).split("://", 1)[1].rstrip("/")
+    return resolve(location)
+
+
+def _not_found(e: OSError) -> bool:
+    low = str(e).lower()
+    return isinstance(e, FileNotFoundError) or any(
+        m in low for m in ("not found", "nosuchkey", "does not exist", "no such file")
+    )
+
+
+def file_infos(
+    location: str | os.PathLike, fss: dict[str, pafs.FileSystem] | None = None
+) -> dict[str, pafs.FileInfo]:
+    """{path relative to ``location``: FileInfo} of every file under a folder (recursive, one
+    listing); {"": info} when ``location`` is a file; {} when there is nothing."""
+    fs, root = resolve_in(location, fss)
+    try:
+        top = fs.get_file_info(root)
+        if top.type == pafs.FileType.File:
+            return {"": top}
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise storage_error(location, e, "list this folder") from None
+    n = len(root.rstrip("/")) + 1
+    return {i.path[n:]: i for i in infos if i.type == pafs.FileType.File}
+
+
+def fingerprint(
+    location: str | os.PathLike, files=None, fss: dict[str, pafs.FileSystem] | None = None
+) -> tuple[int, int]:
+    """(total bytes, newest mtime_ns) of a file, of ``files`` or of every file under a folder:
+    ``store.file_fingerprint`` on a local disk (unchanged), the store's sizes and modification
+    times (S3: LastModified) for a URI, from one listing. What "unchanged since indexed" compares.
+
+    Raises:
+        FileNotFoundError: nothing there (or one of ``files`` is missing), as on a local disk.
+    """
+    if not is_remote(location):
+        from ctsearch.store import file_fingerprint
+
+        return file_fingerprint(_local(location), files)
+    infos = file_infos(location, fss)
+    if files is not None and len(files):
+        base = os.fspath(location).rstrip("/") + "/"
+        wanted = [os.fspath(f)[len(base) :] if os.fspath(f).startswith(base) else None for f in files]
+        if any(w is None or w not in infos for w in wanted):
+            raise FileNotFoundError(2, "No such file or directory", os.fspath(location))
+        chosen = [infos[w] for w in wanted]
+    else:
+        chosen = list(infos.values())
+    if not chosen:
+        raise FileNotFoundError(2, "No such file or directory", os.fspath(location))
+    size = sum(int(i.size or 0) for i in chosen)
+    mtime = max(int(i.mtime_ns or 0) for i in chosen)
+    return size, mtime
+
+
+def read_range(
+    location: str | os.PathLike, offset: int, length: int, fss: dict[str, pafs.FileSystem] | None = None
+) -> bytes:
+    """``length`` bytes of a file or object from ``offset`` (fewer at its end): one ranged GET on a store."""
+    if not is_remote(location):
+        with open(_local(location), "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    fs, path = resolve_in(location, fss)
+    try:
+        with fs.open_input_file(path) as f:
+            return f.read_at(length, offset)
+    except OSError as e:
+        if _not_found(e):
+            raise FileNotFoundError(2, "No such file or directory", os.fspath(location)) from None
+        raise storage_error(location, e, "read this object") from None
+
+
+class LocalCopy:
+    """Objects of a store copied into a node-local temp folder, at ``ROOT/<bucket>/<key>`` so that
+    their folders keep their layout (a DICOM series, a NIfTI file beside its sidecar).
+
+    :meth:`path` gives an object's local path, :meth:`uris` turns the local paths in a text (an
+    error message) back into the URIs. Made by :func:`local_copy`, removed when its block ends.
+    """
+
+    def __init__(self, root: str, scheme_: str):
+        self.root, self.scheme = root, scheme_
+
+    def path(self, location: str | os.PathLike) -> str:
+        return os.path.join(self.root, os.fspath(location).split("://", 1)[1].lstrip("/"))
+
+    def uris(self, text: str | None) -> str | None:
+        if text is None:
+            return None
+        return text.replace(self.root + os.sep, f"{self.scheme}://").replace(self.root, f"{self.scheme}://")
+
+
+def fetch(
+    locations,
+    dest: LocalCopy,
+    fss: dict[str, pafs.FileSystem] | None = None,
+    threads: int = 8,
+    missing_ok: bool = False,
+) -> list[str]:
+    """Copy whole objects into ``dest`` (``threads`` GETs at a time); returns their local paths.
+    A missing object is skipped with ``missing_ok``, else a FileNotFoundError naming its URI."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(loc: str) -> str | None:
+        target = dest.path(loc)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs, path = resolve_in(loc, fss)
+        try:
+            with fs.open_input_stream(path, compression=None) as src, open(target, "wb") as out:
+                while chunk := src.read(1 << 22):
+                    out.write(chunk)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+            if _not_found(e):
+                if missing_ok:
+                    return None
+                raise FileNotFoundError(2, "No such file or directory", os.fspath(loc)) from None
+            raise storage_error(loc, e, "read this object") from None
+        return target
+
+    locations = [os.fspath(x) for x in locations]
+    if len(locations) <= 1 or threads <= 1:
+        got = [one(x) for x in locations]
+    else:
+        with ThreadPoolExecutor(min(threads, len(locations))) as pool:
+            got = list(pool.map(one, locations))
+    return [g for g in got if g is not None]
+
+
+@contextlib.contextmanager
+def local_copy(prefix: str = "ctsearch-fetch-", scheme_: str = "s3") -> Iterator[LocalCopy]:
+    """A fresh node-local temp folder for fetched objects (:class:`LocalCopy`), removed afterwards."""
+    import shutil
+
+    root = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield LocalCopy(root, scheme_)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def content_hash(
+    location: str | os.PathLike, files=None, fss: dict[str, pafs.FileSystem] | None = None
+) -> str:
+    """``store.content_hash`` for a local path (unchanged) or a URI: the same sha256 over the same
+    bytes and relative names, so a volume copied to a bucket keeps its hash (dedup across stores).
+    Tasks that read the volume anyway hash their local copy instead of fetching twice."""
+    from ctsearch.store import content_hash as local_hash
+
+    if not is_remote(location):
+        return local_hash(_local(location), files)
+    loc = os.fspath(location).rstrip("/")
+    with local_copy(scheme_=scheme(loc)) as copy:
+        if files is not None and len(files):
+            fetch(list(files), copy, fss)
+            return local_hash(copy.path(loc), [copy.path(f) for f in files])
+        infos = file_infos(loc, fss)
+        if not infos:
+            raise FileNotFoundError(2, "No such file or directory", loc)
+        fetch([join(loc, n) if n else loc for n in infos], copy, fss)
+        return local_hash(copy.path(loc))

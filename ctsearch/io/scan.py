@@ -29,6 +29,7 @@ from ctsearch.io.entry import ScanEntry, case_number
 from ctsearch.io.formats import VolumeFormat, not_regular, scan_error, walk_files
 from ctsearch.io.nifti import NiftiFormat, is_nifti_path
 from ctsearch.io.volume import Volume
+from ctsearch.storage import is_remote
 
 # Every input format, in the order a file is offered to them (the first that claims it wins).
 FORMATS: tuple[VolumeFormat, ...] = (NiftiFormat(), DicomFormat())
@@ -53,6 +54,10 @@ def read_volume(path: str | os.PathLike, *, series_id: str | None = None) -> Vol
         >>> vol = read_volume("imagesTr/liver_3.nii.gz")   # doctest: +SKIP
     """
     path = os.fspath(path)
+    if is_remote(path):
+        from ctsearch.io.remote import read_volume_uri
+
+        return read_volume_uri(path, series_id=series_id)
     if not os.path.lexists(path):
         raise CTSearchInputError(path, "no such file or folder")
     if not os.path.isdir(path) and (problem := not_regular(path)):
@@ -71,6 +76,10 @@ def detect_layout(root: str | os.PathLike) -> str:
     Informative only: :func:`scan_archive` handles every layout, also mixed, in one pass.
     """
     root = os.fspath(root)
+    if is_remote(root):
+        from ctsearch.io.remote import detect_layout_uri
+
+        return detect_layout_uri(root)
     if os.path.isfile(os.path.join(root, "dataset.json")) and os.path.isdir(os.path.join(root, "imagesTr")):
         return "decathlon"
     has_nifti = has_dicom = False
@@ -85,7 +94,8 @@ def detect_layout(root: str | os.PathLike) -> str:
 
 
 def scan_archive(root: str | os.PathLike) -> tuple[list[ScanEntry], list[dict]]:
-    """Find every volume under ``root`` (a folder of any depth, or one NIfTI file).
+    """Find every volume under ``root`` (a folder of any depth, or one NIfTI file; or their URI,
+    ``s3://bucket/archive``: ctsearch.io.remote).
 
     Returns:
         (entries, errors): entries sorted by (case_number, volume_id); errors as rows of
@@ -98,6 +108,10 @@ def scan_archive(root: str | os.PathLike) -> tuple[list[ScanEntry], list[dict]]:
         CTSearchInputError: ``root`` does not exist.
     """
     root = os.fspath(root)
+    if is_remote(root):  # s3://bucket/archive: the same scan on a header shadow (ctsearch.io.remote)
+        from ctsearch.io.remote import scan_archive_uri
+
+        return scan_archive_uri(root)
     if not os.path.lexists(root):
         raise CTSearchInputError(root, "no such file or folder")
     errors: list[dict] = []
