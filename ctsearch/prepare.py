@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pyarrow as pa
 
+from ctsearch import storage
 from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import ids_block, pseudonymise_ids
 from ctsearch.io import ScanEntry, scan_archive
@@ -155,7 +156,7 @@ def prepare(
     progress: Callable[[Iterable, int, str], Iterable] | None = None,
     id_salt: bytes | None = None,
 ) -> dict:
-    """Scan ``archive`` and write ``out/manifest.parquet``, ``out/errors.parquet`` (and the protocol files).
+    """Scan ``archive`` (a folder, or its URI) and write ``out/manifest.parquet``, ``out/errors.parquet`` (and the protocol files).
 
     With ``all_train_slices`` the protocol also writes ``out/train_all.parquet``: every slice of the
     training volumes, labelled by its mask, for self-supervised training on more unlabelled slices
@@ -168,8 +169,10 @@ def prepare(
 
     Returns a summary dict: volumes, errors, and for a protocol train/test volumes and slices.
     """
-    archive, out = Path(archive), Path(out)
-    if not archive.exists():
+    # A URI (s3://bucket/archive) is scanned and read through ctsearch.storage (ctsearch.io.remote).
+    archive = os.fspath(archive).rstrip("/") if storage.is_remote(archive) else Path(archive)
+    out = Path(out)
+    if not (storage.exists(archive) if isinstance(archive, str) else archive.exists()):
         raise CTSearchInputError(archive, "no such archive folder")
     if protocol is not None and protocol not in PROTOCOLS:
         raise CTSearchInputError(None, f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")

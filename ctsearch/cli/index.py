@@ -33,9 +33,10 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def index_cmd(
-    source: Path = typer.Argument(
+    source: str = typer.Argument(
         ...,
-        help="Archive folder (NIfTI / DICOM, any layout), a manifest.parquet from `ctsearch prepare`, or one volume.",
+        help="Archive folder (NIfTI / DICOM, any layout), a manifest.parquet from `ctsearch prepare`, or one volume; "
+        "or its URI (s3://bucket/archive/, s3://bucket/prepared/manifest.parquet).",
     ),
     model: Path = typer.Option(
         ..., "--model", help="Run directory of `ctsearch train` (model.json + encoder.safetensors)."
@@ -88,6 +89,9 @@ def index_cmd(
     check_faiss_wheels()
     from ctsearch import storage
     from ctsearch.ids import load_salt
+    from ctsearch.storage import is_remote
+
+    source = source if is_remote(source) else Path(source)  # a URI stays a string
     from ctsearch.index.params import check_ann
 
     # Before torch, Ray or the output folder: a bad combination leaves nothing behind.

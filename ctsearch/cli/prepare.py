@@ -15,8 +15,10 @@ def register(app: typer.Typer) -> None:
     @app.command("prepare")
     @handle_errors
     def prepare_cmd(
-        archive: Path = typer.Argument(
-            ..., help="Archive folder: Decathlon layout, NIfTI files, or a DICOM tree of any depth."
+        archive: str = typer.Argument(
+            ...,
+            help="Archive folder: Decathlon layout, NIfTI files, or a DICOM tree of any depth; "
+            "or its URI (s3://bucket/archive).",
         ),
         out: Path = typer.Argument(
             ..., help="Output folder for manifest.parquet, errors.parquet (and train/test.parquet)."
@@ -48,6 +50,9 @@ def register(app: typer.Typer) -> None:
         """Scan ARCHIVE into OUT/manifest.parquet (one row per volume) and OUT/errors.parquet."""
         from ctsearch.ids import load_salt
         from ctsearch.prepare import prepare
+        from ctsearch.storage import is_remote
+
+        archive = archive if is_remote(archive) else Path(archive)  # a URI stays a string
 
         summary = prepare(
             archive,

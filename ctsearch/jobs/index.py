@@ -36,8 +36,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
+from ctsearch import storage
 from ctsearch.config import ModelConfig
 from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import check_same_salt, is_pseudonym, pseudonymise, pseudonymise_ids
@@ -45,7 +48,7 @@ from ctsearch.index import DEFAULT_ANN_THRESHOLD, IndexWriter, l2_normalize
 from ctsearch.index.format import META_COLUMNS
 from ctsearch.index.params import AnnKind
 from ctsearch.jobs.runtime import announce, node_id, shared_value, start_ray
-from ctsearch.store import EmbeddingDtype, content_hash, file_fingerprint, read_parquet
+from ctsearch.store import EmbeddingDtype, content_hash, read_parquet
 
 ID_COLUMNS = ("volume_id", "patient_id", "study_id", "series_id", "exam_date")
 SLAB_SLICES = 32  # slices per block leaving a reading task
@@ -60,8 +63,12 @@ def resolve_source(source: str | os.PathLike, id_salt: bytes | None = None) -> t
 
     Each task is ``{path, format, volume_id, patient_id, study_id, series_id, exam_date}``;
     ids are "" where only reading the volume will tell. A manifest whose ids ``ctsearch prepare``
-    pseudonymised is only read with the same ``id_salt``.
+    pseudonymised is only read with the same ``id_salt``. A URI (``s3://bucket/archive``,
+    ``s3://bucket/prepared/manifest.parquet``) is listed and read through ctsearch.storage; its
+    tasks carry URIs, which the read tasks fetch themselves.
     """
+    if storage.is_remote(source):
+        return _resolve_remote(str(source).rstrip("/"), id_salt)
     src = Path(source)
     if not src.exists():
         raise CTSearchInputError(src, "no such file or folder")
@@ -86,16 +93,45 @@ def resolve_source(source: str | os.PathLike, id_salt: bytes | None = None) -> t
     return [_task(_as_dict(e), None, id_salt) for e in entries], [dict(e) for e in errors]
 
 
+def _resolve_remote(src: str, id_salt: bytes | None) -> tuple[list[dict], list[dict]]:
+    """resolve_source for a URI: a manifest object, an archive prefix, or one volume."""
+    info = storage.info(src)
+    if info.type == pafs.FileType.NotFound:
+        raise CTSearchInputError(src, "no such file or folder")
+    if info.type == pafs.FileType.File and src.endswith(".parquet"):
+        fs, path = storage.resolve(src)
+        t = read_parquet(src, lambda _: pq.read_table(path, filesystem=fs))
+        if "path" not in t.column_names:
+            raise CTSearchInputError(
+                src, "not a manifest: no 'path' column (write one with `ctsearch prepare`)"
+            )
+        recorded = json.loads((t.schema.metadata or {}).get(b"ctsearch.ids", b"null"))
+        if recorded and recorded.get("pseudonymised"):
+            check_same_salt(recorded, id_salt, src, "to index it")
+        base = src.rsplit("/", 1)[0]
+        return [_task(r, base, id_salt) for r in t.to_pylist()], []
+    if info.type == pafs.FileType.File:
+        return [_task({"path": src}, None, id_salt)], []
+    from ctsearch.io import scan_archive
+
+    entries, errors = scan_archive(src)
+    return [_task(_as_dict(e), None, id_salt) for e in entries], [dict(e) for e in errors]
+
+
 def _as_dict(entry) -> dict:
     """A scan entry (ScanEntry) as the fields a volume task is made of."""
     return {k: getattr(entry, k) for k in ("path", "format", "files", *ID_COLUMNS)}
 
 
-def _task(r: dict, base: Path | None, id_salt: bytes | None = None) -> dict:
+def _task(r: dict, base: Path | str | None, id_salt: bytes | None = None) -> dict:
     path = str(r["path"])
-    if base is not None and not os.path.isabs(path) and not os.path.exists(path):
+    if isinstance(base, str):  # a manifest on a store: its relative paths are relative to its folder
+        if not storage.is_remote(path) and not os.path.isabs(path):
+            path = storage.join(base, path)
+    elif base is not None and not os.path.isabs(path) and not os.path.exists(path):
         path = str(base / path)
-    fmt = r.get("format") or ("dicom" if os.path.isdir(path) else "nifti")
+    is_dir = storage.is_dir(path) if storage.is_remote(path) and not r.get("format") else os.path.isdir(path)
+    fmt = r.get("format") or ("dicom" if is_dir else "nifti")
     ids = {c: str(r.get(c) or "") for c in ID_COLUMNS}
     # A DICOM folder can hold several series: the source's series id is part of the unit's name.
     # Hashed like the rows' series id: the entry is stored in the volumes table.
@@ -114,7 +150,11 @@ def _task(r: dict, base: Path | None, id_salt: bytes | None = None) -> dict:
 
 
 def read_volume_rows(
-    batch: dict[str, np.ndarray], known_ref, id_salt: bytes | None = None, config: dict | None = None
+    batch: dict[str, np.ndarray],
+    known_ref,
+    id_salt: bytes | None = None,
+    config: dict | None = None,
+    filesystems: dict | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Volume tasks -> slabs of rows, one row per axial slice, or one status row.
 
@@ -124,11 +164,13 @@ def read_volume_rows(
     carries the volume's ``n_rows`` so the driver knows when a volume, and its shard, is complete.
     With ``id_salt`` every row's ids are already hashed (ctsearch.ids). With a model ``config``
     each slab is preprocessed here (``pixels`` instead of ``hu``): the CPU model's path.
+    A task whose path is a URI fetches the volume's objects into a node-local temp folder with
+    the driver's ``filesystems`` (ctsearch.storage.filesystems), reads and deletes them.
     """
     known = shared_value(known_ref)
     here = node_id()
     for i in range(len(batch["path"])):
-        rows, hu = _volume_rows({k: batch[k][i] for k in batch}, known, id_salt)
+        rows, hu = _volume_rows({k: batch[k][i] for k in batch}, known, id_salt, filesystems)
         for a in range(0, len(rows), SLAB_SLICES):
             slab = rows[a : a + SLAB_SLICES]
             out = {k: [r[k] for r in slab] for k in slab[0]}
@@ -155,11 +197,12 @@ _OBJECT_COLS = {
 
 
 def _volume_rows(
-    task: dict, known: set, id_salt: bytes | None = None
+    task: dict, known: set, id_salt: bytes | None = None, filesystems: dict | None = None
 ) -> tuple[list[dict], np.ndarray | None]:
     """(a volume's rows, its HU [n, y, x] int16), or ([one status row], None)."""
     path = str(task["path"])
     from ctsearch.io import read_volume
+    from ctsearch.io.remote import volume_copy
 
     base = {k: task[k] for k in ("path", "entry", "shard", "order", "size", "mtime_ns")}
     base["path"], base["entry"] = path, str(task["entry"])
@@ -176,11 +219,16 @@ def _volume_rows(
         **_final_ids(task, None, path, id_salt),
     )
     try:
-        chash = content_hash(path, list(task["files"]) or None)
-        series = str(task["series_id"]) if task["format"] == "dicom" and task["series_id"] else None
-        if series and is_pseudonym(series):  # a pseudonymised manifest names the series by its hash
-            series = _series_by_pseudonym(path, series, id_salt)
-        vol = read_volume(path, series_id=series)
+        # A local path is read where it is; a URI's objects are fetched into a temp folder first.
+        with volume_copy(path, str(task["format"]), list(task["files"]) or None, filesystems) as (
+            local,
+            files,
+        ):
+            chash = content_hash(local, files)
+            series = str(task["series_id"]) if task["format"] == "dicom" and task["series_id"] else None
+            if series and is_pseudonym(series):  # a pseudonymised manifest names the series by its hash
+                series = _series_by_pseudonym(local, series, id_salt)
+            vol = read_volume(local, series_id=series)
     except CTSearchInputError as e:
         return [{**base, **status, "status": "error", "stage": "read", "error": e.problem, "n_rows": 1}], None
     except Exception as e:  # a reader bug must not stop the archive: record it and go on
@@ -437,8 +485,8 @@ def _changed_tasks(writer: IndexWriter, tasks: list[dict]) -> tuple[list[dict], 
     pending, unchanged = [], 0
     for t in tasks:
         try:
-            size, mtime = file_fingerprint(t["path"], t["files"] or None)
-        except OSError:
+            size, mtime = storage.fingerprint(t["path"], t["files"] or None)
+        except (OSError, CTSearchInputError):
             size, mtime = -1, -1
         if writer.unchanged(t["entry"], (size, mtime)):
             unchanged += 1
@@ -487,7 +535,13 @@ def _run_pipeline(
     ds = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
         read_volume_rows,
         batch_size=1,
-        fn_kwargs={"known_ref": known_ref, "id_salt": id_salt, "config": None if gpus else config.to_json()},
+        fn_kwargs={
+            "known_ref": known_ref,
+            "id_salt": id_salt,
+            "config": None if gpus else config.to_json(),
+            # Stores' filesystems resolved here: workers need not share the driver's environment.
+            "filesystems": storage.filesystems(t["path"] for t in pending),
+        },
         num_cpus=1,
     )
     ds = ds.map_batches(
