@@ -515,9 +515,9 @@ def _free(lease: dict) -> bool:
 # ----------------------------------------------------------------------------- objects read by tasks
 #
 # A Ray task that reads an archive's volume is handed the URI and the filesystem object resolved on
-# the driver (``filesystems``: {store root: pyarrow filesystem}; it pickles with its endpoint and
-# region, never with the secret key: a worker finds credentials through its own SDK chain), fetches
-# the object's bytes into a node-local temp folder (:func:`local_copy`) and decodes them there.
+# the driver (``filesystems``: {store root: pyarrow filesystem}, which pickles with its endpoint,
+# region and the keys it was given, see _filesystem_for), fetches the object's bytes into a
+# node-local temp folder (:func:`local_copy`) and decodes them there.
 
 
 def store_root(location: str | os.PathLike) -> str:

@@ -144,9 +144,10 @@ def test_a_volume_task_needs_only_the_uri_and_the_filesystem(archives, tmp_path)
     assert SECRET.encode() not in blob
     code = (
         "import pickle, sys\n"
+        "from ctsearch.io import read_volume\n"
         "from ctsearch.io.remote import read_volume_uri\n"
         "fss = pickle.loads(sys.stdin.buffer.read())\n"
-        f"print(read_volume_uri({uri!r}, fss=fss).hu.shape)\n"
+        f"print(read_volume_uri({uri!r}, read_volume, fss=fss).hu.shape)\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     r = subprocess.run([sys.executable, "-c", code], input=blob, env=env, capture_output=True, timeout=120)

@@ -19,7 +19,8 @@ how their bytes arrive.
   the driver's filesystem object, never a local path of the driver.
 
 Example:
-    >>> entries, errors = scan_archive_uri("s3://bucket/Task03_Liver")   # doctest: +SKIP
+    >>> from ctsearch.io import scan_archive
+    >>> entries, errors = scan_archive("s3://bucket/Task03_Liver")       # doctest: +SKIP
     >>> entries[0].path                                                   # doctest: +SKIP
     's3://bucket/Task03_Liver/imagesTr/liver_0.nii.gz'
 """
@@ -33,7 +34,7 @@ import os
 import struct
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.fs as pafs
@@ -50,10 +51,13 @@ FETCH_THREADS = 16
 # ----------------------------------------------------------------------------- scanning
 
 
-def scan_archive_uri(root: str, fss=None) -> tuple[list[ScanEntry], list[dict]]:
-    """``ctsearch.io.scan_archive`` for a URI: entries and error rows naming URIs (module docstring)."""
-    from ctsearch.io.scan import scan_archive
+def scan_archive_uri(
+    root: str, scan: Callable, read: Callable, fss=None
+) -> tuple[list[ScanEntry], list[dict]]:
+    """``ctsearch.io.scan_archive`` for a URI: entries and error rows naming URIs (module docstring).
 
+    ``scan``, ``read``: ``ctsearch.io.scan_archive`` and ``read_volume``, which call this.
+    """
     root = os.fspath(root).rstrip("/")
     infos = storage.file_infos(root, fss)
     if not infos:
@@ -63,12 +67,12 @@ def scan_archive_uri(root: str, fss=None) -> tuple[list[ScanEntry], list[dict]]:
         shadow.build()
         local_root = copy.path(root)
         while True:
-            entries, errors = scan_archive(local_root)
+            entries, errors = scan(local_root)
             broken = shadow.partial_among([e["path"] for e in errors])
             if not broken:
                 break
             shadow.fetch_whole(broken)  # exact errors: the reader sees every byte of these files
-    entries = [_remote_entry(e, copy, fss) for e in entries]
+    entries = [_remote_entry(e, copy, read, fss) for e in entries]
     errors = [{**e, "path": copy.uris(e["path"]), "error": copy.uris(e["error"])} for e in errors]
     return entries, errors
 
@@ -214,7 +218,7 @@ def _dicom_ranges(uri: str, head: bytes, size: int, fss) -> list[tuple[int, byte
     return [(end, storage.read_range(uri, end, size - end, fss))] if end < size else []
 
 
-def _remote_entry(e: ScanEntry, copy: storage.LocalCopy, fss) -> ScanEntry:
+def _remote_entry(e: ScanEntry, copy: storage.LocalCopy, read_volume: Callable, fss) -> ScanEntry:
     """A shadow scan's entry with URIs for paths, reading from the store."""
     path = copy.uris(e.path)
     label = copy.uris(e.label_path)
@@ -223,7 +227,12 @@ def _remote_entry(e: ScanEntry, copy: storage.LocalCopy, fss) -> ScanEntry:
 
     def read() -> Volume:
         return read_volume_uri(
-            path, fmt=fmt, files=files or None, series_id=series if fmt == "dicom" else None, fss=fss
+            path,
+            read_volume,
+            fmt=fmt,
+            files=files or None,
+            series_id=series if fmt == "dicom" else None,
+            fss=fss,
         )
 
     return dataclasses.replace(
@@ -288,13 +297,18 @@ def volume_copy(path: str, fmt: str | None, files=None, fss=None) -> Iterator[tu
 
 
 def read_volume_uri(
-    path: str, *, fmt: str | None = None, files=None, series_id: str | None = None, fss=None
+    path: str,
+    read: Callable,
+    *,
+    fmt: str | None = None,
+    files=None,
+    series_id: str | None = None,
+    fss=None,
 ) -> Volume:
-    """``ctsearch.io.read_volume`` of a URI (a NIfTI object or a DICOM series' folder), via a temp copy."""
-    from ctsearch.io.scan import read_volume
-
+    """``read`` (``ctsearch.io.read_volume``, which calls this for a URI) of a URI -- a NIfTI
+    object or a DICOM series' folder -- via a temp copy."""
     with volume_copy(path, fmt, files, fss) as (local, _):
-        vol = read_volume(local, series_id=series_id)
+        vol = read(local, series_id=series_id)
     vol.source = path
     return vol
 

@@ -57,7 +57,7 @@ def read_volume(path: str | os.PathLike, *, series_id: str | None = None) -> Vol
     if is_remote(path):
         from ctsearch.io.remote import read_volume_uri
 
-        return read_volume_uri(path, series_id=series_id)
+        return read_volume_uri(path, read_volume, series_id=series_id)
     if not os.path.lexists(path):
         raise CTSearchInputError(path, "no such file or folder")
     if not os.path.isdir(path) and (problem := not_regular(path)):
@@ -111,7 +111,7 @@ def scan_archive(root: str | os.PathLike) -> tuple[list[ScanEntry], list[dict]]:
     if is_remote(root):  # s3://bucket/archive: the same scan on a header shadow (ctsearch.io.remote)
         from ctsearch.io.remote import scan_archive_uri
 
-        return scan_archive_uri(root)
+        return scan_archive_uri(root, scan_archive, read_volume)
     if not os.path.lexists(root):
         raise CTSearchInputError(root, "no such file or folder")
     errors: list[dict] = []
