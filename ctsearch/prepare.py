@@ -167,7 +167,26 @@ def prepare(
     ``ctsearch.ids``) records whether and with which salt fingerprint.
 
     Returns a summary dict: volumes, errors, and for a protocol train/test volumes and slices.
+
+    ``out`` may be an object-store URI (``s3://bucket/prepared``): the files are written into a
+    staging folder and uploaded when prepare succeeds (``storage.staged_output``).
     """
+    from ctsearch import storage
+
+    if storage.is_remote(out):
+        with storage.staged_output(out) as stage:
+            summary = prepare(
+                archive,
+                stage,
+                protocol=protocol,
+                per_volume=per_volume,
+                train_volumes=train_volumes,
+                seed=seed,
+                all_train_slices=all_train_slices,
+                progress=progress,
+                id_salt=id_salt,
+            )
+        return {**summary, "out": os.fspath(out)}
     archive, out = Path(archive), Path(out)
     if not archive.exists():
         raise CTSearchInputError(archive, "no such archive folder")

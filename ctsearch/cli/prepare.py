@@ -7,7 +7,16 @@ from typing import Optional
 
 import typer
 
-from ctsearch.cli.common import JSON_OPT, QUIET_OPT, SALT_OPT, emit_json, handle_errors, progress, say
+from ctsearch.cli.common import (
+    JSON_OPT,
+    QUIET_OPT,
+    SALT_OPT,
+    emit_json,
+    handle_errors,
+    location,
+    progress,
+    say,
+)
 from ctsearch.errors import CTSearchInputError
 
 
@@ -18,8 +27,9 @@ def register(app: typer.Typer) -> None:
         archive: Path = typer.Argument(
             ..., help="Archive folder: Decathlon layout, NIfTI files, or a DICOM tree of any depth."
         ),
-        out: Path = typer.Argument(
-            ..., help="Output folder for manifest.parquet, errors.parquet (and train/test.parquet)."
+        out: str = typer.Argument(
+            ...,
+            help="Output folder for manifest.parquet, errors.parquet (and train/test.parquet): local, or a URI such as s3://bucket/prepared.",
         ),
         protocol: str = typer.Option(
             None,
@@ -49,6 +59,7 @@ def register(app: typer.Typer) -> None:
         from ctsearch.ids import load_salt
         from ctsearch.prepare import prepare
 
+        out = location(out)
         summary = prepare(
             archive,
             out,

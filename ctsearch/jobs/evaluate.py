@@ -60,7 +60,12 @@ def embed_split(spec: EncoderSpec, hu: np.ndarray, device: str) -> np.ndarray:
 
 
 def rr_of(
-    spec: EncoderSpec, test_path: Path, options: ExplainOptions, gpus: int, workers: int, address: str | None
+    spec: EncoderSpec,
+    test_path: Path | str,
+    options: ExplainOptions,
+    gpus: int,
+    workers: int,
+    address: str | None,
 ) -> dict:
     """Mean relevance-rank accuracy over the test split's liver slices (Ray job)."""
     scores, skipped, errors, nodes = [], 0, [], {}
@@ -265,11 +270,17 @@ def crossexam_volumes(dataset_dir: str | os.PathLike) -> dict:
     """
     import pyarrow.parquet as pq
 
+    from ctsearch import storage
     from ctsearch.io import read_volume
     from ctsearch.store import read_json
     from ctsearch.synth import anatomical_positions
 
-    root = Path(dataset_dir)
+    # A dataset URI: a local copy of the two small files read here.
+    root = (
+        storage.fetch(dataset_dir, ["protocol.json", "manifest.parquet"])
+        if storage.is_remote(dataset_dir)
+        else Path(dataset_dir)
+    )
     protocol = read_json(
         root / "protocol.json", "slice protocol (from ctsearch prepare --protocol decathlon)"
     )

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from ctsearch import __version__
 from ctsearch.errors import CTSearchInputError
 from ctsearch.metrics import percent_cell, shared_patients_phrase, shown_metrics
-from ctsearch.store import atomic_write_bytes, read_json, read_jsonl, read_run_settings
+from ctsearch.store import read_json, read_jsonl, read_run_settings
 
 # ---------------------------------------------------------------------------------------------
 # The HTML report: one self-contained page (inline CSS, inline SVG charts, PNGs as data URIs).
@@ -651,8 +651,10 @@ slices: a self-supervised (SimSiam) encoder turns every slice into a vector, and
 
 
 def write_report(parts: ReportInputs, out: str | os.PathLike, title: str = "ctsearch report") -> dict:
-    """Build the page and write it atomically to OUT; returns {"out", "sections", "notes", "bytes"}."""
+    """Build the page and write it atomically to OUT (a local file or a URI); returns {"out", "sections", "notes", "bytes"}."""
+    from ctsearch import storage
+
     page, info = build_report(parts, title)
     data = page.encode("utf-8")
-    atomic_write_bytes(data, out)
+    storage.write_bytes(out, data)  # a local file via temp + rename, or one PUT to a URI
     return {"out": str(out), **info, "bytes": len(data)}
