@@ -174,6 +174,7 @@ def prepare(
     from ctsearch import storage
 
     if storage.is_remote(out):
+        storage.require_bucket(out)
         with storage.staged_output(out) as stage:
             summary = prepare(
                 archive,

@@ -531,6 +531,22 @@ def arrow_source(location: str | os.PathLike) -> tuple[str, pafs.FileSystem | No
     return path, fs
 
 
+def require_bucket(location: str | os.PathLike) -> None:
+    """For a URI: a one-line error naming it when its bucket does not exist (or the store cannot
+    be reached); checked before a job's work, so a typo in a bucket name costs nothing. Local
+    paths: nothing."""
+    if not is_remote(location):
+        return
+    fs, path = resolve(location)
+    bucket = path.split("/", 1)[0]
+    try:
+        kind = fs.get_file_info(bucket).type
+    except OSError as e:
+        raise storage_error(location, e, "look this up") from None
+    if kind == pafs.FileType.NotFound:
+        raise CTSearchInputError(location, f"no such bucket ({bucket})")
+
+
 def write_json(location: str | os.PathLike, obj) -> None:
     """``obj`` as indented JSON (values JSON cannot hold written as str), whole or not at all:
     ``store.atomic_write_json`` on a local disk, one PUT on a store."""

@@ -200,6 +200,7 @@ def require_model_dir(path: str | os.PathLike) -> Path:
 
     if storage.is_remote(path):
         loc = os.fspath(path).rstrip("/")
+        storage.require_bucket(loc)
         if storage.name(loc) == MODEL_JSON:
             loc = loc.rsplit("/", 1)[0]
         local = storage.fetch(loc, [MODEL_JSON, ENCODER_FILE])
@@ -454,6 +455,7 @@ def _remote_split_path(dataset: str, split: str) -> str:
     from ctsearch import storage
 
     path = storage.join(dataset, f"{split}.parquet")
+    storage.require_bucket(dataset)
     if not storage.is_dir(dataset):
         raise CTSearchInputError(
             dataset, "no such dataset folder (run `ctsearch prepare --protocol decathlon` first)"

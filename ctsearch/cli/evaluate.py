@@ -92,8 +92,11 @@ def evaluate_cmd(
     from ctsearch.explain import ExplainOptions
     from ctsearch.jobs.evaluate import EvaluateOptions, evaluate
     from ctsearch.jobs.runtime import run_job
+    from ctsearch.storage import require_bucket
 
     dataset_dir, out = location(dataset_dir), location(out)
+    if out is not None:
+        require_bucket(out)  # a URI's bucket checked before the work
     model = [location(m) for m in model]
     base_cfg = None
     if backbone or image_size:

@@ -124,6 +124,7 @@ def explain_cmd(
         from ctsearch.store import split_path
 
         split_path(target, split)  # a wrong folder or split is reported before anything is announced
+        storage.require_bucket(out or model)
         if out is None:
             out = (
                 storage.join(model, "explanations", split)

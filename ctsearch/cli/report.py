@@ -34,9 +34,14 @@ def report_cmd(
 ) -> None:
     """Write one HTML page (no network, no scripts): Table-1 results, training curves, a query with its hits and RELAX maps, archive summary."""
     from ctsearch.report import collect_inputs, write_report
+    from ctsearch.storage import require_bucket
 
     out = location(out)
-    parts = [_local_part(location(p)) for p in parts]
+    if out is not None:
+        require_bucket(out)
+    given = [location(p) for p in parts]
+    parts = [_local_part(p) for p in given]
+    aliases = {str(local): str(p) for local, p in zip(parts, given) if str(local) != str(p)}
     inputs = collect_inputs(parts)
     if out is None:
         out = (
@@ -44,7 +49,11 @@ def report_cmd(
             if len(parts) == 1 and parts[0].is_dir() and (parts[0] / "runs").is_dir()
             else Path("report.html")
         )
-    summary = write_report(inputs, out, title)
+        if out != Path("report.html") and str(given[0]) != str(parts[0]):  # a demo folder in a store
+            from ctsearch.storage import join
+
+            out = join(given[0], "report.html")
+    summary = write_report(inputs, out, title, aliases=aliases)
     if json_out:
         emit_json(summary)
         return
@@ -64,10 +73,12 @@ def _local_part(part):
 
     if not storage.is_remote(part):
         return part
+    storage.require_bucket(part)
     if storage.is_file(part):
         return storage.local_file(part)
     if not storage.is_dir(part):
         raise CTSearchInputError(part, "does not exist")
     # Its own cache folder, named as the part: the report labels runs by their folder's name.
-    into = storage.cache_dir(f"{part}#report") / storage.name(part)
+    cache = storage.cache_dir(part)
+    into = cache.with_name(f"{cache.name}-report") / storage.name(part)
     return storage.fetch(part, exclude=("checkpoints", storage.Lease.FILE), into=into)

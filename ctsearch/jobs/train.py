@@ -509,6 +509,8 @@ def train(
         train_path, test_path, ssl_path = Path(train_path), Path(test_path), Path(ssl_path)
     import pyarrow.parquet as pq
 
+    storage.require_bucket(dataset_dir)
+    storage.require_bucket(out)
     for path in [train_path] + ([test_path] if opts.eval_every else []):
         if not storage.is_file(path):
             raise CTSearchInputError(

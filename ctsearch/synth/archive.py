@@ -185,6 +185,7 @@ def _synth_to_store(location: str, kwargs: dict, overwrite: bool) -> SynthSummar
     from ctsearch import storage
     from ctsearch.errors import CTSearchInputError
 
+    storage.require_bucket(location)
     found = storage.list_files(location)
     if found:
         settings = {
