@@ -32,7 +32,6 @@ from ctsearch.store import (
     atomic_write_json,
     content_hash,
     read_model_config,
-    require_model_dir,
     verify_encoder,
 )
 
@@ -89,7 +88,9 @@ def load_encoder(
     """
     from safetensors.torch import load_file
 
-    p = require_model_dir(path)
+    from ctsearch import storage
+
+    p = storage.model_folder(path)  # a run URI: a local copy of its model files
     config = read_model_config(p)
     verify_encoder(p, expected_sha256, "index.json" if expected_sha256 else "")
     encoder = build_encoder(config)
@@ -321,7 +322,7 @@ class EncoderSpec:
         A run URI stays a URI: each worker that loads it fetches its own copy."""
         from ctsearch import storage
 
-        local = require_model_dir(model_dir)
+        local = storage.model_folder(model_dir)
         return cls("run", path=os.fspath(model_dir) if storage.is_remote(model_dir) else str(local))
 
     @classmethod

@@ -712,3 +712,50 @@ def work_folder(location: str | os.PathLike, job: str) -> Iterator[WorkFolder]:
                 folder.sync()
             raise
         folder.sync()
+
+
+def model_folder(location: str | os.PathLike) -> Path:
+    """``store.require_model_dir`` for a local path or a run URI: a URI gives a fresh local copy of
+    its model.json and encoder.safetensors (:func:`fetch`), checked the same way, a missing one
+    being the same one-line error naming the URI. ``store`` stays free of URIs (it sits below
+    this module)."""
+    from ctsearch.config import ENCODER_FILE, MODEL_JSON
+    from ctsearch.store import require_model_dir
+
+    if not is_remote(location):
+        return require_model_dir(location)
+    loc = os.fspath(location).rstrip("/")
+    if name(loc) == MODEL_JSON:
+        loc = loc.rsplit("/", 1)[0]
+    require_bucket(loc)
+    local = fetch(loc, [MODEL_JSON, ENCODER_FILE])
+    try:
+        return require_model_dir(local)
+    except CTSearchInputError as e:
+        raise CTSearchInputError(loc, e.problem) from None
+
+
+def dataset_split(dataset: str | os.PathLike, split: str) -> Path | str:
+    """``store.split_path`` for a local folder or a dataset URI: the split's file (its URI for a
+    URI), checked to be a slice dataset from its schema alone, with the same one-line errors."""
+    import pyarrow.parquet as pq
+
+    from ctsearch.store import SLICES_SCHEMA, read_parquet, split_path
+
+    if not is_remote(dataset):
+        return split_path(dataset, split)
+    root = os.fspath(dataset).rstrip("/")
+    path = join(root, f"{split}.parquet")
+    require_bucket(root)
+    if not is_dir(root):
+        raise CTSearchInputError(
+            root, "no such dataset folder (run `ctsearch prepare --protocol decathlon` first)"
+        )
+    if not is_file(path):
+        raise CTSearchInputError(path, f"no {split} split in this dataset")
+    where, fs = arrow_source(path)
+    names = read_parquet(path, lambda _: pq.read_schema(where, filesystem=fs)).names
+    missing = set(SLICES_SCHEMA.names) - set(names)
+    if missing:
+        raise CTSearchInputError(path, f"not a slice dataset: missing columns {sorted(missing)}")
+    return path

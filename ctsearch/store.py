@@ -192,24 +192,7 @@ def content_hash(path: str | os.PathLike, files=None) -> str:
 
 
 def require_model_dir(path: str | os.PathLike) -> Path:
-    """The model directory ``path`` (or the folder of a model.json), checked to hold both model files.
-
-    A run URI (``s3://bucket/runs/r0``) gives a local copy of its model files (``storage.fetch``).
-    """
-    from ctsearch import storage
-
-    if storage.is_remote(path):
-        loc = os.fspath(path).rstrip("/")
-        storage.require_bucket(loc)
-        if storage.name(loc) == MODEL_JSON:
-            loc = loc.rsplit("/", 1)[0]
-        local = storage.fetch(loc, [MODEL_JSON, ENCODER_FILE])
-        if not (local / MODEL_JSON).is_file() or not (local / ENCODER_FILE).is_file():
-            raise CTSearchInputError(
-                loc,
-                f"not a model directory: expected {MODEL_JSON} and {ENCODER_FILE} (written by `ctsearch train`)",
-            )
-        return local
+    """The model directory ``path`` (or the folder of a model.json), checked to hold both model files."""
     p = Path(path)
     if p.is_file() and p.name == MODEL_JSON:
         p = p.parent
@@ -222,12 +205,7 @@ def require_model_dir(path: str | os.PathLike) -> Path:
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict:
-    """A JSON object from ``path`` (a local file or an object URI); an unreadable file or another
-    JSON value is a one-line error naming ``what``."""
-    from ctsearch import storage
-
-    if storage.is_remote(path):
-        return storage.read_json(path, what)
+    """A JSON object from ``path``; an unreadable file or another JSON value is a one-line error naming ``what``."""
     path = Path(path)
     try:
         obj = json.loads(path.read_text())
@@ -243,15 +221,6 @@ def read_run_settings(run_dir: str | os.PathLike) -> tuple[dict, dict, dict]:
 
     The model config is config.json's ``model`` block, else the run's model.json.
     """
-    from ctsearch import storage
-
-    if storage.is_remote(run_dir):
-        cfg_loc, model_loc = storage.join(run_dir, RUN_CONFIG), storage.join(run_dir, MODEL_JSON)
-        cfg = read_json(cfg_loc, "run config") if storage.is_file(cfg_loc) else {}
-        opts, model = cfg.get("options", {}), cfg.get("model", {})
-        if not model and storage.is_file(model_loc):
-            model = read_json(model_loc, "model config")
-        return cfg, opts, model
     run = Path(run_dir)
     cfg = read_json(run / RUN_CONFIG, "run config") if (run / RUN_CONFIG).is_file() else {}
     opts, model = cfg.get("options", {}), cfg.get("model", {})
@@ -262,11 +231,7 @@ def read_run_settings(run_dir: str | os.PathLike) -> tuple[dict, dict, dict]:
 
 def read_model_config(model_dir: str | os.PathLike) -> ModelConfig:
     """The ModelConfig in MODEL_DIR/model.json; an unreadable or impossible config is a one-line error."""
-    from ctsearch import storage
-
-    path = (
-        storage.join(model_dir, MODEL_JSON) if storage.is_remote(model_dir) else Path(model_dir) / MODEL_JSON
-    )
+    path = Path(model_dir) / MODEL_JSON
     d = read_json(path, "model config")
     try:
         config = ModelConfig.from_json(d)
@@ -288,9 +253,7 @@ def verify_encoder(model_dir: str | os.PathLike, expected: str | None = None, re
     ``save_encoder``; older folders have none and are not checked). Replaced or damaged weights
     would otherwise give confident, wrong embeddings, so a mismatch is an error, never a warning.
     """
-    from ctsearch import storage
-
-    d = require_model_dir(model_dir) if storage.is_remote(model_dir) else Path(model_dir)
+    d = Path(model_dir)
     enc = d / ENCODER_FILE
     if expected is None and (d / MODEL_JSON).is_file():
         expected, recorded_in = read_json(d / MODEL_JSON, "model config").get(ENCODER_SHA_KEY), MODEL_JSON
@@ -347,11 +310,8 @@ def lock_dir(root: str | os.PathLike, job: str) -> IO[str]:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The objects of a JSON-lines file (e.g. a run's metrics.jsonl); a bad line is a one-line error."""
-    from ctsearch import storage
-
     rows = []
-    text = storage.read_bytes(path).decode() if storage.is_remote(path) else Path(path).read_text()
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -424,10 +384,8 @@ def read_parquet(path: str | os.PathLike, read: Callable = pq.read_table):
         raise CTSearchInputError(path, f"not a readable parquet file ({why})") from None
 
 
-def split_path(dataset_dir: str | os.PathLike, split: str) -> Path | str:
+def split_path(dataset_dir: str | os.PathLike, split: str) -> Path:
     """DATASET_DIR/<split>.parquet, checked to be a slice dataset (schema only, no pixels read).
-
-    A dataset URI gives the split's URI (a str).
 
     Example:
         >>> split_path("/nonexistent", "test")
@@ -435,10 +393,6 @@ def split_path(dataset_dir: str | os.PathLike, split: str) -> Path | str:
         ...
         ctsearch.errors.CTSearchInputError: /nonexistent: no such dataset folder (run `ctsearch prepare --protocol decathlon` first)
     """
-    from ctsearch import storage
-
-    if storage.is_remote(dataset_dir):
-        return _remote_split_path(os.fspath(dataset_dir).rstrip("/"), split)
     path = Path(dataset_dir) / f"{split}.parquet"
     if not Path(dataset_dir).is_dir():
         raise CTSearchInputError(
@@ -450,36 +404,8 @@ def split_path(dataset_dir: str | os.PathLike, split: str) -> Path | str:
     return path
 
 
-def _remote_split_path(dataset: str, split: str) -> str:
-    """``split_path`` of a dataset URI: the split's URI, checked the same way."""
-    from ctsearch import storage
-
-    path = storage.join(dataset, f"{split}.parquet")
-    storage.require_bucket(dataset)
-    if not storage.is_dir(dataset):
-        raise CTSearchInputError(
-            dataset, "no such dataset folder (run `ctsearch prepare --protocol decathlon` first)"
-        )
-    if not storage.is_file(path):
-        raise CTSearchInputError(path, f"no {split} split in this dataset")
-    where, fs = storage.arrow_source(path)
-    _require_slice_columns(path, read_parquet(path, lambda _: pq.read_schema(where, filesystem=fs)).names)
-    return path
-
-
 def read_slices(path: str | os.PathLike) -> SliceSet:
-    """Read a slice-dataset parquet file into numpy arrays (all slices must share one size).
-
-    A URI is read from a fresh local copy (``storage.local_file``)."""
-    from ctsearch import storage
-
-    if storage.is_remote(path):
-        local = storage.local_file(path)
-        if not local.is_file():
-            raise CTSearchInputError(
-                path, "no such slice dataset (run `ctsearch prepare --protocol decathlon` first)"
-            )
-        return read_slices(local)
+    """Read a slice-dataset parquet file into numpy arrays (all slices must share one size)."""
     path = Path(path)
     if not path.is_file():
         raise CTSearchInputError(

@@ -165,6 +165,7 @@ def test_store_errors_are_one_line_naming_the_uri(bucket, cache):
         fails("explain", f"{bucket}/nothing", "--model", f"{bucket}/run"),
         fails("report", f"{bucket}/nothing"),
         fails("synth", "s3://no-such-bucket-ctsearch/archive", "-n", "1", "--size", "32"),
+        fails("reproduce", f"{bucket}/prepared", f"{bucket}/table"),
     ]
     assert lines == [
         "error: s3://no-such-bucket-ctsearch/prepared: no such bucket (no-such-bucket-ctsearch)",
@@ -173,6 +174,7 @@ def test_store_errors_are_one_line_naming_the_uri(bucket, cache):
         f"error: {bucket}/nothing: no such dataset folder (run `ctsearch prepare --protocol decathlon` first)",
         f"error: {bucket}/nothing: does not exist",
         "error: s3://no-such-bucket-ctsearch/archive: no such bucket (no-such-bucket-ctsearch)",
+        f"error: {bucket}/prepared: `ctsearch reproduce` takes local folders only (train, evaluate and explain take URIs)",
     ]
     assert not any(secret in line for line in lines)
 
@@ -231,23 +233,26 @@ def test_synth_on_a_store_refuses_to_mix_two_archives(bucket, cache):
 
 def test_a_model_rewritten_in_place_is_fetched_again(bucket, cache, model_dir):
     from ctsearch.errors import CTSearchInputError
-    from ctsearch.store import read_model_config, require_model_dir, verify_encoder
+    from ctsearch.store import read_model_config, verify_encoder
 
     run_uri = f"{bucket}/runs/m"
     storage.upload(model_dir, run_uri)
-    local = require_model_dir(run_uri)
+    local = storage.model_folder(run_uri)
     assert local != Path(model_dir) and (local / "encoder.safetensors").is_file()
-    assert read_model_config(run_uri).backbone == "tiny"
-    sha = verify_encoder(run_uri)
+    assert storage.model_folder(f"{run_uri}/model.json") == local
+    assert read_model_config(local).backbone == "tiny"
+    assert len(verify_encoder(local)) == 64
     # The same size, other bytes, written later (a rerun of train): the copy follows the store.
     enc = bytearray((local / "encoder.safetensors").read_bytes())
     enc[-1] ^= 1
     time.sleep(1.1)  # S3 keeps modification times to the second
     storage.write_bytes(f"{run_uri}/encoder.safetensors", bytes(enc))
-    assert (require_model_dir(run_uri) / "encoder.safetensors").read_bytes() == bytes(enc)
+    assert (storage.model_folder(run_uri) / "encoder.safetensors").read_bytes() == bytes(enc)
     with pytest.raises(CTSearchInputError, match="does not match the sha256"):
-        verify_encoder(run_uri)  # model.json still records the old weights
-    assert len(sha) == 64
+        verify_encoder(local)  # model.json still records the old weights
+    storage.delete(f"{run_uri}/encoder.safetensors")
+    with pytest.raises(CTSearchInputError, match=f"^{run_uri}: not a model directory"):
+        storage.model_folder(run_uri)
 
 
 def test_a_work_folder_syncs_what_changed_and_one_writer_holds_it(bucket, cache):

@@ -121,9 +121,10 @@ def explain_cmd(
             )
         from ctsearch.jobs.explain import explain_dataset
         from ctsearch.jobs.runtime import run_job
-        from ctsearch.store import split_path
 
-        split_path(target, split)  # a wrong folder or split is reported before anything is announced
+        storage.dataset_split(
+            target, split
+        )  # a wrong folder or split is reported before anything is announced
         storage.require_bucket(out or model)
         if out is None:
             out = (

@@ -42,8 +42,6 @@ from ctsearch.store import (
     content_hash,
     decode_pixels,
     errors_table,
-    require_model_dir,
-    split_path,
 )
 
 EXPLANATIONS_FILE = "explanations.parquet"
@@ -253,7 +251,7 @@ def explain_dataset(
     """
     options = options or ExplainOptions()
     options.check()
-    path = split_path(dataset_dir, split)  # a URI stays one: Ray Data reads it from the store
+    path = storage.dataset_split(dataset_dir, split)  # a URI stays one: Ray Data reads it from the store
     local_split = storage.local_file(path)  # for the whole-file reads here (the file itself when local)
     spec = EncoderSpec.run(model_dir)
     # One writer per folder: two jobs would write the same parts and fold each other's files. In a
@@ -323,7 +321,7 @@ def _claim_folder(
         "dataset": str(dataset) if storage.is_remote(dataset) else str(dataset.resolve()),
         "dataset_sha256": content_hash(local_dataset or dataset),
         "encoder_sha256": content_hash(
-            (require_model_dir(model_dir) if remote_model else Path(model_dir)) / ENCODER_FILE
+            (storage.model_folder(model_dir) if remote_model else Path(model_dir)) / ENCODER_FILE
         ),
         "relax": maps,
     }

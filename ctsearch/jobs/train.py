@@ -182,11 +182,9 @@ def versions() -> dict[str, str]:
 
 def read_metrics(out: str | os.PathLike) -> list[dict]:
     """The rows of ``OUT/metrics.jsonl`` (one per epoch; epoch 0 holds the untrained evaluation)."""
-    if storage.is_remote(out):
-        try:
-            return read_jsonl(storage.join(out, METRICS_FILE))
-        except FileNotFoundError:
-            return []
+    if storage.is_remote(out):  # a fresh local copy (one listing, and a GET when it changed)
+        path = storage.local_file(storage.join(out, METRICS_FILE))
+        return read_jsonl(path) if path.is_file() else []
     path = Path(out) / METRICS_FILE
     return read_jsonl(path) if path.is_file() else []
 
@@ -371,7 +369,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         if opts.eval_every:
             from ctsearch.store import read_slices
 
-            eval_data = (read_slices(cfg["train_path"]), read_slices(cfg["test_path"]))
+            eval_data = tuple(read_slices(storage.local_file(cfg[k])) for k in ("train_path", "test_path"))
             if start_epoch == 0:
                 _append_metrics(out, {"epoch": 0, **_evaluate(core, mcfg, eval_data, device)})
 
@@ -471,7 +469,13 @@ def _follow_epochs(
     seen = done
     while True:
         finished = stop.is_set()
-        for row in read_metrics(out):
+        try:
+            rows = read_metrics(out)
+        except CTSearchInputError:
+            if not storage.is_remote(out):
+                raise
+            rows = []  # a store that does not answer for a moment: ask again at the next poll
+        for row in rows:
             if row["epoch"] > seen and "loss" in row:
                 seen = row["epoch"]
                 on_epoch(row, total)
