@@ -271,7 +271,11 @@ def initial_encoder_state(
         path = Path(init)
         if storage.is_remote(init):  # a run or weight file in a store: a local copy of it
             remote_dir = storage.is_dir(init)
-            path = storage.fetch(init, [MODEL_JSON, ENCODER_FILE]) if remote_dir else storage.local_file(init)
+            path = (
+                storage.cached_copy(init, [MODEL_JSON, ENCODER_FILE])
+                if remote_dir
+                else storage.local_file(init)
+            )
         if path.is_dir():
             if (path / MODEL_JSON).is_file():
                 other = read_model_config(path).backbone

@@ -580,7 +580,7 @@ def _local_stats(folder: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def fetch(
+def cached_copy(
     location: str | os.PathLike,
     names: list[str] | None = None,
     exclude: tuple[str, ...] = (),
@@ -618,12 +618,12 @@ def fetch(
 
 def local_file(location: str | os.PathLike) -> Path:
     """A local path for one file: the file itself when local, else a fresh cached copy
-    (:func:`fetch`); the path does not exist when there is no such object."""
+    (:func:`cached_copy`); the path does not exist when there is no such object."""
     if not is_remote(location):
         return Path(_local(location))
     s = os.fspath(location).rstrip("/")
     parent, _, base = s.rpartition("/")
-    return fetch(parent, [base]) / base
+    return cached_copy(parent, [base]) / base
 
 
 @contextlib.contextmanager
@@ -673,7 +673,7 @@ class WorkFolder:
     """A local folder standing for ``location`` while a job on this machine reads and rewrites it
     (a resumable job's output: an explain folder, a reproduce folder).
 
-    Local: the folder itself; :meth:`sync` does nothing. Remote: a fresh copy (:func:`fetch`, the
+    Local: the folder itself; :meth:`sync` does nothing. Remote: a fresh copy (:func:`cached_copy`, the
     lease object left out); :meth:`sync` uploads the files added or changed since the last sync
     and deletes from the store those removed here. A job syncs after each commit of its own, so a
     rerun resumes from the store; temp files (``*.tmp``, ``*.part``) are never uploaded.
@@ -685,7 +685,7 @@ class WorkFolder:
         if not self.remote:
             self.path = Path(_local(self.location))
             return
-        self.path = fetch(self.location, exclude=(Lease.FILE,))
+        self.path = cached_copy(self.location, exclude=(Lease.FILE,))
         self._synced = _local_stats(self.path)
 
     def sync(self) -> None:
@@ -716,7 +716,7 @@ def work_folder(location: str | os.PathLike, job: str) -> Iterator[WorkFolder]:
 
 def model_folder(location: str | os.PathLike) -> Path:
     """``store.require_model_dir`` for a local path or a run URI: a URI gives a fresh local copy of
-    its model.json and encoder.safetensors (:func:`fetch`), checked the same way, a missing one
+    its model.json and encoder.safetensors (:func:`cached_copy`), checked the same way, a missing one
     being the same one-line error naming the URI. ``store`` stays free of URIs (it sits below
     this module)."""
     from ctsearch.config import ENCODER_FILE, MODEL_JSON
@@ -728,7 +728,7 @@ def model_folder(location: str | os.PathLike) -> Path:
     if name(loc) == MODEL_JSON:
         loc = loc.rsplit("/", 1)[0]
     require_bucket(loc)
-    local = fetch(loc, [MODEL_JSON, ENCODER_FILE])
+    local = cached_copy(loc, [MODEL_JSON, ENCODER_FILE])
     try:
         return require_model_dir(local)
     except CTSearchInputError as e:

@@ -81,4 +81,4 @@ def _local_part(part):
     # Its own cache folder, named as the part: the report labels runs by their folder's name.
     cache = storage.cache_dir(part)
     into = cache.with_name(f"{cache.name}-report") / storage.name(part)
-    return storage.fetch(part, exclude=("checkpoints", storage.Lease.FILE), into=into)
+    return storage.cached_copy(part, exclude=("checkpoints", storage.Lease.FILE), into=into)

@@ -37,7 +37,9 @@ def run_name(model_dir: str | os.PathLike) -> str:
     try:
         # A run URI: a local copy of the two small files read here.
         local = (
-            storage.fetch(model_dir, [RUN_CONFIG, MODEL_JSON]) if storage.is_remote(model_dir) else model_dir
+            storage.cached_copy(model_dir, [RUN_CONFIG, MODEL_JSON])
+            if storage.is_remote(model_dir)
+            else model_dir
         )
         _, opts, model = read_run_settings(local)
     except CTSearchInputError:  # a name is a label: an unreadable config leaves it unknown
@@ -293,7 +295,7 @@ def crossexam_volumes(dataset_dir: str | os.PathLike) -> dict:
 
     # A dataset URI: a local copy of the two small files read here.
     root = (
-        storage.fetch(dataset_dir, ["protocol.json", "manifest.parquet"])
+        storage.cached_copy(dataset_dir, ["protocol.json", "manifest.parquet"])
         if storage.is_remote(dataset_dir)
         else Path(dataset_dir)
     )
