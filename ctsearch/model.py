@@ -32,7 +32,6 @@ from ctsearch.store import (
     atomic_write_json,
     content_hash,
     read_model_config,
-    require_model_dir,
     verify_encoder,
 )
 
@@ -89,7 +88,9 @@ def load_encoder(
     """
     from safetensors.torch import load_file
 
-    p = require_model_dir(path)
+    from ctsearch import storage
+
+    p = storage.model_folder(path)  # a run URI: a local copy of its model files
     config = read_model_config(p)
     verify_encoder(p, expected_sha256, "index.json" if expected_sha256 else "")
     encoder = build_encoder(config)
@@ -265,7 +266,16 @@ def initial_encoder_state(
     if init == "imagenet":
         path = find_imagenet_weights(config.backbone, weights)
     else:
+        from ctsearch import storage
+
         path = Path(init)
+        if storage.is_remote(init):  # a run or weight file in a store: a local copy of it
+            remote_dir = storage.is_dir(init)
+            path = (
+                storage.cached_copy(init, [MODEL_JSON, ENCODER_FILE])
+                if remote_dir
+                else storage.local_file(init)
+            )
         if path.is_dir():
             if (path / MODEL_JSON).is_file():
                 other = read_model_config(path).backbone
@@ -311,8 +321,13 @@ class EncoderSpec:
 
     @classmethod
     def run(cls, model_dir: str | os.PathLike) -> EncoderSpec:
-        """A trained run directory, checked here (loaded where the spec is used)."""
-        return cls("run", path=str(require_model_dir(model_dir)))
+        """A trained run directory, checked here (loaded where the spec is used).
+
+        A run URI stays a URI: each worker that loads it fetches its own copy."""
+        from ctsearch import storage
+
+        local = storage.model_folder(model_dir)
+        return cls("run", path=os.fspath(model_dir) if storage.is_remote(model_dir) else str(local))
 
     @classmethod
     def baseline(

@@ -168,7 +168,25 @@ def prepare(
     ``ctsearch.ids``) records whether and with which salt fingerprint.
 
     Returns a summary dict: volumes, errors, and for a protocol train/test volumes and slices.
+
+    ``out`` may be an object-store URI (``s3://bucket/prepared``): the files are written into a
+    staging folder and uploaded when prepare succeeds (``storage.staged_output``).
     """
+    if storage.is_remote(out):
+        storage.require_bucket(out)
+        with storage.staged_output(out) as stage:
+            summary = prepare(
+                archive,
+                stage,
+                protocol=protocol,
+                per_volume=per_volume,
+                train_volumes=train_volumes,
+                seed=seed,
+                all_train_slices=all_train_slices,
+                progress=progress,
+                id_salt=id_salt,
+            )
+        return {**summary, "out": os.fspath(out)}
     # A URI (s3://bucket/archive) is scanned and read through ctsearch.storage (ctsearch.io.remote).
     archive = os.fspath(archive).rstrip("/") if storage.is_remote(archive) else Path(archive)
     out = Path(out)

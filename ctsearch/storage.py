@@ -712,3 +712,252 @@ def content_hash(
             raise FileNotFoundError(2, "No such file or directory", loc)
         fetch([join(loc, n) if n else loc for n in infos], copy, fss)
         return local_hash(copy.path(loc))
+
+
+# ----------------------------------------------------------------------------- what the commands use
+# (added for the commands' URIs: synth, prepare's output, train, evaluate, explain, report)
+
+
+def arrow_source(location: str | os.PathLike) -> tuple[str, pafs.FileSystem | None]:
+    """(path, filesystem) to give a pyarrow or Ray Data reader, e.g.
+    ``ray.data.read_parquet(path, filesystem=fs)``: a local path as given with None (the reader's
+    own default, as before), a URI as its path in the store with the store's filesystem.
+
+    Example:
+        >>> arrow_source("/data/train.parquet")
+        ('/data/train.parquet', None)
+    """
+    if not is_remote(location):
+        return _local(location), None
+    fs, path = resolve(location)
+    return path, fs
+
+
+def require_bucket(location: str | os.PathLike) -> None:
+    """For a URI: a one-line error naming it when its bucket does not exist (or the store cannot
+    be reached); checked before a job's work, so a typo in a bucket name costs nothing. Local
+    paths: nothing."""
+    if not is_remote(location):
+        return
+    fs, path = resolve(location)
+    bucket = path.split("/", 1)[0]
+    try:
+        kind = fs.get_file_info(bucket).type
+    except OSError as e:
+        raise storage_error(location, e, "look this up") from None
+    if kind == pafs.FileType.NotFound:
+        raise CTSearchInputError(location, f"no such bucket ({bucket})")
+
+
+def write_json(location: str | os.PathLike, obj) -> None:
+    """``obj`` as indented JSON (values JSON cannot hold written as str), whole or not at all:
+    ``store.atomic_write_json`` on a local disk, one PUT on a store."""
+    if not is_remote(location):
+        from ctsearch.store import atomic_write_json
+
+        atomic_write_json(obj, _local(location))
+        return
+    write_bytes(location, json.dumps(obj, indent=2, default=str).encode())
+
+
+def list_file_stats(location: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """{path relative to ``location``: (size, mtime_ns)} of every file under a folder; {} if absent."""
+    fs, root = resolve(location)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise storage_error(location, e, "list this folder") from None
+    n = len(root.rstrip("/")) + 1
+    return {
+        i.path[n:]: (int(i.size or 0), int(i.mtime_ns or 0)) for i in infos if i.type == pafs.FileType.File
+    }
+
+
+def _local_stats(folder: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for p in folder.rglob("*"):
+        if p.is_file() and not p.name.endswith((".part", ".tmp")):
+            st = p.stat()
+            out[p.relative_to(folder).as_posix()] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def cached_copy(
+    location: str | os.PathLike,
+    names: list[str] | None = None,
+    exclude: tuple[str, ...] = (),
+    into: str | os.PathLike | None = None,
+) -> Path:
+    """A local copy of a remote folder whose files are rewritten in place (a run's model.json and
+    encoder, a dataset's parquet files): like :func:`mirror`, but a cached file is fetched again
+    when its size *or* its modification time in the store changed (the copy keeps the store's
+    mtime). A local ``location`` is returned as it is.
+
+    ``names``: only these files (relative paths; copies of those gone from the store are removed).
+    ``exclude``: leave out files and folders of these names, at any depth (e.g. ``("checkpoints",)``).
+    ``into``: the local folder (default :func:`cache_dir`).
+    """
+    if not is_remote(location):
+        return Path(_local(location))
+    remote = {n: s for n, s in list_file_stats(location).items() if not set(n.split("/")) & set(exclude)}
+    dst = Path(into) if into is not None else cache_dir(location)
+    dst.mkdir(parents=True, exist_ok=True)
+    if names is not None:
+        for n in names:
+            if n not in remote:
+                (dst / n).unlink(missing_ok=True)
+        remote = {n: remote[n] for n in names if n in remote}
+    else:
+        for n in set(_local_stats(dst)) - set(remote):
+            (dst / n).unlink()
+    have = _local_stats(dst)
+    stale = sorted(n for n, s in remote.items() if have.get(n) != s)
+    download(location, dst, stale)
+    for n in stale:
+        os.utime(dst / n, ns=(remote[n][1], remote[n][1]))
+    return dst
+
+
+def local_file(location: str | os.PathLike) -> Path:
+    """A local path for one file: the file itself when local, else a fresh cached copy
+    (:func:`cached_copy`); the path does not exist when there is no such object."""
+    if not is_remote(location):
+        return Path(_local(location))
+    s = os.fspath(location).rstrip("/")
+    parent, _, base = s.rpartition("/")
+    return cached_copy(parent, [base]) / base
+
+
+@contextlib.contextmanager
+def staged_output(location: str | os.PathLike) -> Iterator[Path]:
+    """:func:`output_folder` for a job that writes a folder from scratch, whose staging folder is
+    removed afterwards (a local ``location`` is the folder itself, written in place)."""
+    if not is_remote(location):
+        with output_folder(location) as out:
+            yield out
+        return
+    import shutil
+
+    stage = None
+    try:
+        with output_folder(location) as stage:
+            yield stage
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writer_lock(location: str | os.PathLike, job: str, ttl: float = 60.0) -> Iterator[object]:
+    """One writer at a time for a folder: ``store.lock_dir`` (flock) on a local disk, a
+    :class:`Lease` on a store with conditional writes. ``job`` names the command for the message
+    a second writer gets."""
+    if not is_remote(location):
+        from ctsearch.store import lock_dir
+
+        with lock_dir(_local(location), job) as f:
+            yield f
+        return
+    if scheme(location) not in CAS_SCHEMES:
+        raise CTSearchInputError(
+            location,
+            f"{scheme(location)}:// has no conditional writes here, so {job} cannot hold this folder "
+            "for one writer; use s3:// or a local folder",
+        )
+    lease = Lease(os.fspath(location).rstrip("/"), job, ttl).acquire()
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
+class WorkFolder:
+    """A local folder standing for ``location`` while a job on this machine reads and rewrites it
+    (a resumable job's output: an explain folder, a reproduce folder).
+
+    Local: the folder itself; :meth:`sync` does nothing. Remote: a fresh copy (:func:`cached_copy`, the
+    lease object left out); :meth:`sync` uploads the files added or changed since the last sync
+    and deletes from the store those removed here. A job syncs after each commit of its own, so a
+    rerun resumes from the store; temp files (``*.tmp``, ``*.part``) are never uploaded.
+    """
+
+    def __init__(self, location: str | os.PathLike):
+        self.location = os.fspath(location).rstrip("/")
+        self.remote = is_remote(self.location)
+        if not self.remote:
+            self.path = Path(_local(self.location))
+            return
+        self.path = cached_copy(self.location, exclude=(Lease.FILE,))
+        self._synced = _local_stats(self.path)
+
+    def sync(self) -> None:
+        if not self.remote:
+            return
+        now = _local_stats(self.path)
+        for n in sorted(n for n, s in now.items() if self._synced.get(n) != s):
+            write_bytes(join(self.location, n), (self.path / n).read_bytes())
+        for n in sorted(set(self._synced) - set(now)):
+            delete(join(self.location, n))
+        self._synced = now
+
+
+@contextlib.contextmanager
+def work_folder(location: str | os.PathLike, job: str) -> Iterator[WorkFolder]:
+    """:class:`WorkFolder` under :func:`writer_lock`; synced when the block ends, also on failure
+    (what the job committed is kept for its rerun)."""
+    with writer_lock(location, job):
+        folder = WorkFolder(location)
+        try:
+            yield folder
+        except BaseException:
+            with contextlib.suppress(Exception):
+                folder.sync()
+            raise
+        folder.sync()
+
+
+def model_folder(location: str | os.PathLike) -> Path:
+    """``store.require_model_dir`` for a local path or a run URI: a URI gives a fresh local copy of
+    its model.json and encoder.safetensors (:func:`cached_copy`), checked the same way, a missing one
+    being the same one-line error naming the URI. ``store`` stays free of URIs (it sits below
+    this module)."""
+    from ctsearch.config import ENCODER_FILE, MODEL_JSON
+    from ctsearch.store import require_model_dir
+
+    if not is_remote(location):
+        return require_model_dir(location)
+    loc = os.fspath(location).rstrip("/")
+    if name(loc) == MODEL_JSON:
+        loc = loc.rsplit("/", 1)[0]
+    require_bucket(loc)
+    local = cached_copy(loc, [MODEL_JSON, ENCODER_FILE])
+    try:
+        return require_model_dir(local)
+    except CTSearchInputError as e:
+        raise CTSearchInputError(loc, e.problem) from None
+
+
+def dataset_split(dataset: str | os.PathLike, split: str) -> Path | str:
+    """``store.split_path`` for a local folder or a dataset URI: the split's file (its URI for a
+    URI), checked to be a slice dataset from its schema alone, with the same one-line errors."""
+    import pyarrow.parquet as pq
+
+    from ctsearch.store import SLICES_SCHEMA, read_parquet, split_path
+
+    if not is_remote(dataset):
+        return split_path(dataset, split)
+    root = os.fspath(dataset).rstrip("/")
+    path = join(root, f"{split}.parquet")
+    require_bucket(root)
+    if not is_dir(root):
+        raise CTSearchInputError(
+            root, "no such dataset folder (run `ctsearch prepare --protocol decathlon` first)"
+        )
+    if not is_file(path):
+        raise CTSearchInputError(path, f"no {split} split in this dataset")
+    where, fs = arrow_source(path)
+    names = read_parquet(path, lambda _: pq.read_schema(where, filesystem=fs)).names
+    missing = set(SLICES_SCHEMA.names) - set(names)
+    if missing:
+        raise CTSearchInputError(path, f"not a slice dataset: missing columns {sorted(missing)}")
+    return path

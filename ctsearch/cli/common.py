@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 import typer
@@ -88,6 +89,17 @@ def check_faiss_wheels(distribution_names: list[str] | None = None) -> None:
             f"faiss-cpu and {', '.join(gpu)} are both installed; they ship the same `faiss` module and break "
             f"each other. ctsearch needs faiss-cpu only: pip uninstall -y {' '.join(gpu)} faiss-cpu && pip install faiss-cpu"
         )
+
+
+def location(value: str | None):
+    """A path argument as the commands take it: a URI (``s3://bucket/key``, see ctsearch.storage)
+    stays a str, anything else is a ``Path`` exactly as before. Typer's ``Path`` type would fold a
+    URI's ``//``, so the arguments that accept URIs are declared ``str`` and pass through here."""
+    if value is None:
+        return None
+    from ctsearch.storage import is_remote
+
+    return value if is_remote(value) else Path(value)
 
 
 def debug_enabled() -> bool:

@@ -8,7 +8,16 @@ from typing import List, Optional
 import typer
 
 from ctsearch.backbones import TRAINABLE
-from ctsearch.cli.common import ADDRESS_OPT, JSON_OPT, QUIET_OPT, emit_json, emit_result, handle_errors, say
+from ctsearch.cli.common import (
+    ADDRESS_OPT,
+    JSON_OPT,
+    QUIET_OPT,
+    emit_json,
+    emit_result,
+    handle_errors,
+    location,
+    say,
+)
 from ctsearch.explain import RELAX_BATCH
 
 
@@ -18,12 +27,12 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def evaluate_cmd(
-    dataset_dir: Path = typer.Argument(
+    dataset_dir: str = typer.Argument(
         ...,
-        help="Slice dataset from `ctsearch prepare --protocol decathlon` (train = database, test = queries).",
+        help="Slice dataset from `ctsearch prepare --protocol decathlon` (train = database, test = queries); local or a URI.",
     ),
-    model: List[Path] = typer.Option(
-        [], "--model", help="Run directory; repeat for several runs (same name -> mean ± std)."
+    model: List[str] = typer.Option(
+        [], "--model", help="Run directory or run URI; repeat for several runs (same name -> mean ± std)."
     ),
     name: List[str] = typer.Option(
         [],
@@ -68,8 +77,10 @@ def evaluate_cmd(
         "|Δz| of the top-1 slice from the true position, share within one slice thickness, rank correlation of "
         "the returned run with anatomical order, for plain top-k and the coherent method of `search --cross-exam`.",
     ),
-    out: Optional[Path] = typer.Option(
-        None, "--out", help="Also write the whole result as JSON to this file (what `ctsearch report` reads)."
+    out: Optional[str] = typer.Option(
+        None,
+        "--out",
+        help="Also write the whole result as JSON to this file, local or a URI (what `ctsearch report` reads).",
     ),
     address: Optional[str] = ADDRESS_OPT,
     json_out: bool = JSON_OPT,
@@ -81,7 +92,12 @@ def evaluate_cmd(
     from ctsearch.explain import ExplainOptions
     from ctsearch.jobs.evaluate import EvaluateOptions, evaluate
     from ctsearch.jobs.runtime import run_job
+    from ctsearch.storage import require_bucket
 
+    dataset_dir, out = location(dataset_dir), location(out)
+    if out is not None:
+        require_bucket(out)  # a URI's bucket checked before the work
+    model = [location(m) for m in model]
     base_cfg = None
     if backbone or image_size:
         if model:
@@ -114,9 +130,9 @@ def evaluate_cmd(
         callbacks=("log",),
     ).to_json()
     if out is not None:
-        from ctsearch.store import atomic_write_json
+        from ctsearch.storage import write_json
 
-        atomic_write_json(res, out)
+        write_json(out, res)
         say(f"result written to {out}", quiet or json_out)
     if json_out:
         emit_json(res)

@@ -17,6 +17,7 @@ from ctsearch.cli.common import (
     choice,
     emit_json,
     handle_errors,
+    location,
     say,
 )
 from ctsearch.errors import CTSearchInputError
@@ -31,14 +32,15 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def explain_cmd(
-    target: Path = typer.Argument(
-        ..., help="An index directory (with QUERY), or a slice dataset directory (with --model)."
+    target: str = typer.Argument(
+        ...,
+        help="An index directory (with QUERY), or a slice dataset directory (with --model); local or a URI such as s3://bucket/prepared.",
     ),
     query: Optional[str] = typer.Argument(
         None, help="Index mode: a NIfTI file / DICOM series folder, or a row volume_id:slice_index."
     ),
-    model: Optional[Path] = typer.Option(
-        None, "--model", help="Dataset mode: the run directory whose encoder is explained."
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Dataset mode: the run directory (or run URI) whose encoder is explained."
     ),
     split: str = typer.Option(
         "test",
@@ -60,8 +62,10 @@ def explain_cmd(
         "--exclude-patient",
         help="Index mode: never retrieve slices of this patient id (e.g. the query's own).",
     ),
-    out: Optional[Path] = typer.Option(
-        None, "--out", help="Output folder (default: RUN_DIR/explanations/SPLIT, or ./explain-<query>)."
+    out: Optional[str] = typer.Option(
+        None,
+        "--out",
+        help="Output folder, local or a URI (default: RUN_DIR/explanations/SPLIT, or ./explain-<query>).",
     ),
     masks: int = typer.Option(
         3000, "--masks", min=1, max=MAX_MASKS, help="RELAX masks per slice (3000 in the paper)."
@@ -96,8 +100,10 @@ def explain_cmd(
     quiet: bool = QUIET_OPT,
 ) -> None:
     """Explain representations with RELAX: importance + uncertainty maps, PNG overlays, RR where liver masks exist."""
+    from ctsearch import storage
     from ctsearch.explain import ExplainOptions
 
+    target, model, out = location(target), location(model), location(out)
     opts = ExplainOptions(
         num_masks=masks,
         batch_size=batch_size,
@@ -115,10 +121,17 @@ def explain_cmd(
             )
         from ctsearch.jobs.explain import explain_dataset
         from ctsearch.jobs.runtime import run_job
-        from ctsearch.store import split_path
 
-        split_path(target, split)  # a wrong folder or split is reported before anything is announced
-        out = out or model / "explanations" / split
+        storage.dataset_split(
+            target, split
+        )  # a wrong folder or split is reported before anything is announced
+        storage.require_bucket(out or model)
+        if out is None:
+            out = (
+                storage.join(model, "explanations", split)
+                if storage.is_remote(model)
+                else model / "explanations" / split
+            )
         say(
             f"explaining {target}/{split}.parquet with {model} ({masks} masks per slice) -> {out}",
             quiet or json_out,

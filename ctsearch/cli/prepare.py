@@ -7,7 +7,16 @@ from typing import Optional
 
 import typer
 
-from ctsearch.cli.common import JSON_OPT, QUIET_OPT, SALT_OPT, emit_json, handle_errors, progress, say
+from ctsearch.cli.common import (
+    JSON_OPT,
+    QUIET_OPT,
+    SALT_OPT,
+    emit_json,
+    handle_errors,
+    location,
+    progress,
+    say,
+)
 from ctsearch.errors import CTSearchInputError
 
 
@@ -20,8 +29,9 @@ def register(app: typer.Typer) -> None:
             help="Archive folder: Decathlon layout, NIfTI files, or a DICOM tree of any depth; "
             "or its URI (s3://bucket/archive).",
         ),
-        out: Path = typer.Argument(
-            ..., help="Output folder for manifest.parquet, errors.parquet (and train/test.parquet)."
+        out: str = typer.Argument(
+            ...,
+            help="Output folder for manifest.parquet, errors.parquet (and train/test.parquet): local, or a URI such as s3://bucket/prepared.",
         ),
         protocol: str = typer.Option(
             None,
@@ -54,6 +64,7 @@ def register(app: typer.Typer) -> None:
 
         archive = archive if is_remote(archive) else Path(archive)  # a URI stays a string
 
+        out = location(out)
         summary = prepare(
             archive,
             out,

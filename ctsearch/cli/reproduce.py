@@ -27,11 +27,13 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def reproduce_cmd(
-    dataset_dir: Path = typer.Argument(
-        ..., help="Slice dataset from `ctsearch prepare --protocol decathlon` (trained on and evaluated)."
+    dataset_dir: str = typer.Argument(
+        ...,
+        help="Slice dataset from `ctsearch prepare --protocol decathlon` (trained on and evaluated); a local folder.",
     ),
-    out: Path = typer.Argument(
-        ..., help="Output folder: runs/<config>-s<seed>/ (ordinary run folders), table.json, table.md."
+    out: str = typer.Argument(
+        ...,
+        help="Output folder: runs/<config>-s<seed>/ (ordinary run folders), table.json, table.md; a local folder.",
     ),
     configs: str = typer.Option(
         "clinical,standard,none",
@@ -87,9 +89,18 @@ def reproduce_cmd(
     quiet: bool = QUIET_OPT,
 ) -> None:
     """Train every configuration x seed as Ray Tune trials (finished ones reused), evaluate, print Table 1 with verdicts."""
+    from ctsearch.errors import CTSearchInputError
     from ctsearch.jobs.reproduce import ReproduceOptions, reproduce
     from ctsearch.jobs.runtime import run_job
     from ctsearch.jobs.train import TrainOptions
+    from ctsearch.storage import is_remote
+
+    for where in (dataset_dir, out):
+        if is_remote(where):  # a URI is refused, never folded into a local folder named "s3:"
+            raise CTSearchInputError(
+                where, "`ctsearch reproduce` takes local folders only (train, evaluate and explain take URIs)"
+            )
+    dataset_dir, out = Path(dataset_dir), Path(out)
 
     base = TrainOptions(
         backbone=backbone,

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
-from ctsearch.cli.common import JSON_OPT, QUIET_OPT, emit_json, handle_errors, progress, say
+from ctsearch.cli.common import JSON_OPT, QUIET_OPT, emit_json, handle_errors, location, progress, say
 
 
 def register(app: typer.Typer) -> None:
     @app.command("synth")
     @handle_errors
     def synth_cmd(
-        out: Path = typer.Argument(
-            ..., help="Output folder: OUT/nifti (Decathlon layout), OUT/dicom, OUT/synth.json."
+        out: str = typer.Argument(
+            ...,
+            help="Output folder (local, or a URI such as s3://bucket/archive): OUT/nifti (Decathlon layout), OUT/dicom, OUT/synth.json.",
         ),
         volumes: int = typer.Option(
             8, "--volumes", "-n", help="Number of synthetic patients (each gets --exams volumes)."
@@ -39,7 +38,7 @@ def register(app: typer.Typer) -> None:
         from ctsearch.synth import synth_archive
 
         summary = synth_archive(
-            out,
+            location(out),
             volumes=volumes,
             seed=seed,
             size=size,

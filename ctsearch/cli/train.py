@@ -16,6 +16,7 @@ from ctsearch.cli.common import (
     choice,
     emit_json,
     handle_errors,
+    location,
     say,
 )
 from ctsearch.config import MAX_IMAGE_SIZE
@@ -27,11 +28,13 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def train_cmd(
-    dataset_dir: Path = typer.Argument(
-        ..., help="Folder written by `ctsearch prepare` (train.parquet, test.parquet)."
+    dataset_dir: str = typer.Argument(
+        ...,
+        help="Folder written by `ctsearch prepare` (train.parquet, test.parquet); a local path or a URI such as s3://bucket/prepared.",
     ),
-    out: Path = typer.Argument(
-        ..., help="Run directory; rerunning with the same OUT resumes after the last finished epoch."
+    out: str = typer.Argument(
+        ...,
+        help="Run directory, local or a URI such as s3://bucket/runs/r0; rerunning with the same OUT resumes after the last finished epoch.",
     ),
     backbone: str = typer.Option("resnet50", **choice(*BACKBONES), help=f"Backbone: {backbone_help()}."),
     image_size: int = typer.Option(
@@ -114,9 +117,11 @@ def train_cmd(
     quiet: bool = QUIET_OPT,
 ) -> None:
     """Train a SimSiam encoder on prepared CT slices; writes checkpoints, metrics and the encoder into OUT."""
+    from ctsearch import storage
     from ctsearch.jobs.runtime import run_job
     from ctsearch.jobs.train import TrainOptions, check_options, train
 
+    dataset_dir, out = location(dataset_dir), location(out)
     opts = TrainOptions(
         backbone=backbone,
         image_size=image_size,
@@ -144,7 +149,7 @@ def train_cmd(
     )
     check_options(opts)  # before any connection: a bad option never waits for a cluster
 
-    bar = CallbackBar(f"training {out.name}", off=quiet)
+    bar = CallbackBar(f"training {storage.name(out)}", off=quiet)
 
     def show(row: dict, total: int) -> None:
         bar.update(row["epoch"], total)

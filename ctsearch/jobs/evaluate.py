@@ -26,13 +26,22 @@ from ctsearch.explain import ExplainOptions
 from ctsearch.jobs.explain import count_nodes, explain_slices
 from ctsearch.metrics import METRICS, Ranking, percent_cell, shown_metrics
 from ctsearch.model import EncoderSpec
-from ctsearch.store import read_model_config, read_run_settings, read_slices, split_path
+from ctsearch.store import read_model_config, read_run_settings, read_slices
 
 
 def run_name(model_dir: str | os.PathLike) -> str:
     """A Table-1 style name for a run: its init and views from config.json (model.json as fallback)."""
+    from ctsearch import storage
+    from ctsearch.config import MODEL_JSON, RUN_CONFIG
+
     try:
-        _, opts, model = read_run_settings(model_dir)
+        # A run URI: a local copy of the two small files read here.
+        local = (
+            storage.cached_copy(model_dir, [RUN_CONFIG, MODEL_JSON])
+            if storage.is_remote(model_dir)
+            else model_dir
+        )
+        _, opts, model = read_run_settings(local)
     except CTSearchInputError:  # a name is a label: an unreadable config leaves it unknown
         opts, model = {}, {}
     views = opts.get("views", model.get("views", "?"))
@@ -60,7 +69,12 @@ def embed_split(spec: EncoderSpec, hu: np.ndarray, device: str) -> np.ndarray:
 
 
 def rr_of(
-    spec: EncoderSpec, test_path: Path, options: ExplainOptions, gpus: int, workers: int, address: str | None
+    spec: EncoderSpec,
+    test_path: Path | str,
+    options: ExplainOptions,
+    gpus: int,
+    workers: int,
+    address: str | None,
 ) -> dict:
     """Mean relevance-rank accuracy over the test split's liver slices (Ray job)."""
     scores, skipped, errors, nodes = [], 0, [], {}
@@ -175,8 +189,14 @@ def evaluate(
         raise CTSearchInputError(None, f"--name given {len(names)} times for {len(model_dirs)} --model runs")
     if k < 1:
         raise CTSearchInputError(None, "-k must be at least 1")
-    train_path, test_path = split_path(dataset_dir, "train"), split_path(dataset_dir, "test")
-    train, test = read_slices(train_path), read_slices(test_path)
+    from ctsearch import storage
+
+    # A dataset URI: the splits' URIs (Ray Data reads them from the store), read whole from local copies.
+    train_path, test_path = (
+        storage.dataset_split(dataset_dir, "train"),
+        storage.dataset_split(dataset_dir, "test"),
+    )
+    train, test = read_slices(storage.local_file(train_path)), read_slices(storage.local_file(test_path))
     if len(train) < k:
         raise CTSearchInputError(train_path, f"has {len(train)} slices, fewer than k={k}")
     if not len(test):
@@ -187,7 +207,10 @@ def evaluate(
         entries.append((names[i] if names else run_name(d), str(d), EncoderSpec.run(d)))
     if baselines:
         cfg = ModelConfig.from_json(o.baseline_config) if o.baseline_config else None
-        cfg = cfg or (read_model_config(model_dirs[0]) if model_dirs else None)
+        first = model_dirs[0] if model_dirs else None
+        if first is not None and storage.is_remote(first):
+            first = storage.model_folder(first)
+        cfg = cfg or (read_model_config(first) if first is not None else None)
         if cfg is None:
             raise CTSearchInputError(None, "baselines without --model need --backbone and --image-size")
         for b in baselines:
@@ -265,11 +288,17 @@ def crossexam_volumes(dataset_dir: str | os.PathLike) -> dict:
     """
     import pyarrow.parquet as pq
 
+    from ctsearch import storage
     from ctsearch.io import read_volume
     from ctsearch.store import read_json
     from ctsearch.synth import anatomical_positions
 
-    root = Path(dataset_dir)
+    # A dataset URI: a local copy of the two small files read here.
+    root = (
+        storage.cached_copy(dataset_dir, ["protocol.json", "manifest.parquet"])
+        if storage.is_remote(dataset_dir)
+        else Path(dataset_dir)
+    )
     protocol = read_json(
         root / "protocol.json", "slice protocol (from ctsearch prepare --protocol decathlon)"
     )

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from ctsearch import storage
 from ctsearch.errors import CTSearchInputError
 from ctsearch.explain import ExplainOptions
 from ctsearch.jobs.runtime import node_id, shared_value, start_ray
@@ -41,8 +42,6 @@ from ctsearch.store import (
     content_hash,
     decode_pixels,
     errors_table,
-    lock_dir,
-    split_path,
 )
 
 EXPLANATIONS_FILE = "explanations.parquet"
@@ -175,7 +174,7 @@ def _drop_keys(batch: dict[str, np.ndarray], keys) -> dict[str, np.ndarray]:
 
 
 def explain_slices(
-    path: Path,
+    path: Path | str,
     encoder_spec: EncoderSpec,
     options: ExplainOptions,
     gpus: int = 0,
@@ -189,7 +188,8 @@ def explain_slices(
     ``skip``: slice keys (``slice_key``) not to explain, e.g. those a killed run already wrote.
     """
     start_ray(address)
-    ds = ray.data.read_parquet(str(path)).select_columns(SLICES_SCHEMA.names)
+    where, fs = storage.arrow_source(str(path))  # a URI: Ray Data reads it through the store's filesystem
+    ds = ray.data.read_parquet(where, filesystem=fs).select_columns(SLICES_SCHEMA.names)
     if liver_only:
         from ray.data.expressions import col
 
@@ -251,18 +251,20 @@ def explain_dataset(
     """
     options = options or ExplainOptions()
     options.check()
-    path = split_path(dataset_dir, split)
+    path = storage.dataset_split(dataset_dir, split)  # a URI stays one: Ray Data reads it from the store
+    local_split = storage.local_file(path)  # for the whole-file reads here (the file itself when local)
     spec = EncoderSpec.run(model_dir)
-    out = Path(out_dir)
-    # One writer per folder: two jobs would write the same parts and fold each other's files.
-    with lock_dir(out, "`ctsearch explain`"):
-        _claim_folder(out, path, model_dir, options)
+    # One writer per folder: two jobs would write the same parts and fold each other's files. In a
+    # store: a lease, and a local copy of the folder uploaded at each commit (storage.work_folder).
+    with storage.work_folder(out_dir, "`ctsearch explain`") as folder:
+        out = folder.path
+        _claim_folder(out, path, model_dir, options, local_split)
 
         done = _done_keys(out)
         nodes: dict[str, int] = {}
-        total = pq.read_metadata(path).num_rows
-        todo = total - len(done & _slice_keys(path))
-        part = _PartWriter(out, options.render_png)
+        total = pq.read_metadata(local_split).num_rows
+        todo = total - len(done & _slice_keys(local_split))
+        part = _PartWriter(out, options.render_png, on_commit=folder.sync)
         if on_slice:
             on_slice(total - todo, total)
         if todo:
@@ -301,7 +303,9 @@ def explain_dataset(
         return summary
 
 
-def _claim_folder(out: Path, dataset: Path, model_dir, options: ExplainOptions) -> None:
+def _claim_folder(
+    out: Path, dataset: Path | str, model_dir, options: ExplainOptions, local_dataset: Path | None = None
+) -> None:
     """Record what this folder's explanations are made with; refuse to mix in other settings."""
     from ctsearch.config import ENCODER_FILE
 
@@ -312,10 +316,13 @@ def _claim_folder(out: Path, dataset: Path, model_dir, options: ExplainOptions) 
         if k in ("num_masks", "grid", "p", "seed", "tolerance", "check_every", "precision", "keep_maps")
     }
     # The dataset's content, not only its path: a re-run `prepare` may choose other slices.
+    remote_model = storage.is_remote(model_dir)
     run = {
-        "dataset": str(dataset.resolve()),
-        "dataset_sha256": content_hash(dataset),
-        "encoder_sha256": content_hash(Path(model_dir) / ENCODER_FILE),
+        "dataset": str(dataset) if storage.is_remote(dataset) else str(dataset.resolve()),
+        "dataset_sha256": content_hash(local_dataset or dataset),
+        "encoder_sha256": content_hash(
+            (storage.model_folder(model_dir) if remote_model else Path(model_dir)) / ENCODER_FILE
+        ),
         "relax": maps,
     }
     f = out / RUN_FILE
@@ -364,8 +371,8 @@ def _done_keys(out: Path) -> set[str]:
 class _PartWriter:
     """Collects the Explainer's output and commits it every PART_ROWS slices (PNG files first)."""
 
-    def __init__(self, out: Path, render_png: bool):
-        self.out, self.render_png = out, render_png
+    def __init__(self, out: Path, render_png: bool, on_commit: Callable[[], None] | None = None):
+        self.out, self.render_png, self.on_commit = out, render_png, on_commit
         self.rows: list[dict] = []
         self.errors: list[dict] = []
         self.seen = 0
@@ -417,6 +424,8 @@ class _PartWriter:
         if self.rows or self.errors:
             self.next += 1
         self.rows, self.errors = [], []
+        if self.on_commit is not None:
+            self.on_commit()
 
 
 def _fold_parts(out: Path) -> tuple[list[dict], list[dict]]:

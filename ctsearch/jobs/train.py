@@ -10,7 +10,10 @@ epoch into ``OUT/checkpoints`` (Ray's run folder, weights as safetensors), appen
 Resuming: Ray Train V2 restores a run from ``RunConfig(storage_path, name)``; a worker that fails
 is restarted from the last checkpoint (``max_failures``), and running the same command again on
 the same OUT continues after the last finished epoch. OUT must therefore be storage that every
-node sees (a local disk on one machine, NFS or similar on a cluster).
+node sees (a local disk on one machine, NFS or similar on a cluster), or an object-store URI
+(``s3://bucket/runs/r0``): then Ray Train writes the checkpoints there through the store's
+filesystem, rank 0 writes metrics.jsonl and the encoder there object by object, the dataset is read
+from its URI by Ray Data, and a lease (``storage.writer_lock``) replaces the folder's flock.
 
 Example:
     >>> from ctsearch.jobs.train import TrainOptions, train  # doctest: +SKIP
@@ -36,13 +39,14 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
+from ctsearch import storage
 from ctsearch.backbones import TRAINABLE
 from ctsearch.config import RUN_CONFIG, ModelConfig, Views
 from ctsearch.errors import CTSearchInputError
 from ctsearch.hu import Rescale
 from ctsearch.model import SimSiam, initial_encoder_state, save_encoder, set_residual_bn
 from ctsearch.ssl import OptimConfig, build_optimizer, set_lr, train_step
-from ctsearch.store import atomic_write_bytes, atomic_write_json, decode_pixels, lock_dir, read_jsonl
+from ctsearch.store import decode_pixels, read_jsonl
 
 CONFIG_FILE = RUN_CONFIG
 METRICS_FILE = "metrics.jsonl"
@@ -178,17 +182,20 @@ def versions() -> dict[str, str]:
 
 def read_metrics(out: str | os.PathLike) -> list[dict]:
     """The rows of ``OUT/metrics.jsonl`` (one per epoch; epoch 0 holds the untrained evaluation)."""
+    if storage.is_remote(out):  # a fresh local copy (one listing, and a GET when it changed)
+        path = storage.local_file(storage.join(out, METRICS_FILE))
+        return read_jsonl(path) if path.is_file() else []
     path = Path(out) / METRICS_FILE
     return read_jsonl(path) if path.is_file() else []
 
 
-def read_run_config(out: Path) -> dict | None:
+def read_run_config(out: Path | str) -> dict | None:
     """OUT/config.json, or None when OUT holds no run yet."""
-    cfg_path = out / CONFIG_FILE
-    if not cfg_path.is_file():
+    cfg_path = storage.join(out, CONFIG_FILE) if storage.is_remote(out) else out / CONFIG_FILE
+    if not storage.is_file(cfg_path):
         return None
     try:
-        return json.loads(cfg_path.read_text())
+        return json.loads(storage.read_bytes(cfg_path))
     except ValueError as e:
         raise CTSearchInputError(cfg_path, f"unreadable run config ({e}); use a new OUT") from None
 
@@ -207,10 +214,11 @@ def check_same_run(out: Path, old: dict, opts: TrainOptions) -> None:
         )
 
 
-def _prepare_run_dir(out: Path, opts: TrainOptions, dataset_dir: Path) -> dict:
+def _prepare_run_dir(out: Path | str, opts: TrainOptions, dataset_dir: Path | str) -> dict:
     """Create OUT or check that it holds the same run; (re)write config.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / CONFIG_FILE
+    if not storage.is_remote(out):
+        out.mkdir(parents=True, exist_ok=True)
+    cfg_path = storage.join(out, CONFIG_FILE)
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     starts = []
     old = read_run_config(out)
@@ -225,7 +233,7 @@ def _prepare_run_dir(out: Path, opts: TrainOptions, dataset_dir: Path) -> dict:
         "versions": versions(),
         "starts": starts + [now],
     }
-    atomic_write_json(config, cfg_path)
+    storage.write_json(cfg_path, config)
     return config
 
 
@@ -278,13 +286,19 @@ def _evaluate(model: SimSiam, config: ModelConfig, eval_data, device) -> dict:
     }
 
 
-def _rewrite_metrics(out: Path, keep_through_epoch: int) -> None:
+def _rewrite_metrics(out: Path | str, keep_through_epoch: int) -> None:
     """Drop metric rows of epochs that are about to be trained again (their checkpoint was lost)."""
     rows = [r for r in read_metrics(out) if r["epoch"] <= keep_through_epoch]
-    atomic_write_bytes("".join(json.dumps(r) + "\n" for r in rows).encode(), out / METRICS_FILE)
+    storage.write_bytes(storage.join(out, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
-def _append_metrics(out: Path, row: dict) -> None:
+def _append_metrics(out: Path | str, row: dict) -> None:
+    if storage.is_remote(out):  # an object has no append: the file is rewritten whole, one PUT
+        rows = read_metrics(out) + [row]
+        storage.write_bytes(
+            storage.join(out, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in rows).encode()
+        )
+        return
     with open(out / METRICS_FILE, "a") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
@@ -319,7 +333,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     opts = TrainOptions(**cfg["options"])
     mcfg = ModelConfig.from_json(cfg["model"])
     optim_cfg = opts.optim_config()
-    out = Path(cfg["out"])
+    out = cfg["out"] if storage.is_remote(cfg["out"]) else Path(cfg["out"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(opts.cpus_per_worker)))
@@ -355,7 +369,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         if opts.eval_every:
             from ctsearch.store import read_slices
 
-            eval_data = (read_slices(cfg["train_path"]), read_slices(cfg["test_path"]))
+            eval_data = tuple(read_slices(storage.local_file(cfg[k])) for k in ("train_path", "test_path"))
             if start_epoch == 0:
                 _append_metrics(out, {"epoch": 0, **_evaluate(core, mcfg, eval_data, device)})
 
@@ -376,8 +390,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     fail_at = cfg.get("fail_at_epoch")
     for epoch in range(start_epoch, opts.epochs):
         number = epoch + 1  # epochs are counted from 1 in every output
-        if fail_at == number and not (out / FAIL_MARKER).exists():
-            (out / FAIL_MARKER).touch()
+        if fail_at == number and not storage.exists(storage.join(out, FAIL_MARKER)):
+            storage.write_bytes(storage.join(out, FAIL_MARKER), b"")
             raise RuntimeError(f"injected failure at epoch {number} ({FAIL_ENV})")
         t0 = time.perf_counter()
         # Views depend on (seed, epoch, rank) only, so a resumed run sees what it would have seen.
@@ -429,7 +443,19 @@ def train_loop_per_worker(cfg: dict) -> None:
         else:
             ray.train.report(row)
     if rank == 0:
-        save_encoder(core.encoder, mcfg, out)
+        _save_encoder(core.encoder, mcfg, out)
+
+
+def _save_encoder(encoder: torch.nn.Module, mcfg: ModelConfig, out: Path | str) -> None:
+    """``save_encoder`` into OUT; into a store: written here, then uploaded (the weights first)."""
+    if not storage.is_remote(out):
+        save_encoder(encoder, mcfg, out)
+        return
+    from ctsearch.config import ENCODER_FILE, MODEL_JSON
+
+    with tempfile.TemporaryDirectory() as d:
+        save_encoder(encoder, mcfg, d)
+        storage.upload(d, out, [ENCODER_FILE, MODEL_JSON])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,19 +463,25 @@ def train_loop_per_worker(cfg: dict) -> None:
 
 
 def _follow_epochs(
-    out: Path, done: int, total: int, stop: threading.Event, on_epoch: Callable[[dict, int], None]
+    out: Path | str, done: int, total: int, stop: threading.Event, on_epoch: Callable[[dict, int], None]
 ) -> None:
     """Call ``on_epoch(row, total)`` for each new training row of metrics.jsonl as rank 0 appends it."""
     seen = done
     while True:
         finished = stop.is_set()
-        for row in read_metrics(out):
+        try:
+            rows = read_metrics(out)
+        except CTSearchInputError:
+            if not storage.is_remote(out):
+                raise
+            rows = []  # a store that does not answer for a moment: ask again at the next poll
+        for row in rows:
             if row["epoch"] > seen and "loss" in row:
                 seen = row["epoch"]
                 on_epoch(row, total)
         if finished:
             return
-        stop.wait(0.5)
+        stop.wait(2.0 if storage.is_remote(out) else 0.5)  # a GET per poll on a store
 
 
 def train(
@@ -467,23 +499,37 @@ def train(
     from ctsearch.jobs.runtime import announce, start_ray
 
     check_options(opts)
-    dataset_dir, out = Path(dataset_dir).resolve(), Path(out).resolve()
-    train_path, test_path = dataset_dir / "train.parquet", dataset_dir / "test.parquet"
-    ssl_path = dataset_dir / TRAIN_FILES[opts.train_slices]
+    # A URI stays a URI (storage.join); a local path is resolved as before.
+    dataset_dir = (
+        os.fspath(dataset_dir).rstrip("/") if storage.is_remote(dataset_dir) else Path(dataset_dir).resolve()
+    )
+    out = os.fspath(out).rstrip("/") if storage.is_remote(out) else Path(out).resolve()
+    train_path, test_path = (
+        storage.join(dataset_dir, "train.parquet"),
+        storage.join(dataset_dir, "test.parquet"),
+    )
+    ssl_path = storage.join(dataset_dir, TRAIN_FILES[opts.train_slices])
+    if not storage.is_remote(dataset_dir):
+        train_path, test_path, ssl_path = Path(train_path), Path(test_path), Path(ssl_path)
     import pyarrow.parquet as pq
 
+    storage.require_bucket(dataset_dir)
+    storage.require_bucket(out)
     for path in [train_path] + ([test_path] if opts.eval_every else []):
-        if not path.is_file():
+        if not storage.is_file(path):
             raise CTSearchInputError(
                 path, "no such slice dataset (run `ctsearch prepare --protocol decathlon` first)"
             )
-    if not ssl_path.is_file():
+    if not storage.is_file(ssl_path):
         raise CTSearchInputError(
             ssl_path,
             "no such slice dataset (--train-slices all needs `ctsearch prepare --protocol decathlon --train-all-slices`)",
         )
+    where, fs = storage.arrow_source(ssl_path)
     try:
-        n_train = pq.ParquetFile(ssl_path).metadata.num_rows
+        n_train = (
+            pq.read_metadata(where, filesystem=fs) if fs else pq.ParquetFile(ssl_path).metadata
+        ).num_rows
     except Exception as e:  # noqa: BLE001 - an unreadable file is the user's input problem
         raise CTSearchInputError(ssl_path, f"not a readable parquet file ({e})") from None
     if n_train < opts.batch_size:
@@ -493,9 +539,9 @@ def train(
 
     mcfg = opts.model_config()
     # One writer per run directory: two runs resuming into one OUT would interleave checkpoints.
-    with lock_dir(out, "`ctsearch train`"):
+    with storage.writer_lock(out, "`ctsearch train`"):
         init_state = None
-        if not (out / CHECKPOINT_DIR).exists():
+        if not storage.exists(storage.join(out, CHECKPOINT_DIR)):
             init_state = initial_encoder_state(opts.init, mcfg, opts.weights)
         _prepare_run_dir(out, opts, dataset_dir)
         done = max((r["epoch"] for r in read_metrics(out) if "loss" in r), default=0)
@@ -519,7 +565,11 @@ def train(
             resources["GPU"] = opts.gpus_per_worker
         # Read once into the object store (spilled to disk if larger than memory): re-reading the parquet
         # file every epoch made the data pipeline, not the model, the bottleneck (bench/train.py).
-        dataset = ray.data.read_parquet(str(ssl_path)).select_columns(["hu", "height", "width"]).materialize()
+        dataset = (
+            ray.data.read_parquet(where, filesystem=fs)
+            .select_columns(["hu", "height", "width"])
+            .materialize()
+        )
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,
@@ -531,7 +581,7 @@ def train(
             ),
             run_config=ray.train.RunConfig(
                 name=CHECKPOINT_DIR,
-                storage_path=str(out),
+                **_run_storage(out),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=opts.keep_checkpoints),
                 failure_config=ray.train.FailureConfig(max_failures=opts.max_failures),
             ),
@@ -562,7 +612,16 @@ def train(
             "resumed_after_epoch": done,
             "final_loss": trained[-1]["loss"] if trained else None,
             "last_eval": evals[-1] if evals else None,
-            "encoder": str(out / "encoder.safetensors"),
+            "encoder": str(storage.join(out, "encoder.safetensors")),
             "nodes": sorted({n for r in trained for n in r.get("nodes", [])}),
             "seconds": round(time.perf_counter() - t0, 1),
         }
+
+
+def _run_storage(out: Path | str) -> dict:
+    """RunConfig's storage: the run folder, or in a store its path there and the store's filesystem
+    (Ray Train then writes and restores the checkpoints through it, on every node)."""
+    if not storage.is_remote(out):
+        return {"storage_path": str(out)}
+    fs, path = storage.resolve(out)
+    return {"storage_path": path, "storage_filesystem": fs}

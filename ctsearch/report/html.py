@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from ctsearch import __version__
 from ctsearch.errors import CTSearchInputError
 from ctsearch.metrics import percent_cell, shared_patients_phrase, shown_metrics
-from ctsearch.store import atomic_write_bytes, read_json, read_jsonl, read_run_settings
+from ctsearch.store import read_json, read_jsonl, read_run_settings
 
 # ---------------------------------------------------------------------------------------------
 # The HTML report: one self-contained page (inline CSS, inline SVG charts, PNGs as data URIs).
@@ -650,9 +650,21 @@ slices: a self-supervised (SimSiam) encoder turns every slice into a vector, and
     return page, {"sections": [k for k, _ in _SECTIONS if k in body], "notes": notes}
 
 
-def write_report(parts: ReportInputs, out: str | os.PathLike, title: str = "ctsearch report") -> dict:
-    """Build the page and write it atomically to OUT; returns {"out", "sections", "notes", "bytes"}."""
+def write_report(
+    parts: ReportInputs,
+    out: str | os.PathLike,
+    title: str = "ctsearch report",
+    aliases: dict[str, str] | None = None,
+) -> dict:
+    """Build the page and write it atomically to OUT (a local file or a URI); returns {"out", "sections", "notes", "bytes"}.
+
+    ``aliases``: {local path: the name to show} for inputs read from local copies."""
+    from ctsearch import storage
+
     page, info = build_report(parts, title)
+    # Inputs read from local copies (a URI's files fetched from a store) are named as given.
+    for local, given in sorted((aliases or {}).items(), key=lambda a: -len(a[0])):
+        page = page.replace(escape(local), escape(given))
     data = page.encode("utf-8")
-    atomic_write_bytes(data, out)
+    storage.write_bytes(out, data)  # a local file via temp + rename, or one PUT to a URI
     return {"out": str(out), **info, "bytes": len(data)}

@@ -102,6 +102,14 @@ def synth_archive(
         raise CTSearchInputError(str(out), f"--exams must be at least 1, not {exams}")
     if not 16 <= size <= 1024:
         raise CTSearchInputError(str(out), f"--size must be between 16 and 1024 px, not {size}")
+    from ctsearch import storage
+
+    if storage.is_remote(out):
+        return _synth_to_store(
+            os.fspath(out).rstrip("/"),
+            dict(volumes=volumes, seed=seed, size=size, fmt=fmt, exams=exams, progress=progress),
+            overwrite,
+        )
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CTSearchInputError(str(out), "exists and is not a folder")
@@ -168,6 +176,60 @@ def synth_archive(
 
 
 _OWN = {"nifti", "dicom", "synth.json"}  # everything synth_archive writes into ``out``
+
+
+def _synth_to_store(location: str, kwargs: dict, overwrite: bool) -> SynthSummary:
+    """``synth_archive`` into an object-store URI: the same checks as ``_claim`` on what the store
+    holds there, then written into a staging folder and uploaded; the summary and synth.json
+    name the archive's URIs."""
+    from ctsearch import storage
+    from ctsearch.errors import CTSearchInputError
+
+    storage.require_bucket(location)
+    found = storage.list_files(location)
+    if found:
+        settings = {
+            "patients": kwargs["volumes"],
+            "volumes": kwargs["volumes"] * kwargs["exams"],
+            "size": kwargs["size"],
+            "seed": kwargs["seed"],
+            "fmt": kwargs["fmt"],
+        }
+        top = sorted({n.split("/", 1)[0] for n in found})
+        try:
+            old = storage.read_json(storage.join(location, TRUTH_FILE), "synth summary")
+        except CTSearchInputError:
+            old = None
+        if old is not None and all(old.get(k) == v for k, v in settings.items()):
+            pass  # the same settings write the same files again
+        elif overwrite and set(top) <= _OWN:
+            for n in found:
+                storage.delete(storage.join(location, n))
+        elif overwrite:
+            others = ", ".join(n for n in top if n not in _OWN)[:200]
+            raise CTSearchInputError(
+                location,
+                f"holds files synth did not write ({others}); --overwrite only replaces a synth archive",
+            )
+        else:
+            what = "a synth archive of other settings" if old is not None else f"{len(top)} entries"
+            raise CTSearchInputError(
+                location,
+                f"is not empty ({what}); choose an empty folder, or pass --overwrite to replace the archive",
+            )
+    with storage.staged_output(location) as stage:
+        summary = synth_archive(stage, **kwargs)
+
+        def rebase(p: str | None) -> str | None:
+            return None if p is None else storage.join(location, Path(p).relative_to(stage).as_posix())
+
+        summary.out = location
+        summary.nifti_dir, summary.dicom_dir = rebase(summary.nifti_dir), rebase(summary.dicom_dir)
+        for c in summary.cases:
+            c.nifti_image, c.nifti_label = rebase(c.nifti_image), rebase(c.nifti_label)
+            c.dicom_folder = rebase(c.dicom_folder)
+        (stage / TRUTH_FILE).write_text(json.dumps(summary.to_json(), indent=2))
+    return summary
 
 
 def _claim(out: Path, settings: dict, overwrite: bool) -> None:
