@@ -19,10 +19,10 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from ctsearch import storage
 from ctsearch.errors import CTSearchInputError
 
 # Masked images per forward pass when none is given: what fits a CPU's caches and a GPU's memory.
@@ -116,7 +116,6 @@ def explain_query(
     from ctsearch.query import embed_query
     from ctsearch.relax import relax
     from ctsearch.report.figures import png_bytes, query_figure
-    from ctsearch.store import atomic_write_bytes
 
     options = options or ExplainOptions()
     index = Index.open(index_dir)
@@ -157,20 +156,21 @@ def explain_query(
     safe = "".join(
         c if c.isalnum() or c in "-_." else "_" for c in f"{qmeta['volume_id']}_{qmeta['slice_index']}"
     )
-    out = Path(out or f"explain-{safe}")
+    out = os.fspath(out or f"explain-{safe}")  # a folder or a URI
     meta = [{key: qmeta.get(key) for key in SLICE_KEYS}]
     meta += [{key: hh.get(key) for key in ("rank", "score", *SLICE_KEYS)} for hh in hits]
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays, meta=np.asarray(json.dumps(meta)))
-    atomic_write_bytes(buf.getvalue(), out / "maps.npz")
+    storage.write_bytes(storage.join(out, "maps.npz"), buf.getvalue())
     # Always drawn: --no-png is about the dataset job's per-slice overlays.
-    atomic_write_bytes(png_bytes(query_figure(hus, hits, arrays, config.image_size)), out / "explanation.png")
+    figure = png_bytes(query_figure(hus, hits, arrays, config.image_size))
+    storage.write_bytes(storage.join(out, "explanation.png"), figure)
     return {
         "query": meta[0],
         "hits": meta[1:],
         "masks_used": own.masks_used,
-        "figure": str(out / "explanation.png"),
-        "maps": str(out / "maps.npz"),
+        "figure": storage.join(out, "explanation.png"),
+        "maps": storage.join(out, "maps.npz"),
     }
 
 

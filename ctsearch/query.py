@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctsearch import storage
 from ctsearch.errors import CTSearchInputError
 from ctsearch.ids import check_same_salt, pseudonymise_ids, withhold_ids
 from ctsearch.index import Index, l2_normalize
@@ -49,8 +50,8 @@ def embed_query(
     (with ``id_salt``, which must be the index's), so its patient can be recognised; without a
     salt they are left empty rather than shown beside pseudonyms.
     """
-    p = Path(query)
-    if p.exists():
+    if storage.exists(query):  # a file or folder, local or a URI
+        p = query if storage.is_remote(query) else Path(query)
         from ctsearch.io import read_volume
         from ctsearch.model import embed, load_encoder
 
@@ -63,7 +64,7 @@ def embed_query(
             )
         encoder, config = load_encoder(index.model_dir, expected_sha256=index.encoder_sha256)
         v = l2_normalize(embed(encoder, vol.hu[s : s + 1], config))[0]
-        meta = slice_meta(vol, s, vol.series_id or p.name, str(p))
+        meta = slice_meta(vol, s, vol.series_id or storage.name(p), str(p))
         return v, query_ids(index, meta, id_salt)
     vid, sep, si = str(query).rpartition(":")
     if sep and vid and si.lstrip("-").isdigit():

@@ -117,8 +117,19 @@ def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     bucket = rest.split("/", 1)[0]
     if not bucket:
         raise CTSearchInputError(s, "a storage URI needs a bucket: scheme://bucket/path")
-    fs = _filesystem(f"{sch.lower()}://{bucket}")
+    root = f"{sch.lower()}://{bucket}"
+    fs = _ADOPTED.get(root) or _filesystem(root)
     return fs, rest.rstrip("/")
+
+
+_ADOPTED: dict[str, pafs.FileSystem] = {}
+
+
+def adopt(fss: dict[str, pafs.FileSystem] | None) -> None:
+    """Use these filesystems (from :func:`filesystems`, resolved on the driver) for their stores in
+    this process from now on: what a Ray worker calls first, so that everything it reads through
+    this module uses the driver's endpoint and keys, whatever the worker's own environment."""
+    _ADOPTED.update(fss or {})
 
 
 def absolute(location: str | os.PathLike) -> str:

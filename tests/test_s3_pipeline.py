@@ -68,13 +68,9 @@ def test_pipeline_with_every_input_and_output_on_s3(bucket, cache, tmp_path, ray
     assert storage.read_json(f"{archive}/synth.json", "synth summary")["cases"] == summary["cases"]
     assert "nifti/imagesTr/liver_3.nii.gz" in storage.list_files(archive)
 
-    # ARCHIVE is read locally here: reading archives from URIs is another part of issue 11
-    # (ctsearch/io). When it lands, give `archive + "/nifti"` instead of this local copy.
-    local_archive = tmp_path / "archive"
-    run("synth", local_archive, "-n", "4", "--size", SIZE, "--seed", "0", "-q")
     summary, text = run(
         "prepare",
-        local_archive / "nifti",
+        f"{archive}/nifti",
         prepared,
         "--protocol",
         "decathlon",
@@ -135,9 +131,37 @@ def test_pipeline_with_every_input_and_output_on_s3(bucket, cache, tmp_path, ray
     assert sum(n.startswith("overlays/") for n in files) == 10
     assert not any(n.startswith("parts/") or n == ".lease" for n in files)  # folded, released
 
-    # --- index and search on s3:// go here (the index folder's commit protocol, the lead's part of
-    # issue 11): `ctsearch index <archive> <bucket>/index --model r0`, then `ctsearch search`,
-    # then `explain <bucket>/index QUERY`, and the index as one more input of the report below.
+    index = f"{bucket}/index"
+    summary, text = run("index", f"{archive}/nifti", "--model", r0, "--out", index, "--json", "-q")
+    printed.append(text)
+    assert summary["volumes_indexed"] == 4 and summary["index_rows"] == summary["rows_added"] > 0
+    assert "index.json" in storage.list_files(index) and ".lease" not in storage.list_files(index)
+    hits, text = run(
+        "search", index, f"{archive}/nifti/imagesTr/liver_1.nii.gz", "--slice", "5", "-k", "3", "--json"
+    )
+    printed.append(text)
+    hits = json.loads(text) if hits is None else hits
+    assert len(hits) == 3 and hits[0]["path"] == f"{archive}/nifti/imagesTr/liver_1.nii.gz"
+    assert hits[0]["slice_index"] == 5  # the query slice itself, read from the store both times
+    summary, text = run("verify", index, "--json")
+    printed.append(text)
+    query_out = f"{bucket}/explain-query"
+    summary, text = run(
+        "explain",
+        index,
+        f"{archive}/nifti/imagesTr/liver_1.nii.gz",
+        "--slice",
+        "5",
+        "-k",
+        "2",
+        "--masks",
+        "10",
+        "--out",
+        query_out,
+        "--json",
+    )
+    printed.append(text)
+    assert any(n.endswith(".png") for n in storage.list_files(query_out))
 
     report = f"{bucket}/report.html"
     summary, text = run(

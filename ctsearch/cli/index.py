@@ -38,8 +38,10 @@ def index_cmd(
         help="Archive folder (NIfTI / DICOM, any layout), a manifest.parquet from `ctsearch prepare`, or one volume; "
         "or its URI (s3://bucket/archive/, s3://bucket/prepared/manifest.parquet).",
     ),
-    model: Path = typer.Option(
-        ..., "--model", help="Run directory of `ctsearch train` (model.json + encoder.safetensors)."
+    model: str = typer.Option(
+        ...,
+        "--model",
+        help="Run directory (or s3:// URI) of `ctsearch train` (model.json + encoder.safetensors).",
     ),
     out: str = typer.Option(
         ...,

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ctsearch import storage
 from ctsearch.cli.common import (
     JSON_OPT,
     SALT_OPT,
@@ -96,7 +97,7 @@ def search_cmd(
             per_exam=per_exam,
             query_slice=qmeta.get("slice_index"),
             query_hash=qmeta.get("pixel_hash"),
-            series=(lambda: embed_series(index, query)) if Path(query).exists() else None,
+            series=(lambda: embed_series(index, query)) if storage.exists(query) else None,
         )
         if json_out:
             emit_json({"query": {k: qmeta.get(k) for k in HIT_COLUMNS if k in qmeta}, **res})

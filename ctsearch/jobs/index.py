@@ -338,11 +338,12 @@ class Embedder:
     float32 with ``threads`` torch threads.
     """
 
-    def __init__(self, model_dir: str, device: str = "cpu", threads: int | None = None):
+    def __init__(self, model_dir: str, device: str = "cpu", threads: int | None = None, filesystems=None):
         import torch
 
         from ctsearch.model import load_encoder
 
+        storage.adopt(filesystems)  # a model in an index on a store: fetched with the driver's keys
         if device == "cpu" and threads:
             torch.set_num_threads(int(threads))
         self.device = device
@@ -443,6 +444,7 @@ def index_source(
     options.check()
     from ctsearch.model import load_encoder
 
+    model_dir = storage.model_folder(model_dir)  # a run URI: its local copy, fetched once here
     _, config = load_encoder(model_dir)  # validates the model dir before any work
     # Before the output folder exists: a missing archive or a corrupt manifest leaves nothing behind.
     tasks, scan_errors = resolve_source(source, id_salt)
@@ -547,7 +549,15 @@ def _run_pipeline(
     ds = ds.map_batches(
         Embedder,
         batch_size=batch_size,
-        fn_constructor_kwargs={"model_dir": str(writer.root / "model"), "device": device, "threads": threads},
+        fn_constructor_kwargs={
+            # The index's own copy of the model: on a store, each actor's node fetches it.
+            "model_dir": storage.join(writer.remote, "model")
+            if writer.remote
+            else str(writer.root / "model"),
+            "device": device,
+            "threads": threads,
+            "filesystems": storage.filesystems([writer.remote] if writer.remote else []),
+        },
         # Batches queued at each actor: it starts the next as soon as one ends.
         compute=ray.data.ActorPoolStrategy(size=max(1, gpus), max_tasks_in_flight_per_actor=4),
         num_gpus=1 if gpus else 0,
