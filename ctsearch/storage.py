@@ -243,20 +243,7 @@ def read_json(location: str | os.PathLike, what: str) -> dict:
 
 def list_files(location: str | os.PathLike) -> dict[str, int]:
     """{path relative to ``location``: size} of every file under a folder (recursive); {} if absent."""
-    return {n: size for n, (size, _) in _listing(location).items()}
-
-
-def _listing(location: str | os.PathLike) -> dict[str, tuple[int, int]]:
-    """{relative path: (size, mtime_ns)} of every file under a folder."""
-    fs, root = resolve(location)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    except OSError as e:
-        raise storage_error(location, e, "list this folder") from None
-    n = len(root.rstrip("/")) + 1
-    return {
-        i.path[n:]: (int(i.size or 0), int(i.mtime_ns or 0)) for i in infos if i.type == pafs.FileType.File
-    }
+    return {n: size for n, (size, _) in list_file_stats(location).items()}
 
 
 def delete(location: str | os.PathLike) -> None:
@@ -302,57 +289,6 @@ def cache_dir(location: str | os.PathLike) -> Path:
     s = os.fspath(location).rstrip("/")
     key = hashlib.sha256(s.encode()).hexdigest()[:16]
     return cache_root() / f"{name(s)[:40]}-{key}"
-
-
-def mirror(
-    location: str | os.PathLike,
-    names: list[str] | None = None,
-    prune: bool = False,
-    keep: tuple[str, ...] = (),
-) -> Path:
-    """A local folder holding the files of ``location``: the folder itself when it is local, else
-    its cache copy, brought up to date (files missing there, or of another size or time, are fetched).
-
-    ``names``: only these files (relative paths; those the store does not have are skipped).
-    Local files the store no longer has are removed, and with ``names`` and ``prune`` every
-    local file not named too, except those in ``keep``.
-    """
-    if not is_remote(location):
-        return Path(_local(location))
-    remote = _listing(location)
-    if names is not None:
-        remote = {n: remote[n] for n in names if n in remote}
-    dst = cache_dir(location)
-    dst.mkdir(parents=True, exist_ok=True)
-
-    def current(n: str, size: int, mtime: int) -> bool:
-        st = (dst / n).stat() if (dst / n).is_file() else None
-        return st is not None and st.st_size == size and st.st_mtime_ns == mtime
-
-    stale = [n for n, (size, mtime) in remote.items() if not current(n, size, mtime)]
-    if names is None or prune:
-        for p in [p for p in dst.rglob("*") if p.is_file()]:
-            rel = str(p.relative_to(dst))
-            if rel not in remote and rel not in keep and not p.name.startswith("."):
-                p.unlink()
-    download(location, dst, stale)
-    for n in stale:  # the store's time, so the next mirror knows these copies are current
-        os.utime(dst / n, ns=(remote[n][1], remote[n][1]))
-    return dst
-
-
-@contextlib.contextmanager
-def output_folder(location: str | os.PathLike, fetch: bool = False) -> Iterator[Path]:
-    """A local folder to write a job's output into; for a remote ``location`` a staging folder
-    whose files are uploaded when the block ends without an exception (``fetch``: start from the
-    store's current files, to continue a job). Local: the folder itself, written in place."""
-    if not is_remote(location):
-        p = Path(_local(location))
-        yield p
-        return
-    stage = mirror(location) if fetch else Path(tempfile.mkdtemp(prefix="ctsearch-stage-"))
-    yield stage
-    upload(stage, location)
 
 
 # ----------------------------------------------------------------------------- conditional writes
@@ -841,21 +777,20 @@ def local_file(location: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def staged_output(location: str | os.PathLike) -> Iterator[Path]:
-    """:func:`output_folder` for a job that writes a folder from scratch, whose staging folder is
-    removed afterwards (a local ``location`` is the folder itself, written in place)."""
+    """A local folder to write a job's output into. Local ``location``: the folder itself, written
+    in place. A URI: a staging folder whose files are uploaded, file by file, when the block ends
+    without an exception (a failed job uploads nothing); the staging folder is removed either way."""
     if not is_remote(location):
-        with output_folder(location) as out:
-            yield out
+        yield Path(_local(location))
         return
     import shutil
 
-    stage = None
+    stage = Path(tempfile.mkdtemp(prefix="ctsearch-stage-"))
     try:
-        with output_folder(location) as stage:
-            yield stage
+        yield stage
+        upload(stage, location)
     finally:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 @contextlib.contextmanager

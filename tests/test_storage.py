@@ -34,21 +34,20 @@ def test_files_round_trip_and_listing(root):
     assert storage.list_files(root) == {"sub/b.bin": 5}
 
 
-def test_mirror_follows_the_store_and_output_folder_uploads(root, tmp_path, monkeypatch):
+def test_a_cached_copy_follows_the_store_and_staged_output_uploads(root, tmp_path, monkeypatch):
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
-    with storage.output_folder(root) as out:
+    with storage.staged_output(root) as out:
         (out / "x").mkdir(parents=True, exist_ok=True)
         (out / "x" / "f.json").write_text('{"a": 1}')
     assert storage.read_json(storage.join(root, "x", "f.json"), "test file") == {"a": 1}
-    local = storage.mirror(root)
+    local = storage.cached_copy(root)
     assert json.loads((local / "x" / "f.json").read_text()) == {"a": 1}
     storage.write_bytes(storage.join(root, "x", "f.json"), b'{"a": 22}')
-    storage.delete(storage.join(root, "x", "g")) if False else None
-    assert json.loads((storage.mirror(root) / "x" / "f.json").read_text()) == {"a": 22}
+    assert json.loads((storage.cached_copy(root) / "x" / "f.json").read_text()) == {"a": 22}
 
 
 def test_a_failed_job_uploads_nothing(bucket):
-    with pytest.raises(RuntimeError), storage.output_folder(bucket + "/out") as out:
+    with pytest.raises(RuntimeError), storage.staged_output(bucket + "/out") as out:
         (out / "half.txt").write_text("half")
         raise RuntimeError("job failed")
     assert storage.list_files(bucket + "/out") == {}

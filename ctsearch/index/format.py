@@ -129,7 +129,7 @@ def fetch_index(uri: str, attempts: int = 3) -> Path:
     """Mirror the committed state of the index at ``uri`` into the local cache and return that folder.
 
     index.json is read first and written into the mirror last, so the mirror always holds a
-    whole commit. A file that vanishes while being fetched (a compaction removed the shards it
+    whole commit (files of shards a compaction merged away stay in the cache, unused). A file that vanishes while being fetched (a compaction removed the shards it
     merged) means a newer commit: the fetch starts again from the new index.json.
     """
     for attempt in range(attempts):
@@ -145,7 +145,7 @@ def fetch_index(uri: str, attempts: int = 3) -> Path:
         except (ValueError, TypeError, KeyError, AttributeError):
             wanted = []  # read_manifest on the mirror says what is wrong with it
         try:
-            local = storage.mirror(uri, names=wanted, prune=True, keep=(INDEX_JSON,))
+            local = storage.cached_copy(uri, names=wanted)
         except FileNotFoundError:
             if attempt == attempts - 1:
                 raise
