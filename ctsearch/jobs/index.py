@@ -73,24 +73,23 @@ def resolve_source(source: str | os.PathLike, id_salt: bytes | None = None) -> t
     if not src.exists():
         raise CTSearchInputError(src, "no such file or folder")
     if src.is_file() and src.suffix == ".parquet":
-        t = read_parquet(src)  # a corrupt manifest is one line naming it
-        if "path" not in t.column_names:
-            raise CTSearchInputError(
-                src, "not a manifest: no 'path' column (write one with `ctsearch prepare`)"
-            )
-        recorded = json.loads((t.schema.metadata or {}).get(b"ctsearch.ids", b"null"))
-        if recorded and recorded.get("pseudonymised"):
-            check_same_salt(recorded, id_salt, src, "to index it")
-        rows = t.to_pylist()
-        base = src.parent
-        tasks = [_task(r, base, id_salt) for r in rows]
-        return tasks, []
+        return _manifest_tasks(read_parquet(src), src, src.parent, id_salt), []  # corrupt: one line
     if src.is_file():
         return [_task({"path": str(src)}, None, id_salt)], []
     from ctsearch.io import scan_archive
 
     entries, errors = scan_archive(src)
     return [_task(_as_dict(e), None, id_salt) for e in entries], [dict(e) for e in errors]
+
+
+def _manifest_tasks(t, src, base, id_salt: bytes | None) -> list[dict]:
+    """A manifest table's volume tasks; relative paths are taken from ``base`` (its folder)."""
+    if "path" not in t.column_names:
+        raise CTSearchInputError(src, "not a manifest: no 'path' column (write one with `ctsearch prepare`)")
+    recorded = json.loads((t.schema.metadata or {}).get(b"ctsearch.ids", b"null"))
+    if recorded and recorded.get("pseudonymised"):
+        check_same_salt(recorded, id_salt, src, "to index it")
+    return [_task(r, base, id_salt) for r in t.to_pylist()]
 
 
 def _resolve_remote(src: str, id_salt: bytes | None) -> tuple[list[dict], list[dict]]:
@@ -101,15 +100,7 @@ def _resolve_remote(src: str, id_salt: bytes | None) -> tuple[list[dict], list[d
     if info.type == pafs.FileType.File and src.endswith(".parquet"):
         fs, path = storage.resolve(src)
         t = read_parquet(src, lambda _: pq.read_table(path, filesystem=fs))
-        if "path" not in t.column_names:
-            raise CTSearchInputError(
-                src, "not a manifest: no 'path' column (write one with `ctsearch prepare`)"
-            )
-        recorded = json.loads((t.schema.metadata or {}).get(b"ctsearch.ids", b"null"))
-        if recorded and recorded.get("pseudonymised"):
-            check_same_salt(recorded, id_salt, src, "to index it")
-        base = src.rsplit("/", 1)[0]
-        return [_task(r, base, id_salt) for r in t.to_pylist()], []
+        return _manifest_tasks(t, src, src.rsplit("/", 1)[0], id_salt), []
     if info.type == pafs.FileType.File:
         return [_task({"path": src}, None, id_salt)], []
     from ctsearch.io import scan_archive
