@@ -156,7 +156,7 @@ def test_summarise_pairs_rr_on_the_liver_slices_every_run_scored_by_hand():
     assert table["runs"][3]["rr"]["ci"] == pytest.approx([0.4, 0.6])
     md = markdown(table)
     assert "| pretraining | seeds | MAP@5 | 95% CI | ACC (5-NN) | 95% CI | RR | 95% CI |" in md
-    assert "RR: the 2 liver slices scored in every run" in md and cmp["verdict"] in md
+    assert "for RR the 2 liver slices scored in every run" in md and cmp["verdict"] in md
     assert "| standard-s1 | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | 50.00 [40.00, 60.00] |" in md
 
     # Without RELAX, RR is neither compared nor shown.

@@ -139,20 +139,34 @@ def _run_trials(trials: list[dict], out: Path, base: TrainOptions, max_concurren
         have = ray.cluster_resources()
         fits = [have.get("CPU", 1) // (cpus + 1)] + ([have.get("GPU", 0) // gpus] if gpus else [])
         max_concurrent = max(1, int(min(fits)))
-    tuner = tune.Tuner(
-        # The trial itself only drives its TorchTrainer (a fraction of a CPU; `none` trials embed once).
-        tune.with_resources(_trial, {"cpu": 0.1}),
-        param_space={"trial": tune.grid_search(trials)},
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=max_concurrent,
-            # OUT/tune/<config>-s<seed>: Tune's trial folder named like the run folder it writes.
-            trial_dirname_creator=lambda trial: Path(trial.config["trial"]["run_dir"]).name,
-        ),
-        run_config=tune.RunConfig(
-            name="tune", storage_path=str(out), verbose=0, failure_config=tune.FailureConfig(max_failures=0)
-        ),
-    )
-    for result in tuner.fit():
+    # Tune's new console output prints an experiment box and a TensorBoard hint even at verbose=0;
+    # its legacy reporter, used when RAY_AIR_NEW_OUTPUT is 0, is silent at verbose=0.
+    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        tuner = tune.Tuner(
+            # The trial itself only drives its TorchTrainer (a fraction of a CPU; `none` trials embed once).
+            tune.with_resources(_trial, {"cpu": 0.1}),
+            param_space={"trial": tune.grid_search(trials)},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=max_concurrent,
+                # OUT/tune/<config>-s<seed>: Tune's trial folder named like the run folder it writes.
+                trial_dirname_creator=lambda trial: Path(trial.config["trial"]["run_dir"]).name,
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=str(out),
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+        results = tuner.fit()
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = previous
+    for result in results:
         if result.error is not None:
             cause = getattr(result.error, "cause", None) or result.error
             if isinstance(cause, CTSearchInputError):
@@ -370,11 +384,11 @@ def markdown(table: dict) -> str:
     rr = table.get("rr_queries")
     lines += [
         "",
-        f"Values in percent: mean ± sample std over seeds; 95% CI: bootstrap over seeds and "
-        f"{table['queries']} test queries"
+        f"Values in percent: mean ± sample std over seeds; 95% CI: bootstrap ({table['n_boot']} resamples) "
+        f"over seeds and {table['queries']} test queries"
         + (f" of {table['patients']} patients (whole patients resampled)" if table["patients"] else "")
-        + (f"; RR: the {rr} liver slices scored in every run" if rr is not None else "")
-        + f" ({table['n_boot']} resamples); p: sign-flip permutation test.",
+        + (f", for RR the {rr} liver slices scored in every run" if rr is not None else "")
+        + "; p: sign-flip permutation test.",
         "",
     ]
     lines += [f"- {c['verdict']}" for c in table["comparisons"]]
