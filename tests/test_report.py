@@ -243,6 +243,55 @@ def test_report_of_demo_folder_holds_every_section(demo_like):
     assert "no index" not in text.lower()
 
 
+def _reproduce_table(root: Path) -> Path:
+    """A table.json as ``ctsearch reproduce`` writes it (summarise of fixed per-query scores)."""
+    from test_reproduce import _evaluation as reproduce_evaluation
+
+    from ctsearch.jobs.reproduce import ReproduceOptions, markdown, summarise
+
+    grid = [(c, s) for c in ("clinical", "standard", "none") for s in (0, 1)]
+    rng = np.random.default_rng(0)
+    per_query = {}
+    for c, s in grid:
+        level = {"clinical": 0.9, "standard": 0.8, "none": 0.6}[c]
+        scores = (rng.random((3, 40)) < level).astype(float).tolist()
+        scores[2] = [v if i % 2 else None for i, v in enumerate(scores[2])]  # RR on every other slice
+        per_query[f"{c}-s{s}"] = dict(zip(("map", "acc", "rr"), scores))
+    patients = np.repeat(np.arange(10), 4)
+    o = ReproduceOptions(seeds=2, relax_masks=100, n_boot=500)
+    table = summarise(reproduce_evaluation(per_query, grid), grid, o, patients)
+    table["markdown"] = markdown(table)
+    atomic_write_json(table, root / "table.json")
+    return root / "table.json"
+
+
+def test_report_shows_reproduce_table_with_intervals_and_verdicts(tmp_path, demo_like):
+    table = json.loads(_reproduce_table(demo_like).read_text())
+    parts = collect_inputs([demo_like])
+    assert parts.table == demo_like / "table.json" and parts.evaluation == demo_like / "evaluation.json"
+    assert collect_inputs([demo_like / "table.json"]).table == demo_like / "table.json"  # a file alone too
+    result = CliRunner().invoke(app, ["report", str(demo_like), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["sections"][0] == "evaluation"
+    page = parse_page(demo_like / "report.html")
+    text = " ".join(page.text)
+    # reproduce's rows, with their intervals, replace evaluate's rows
+    assert "no self-supervision" in text and "random init + SimSiam (HU clipping), tiny" not in text
+    ths = [t for t in page.text if t.strip()]
+    assert ths.count("95% CI") == 4  # MAP, ACC and RR each get an interval column; the legend says what it is
+    clinical = table["rows"][0]
+    low, high = clinical["map"]["ci"]
+    assert f"[{100 * low:.1f}, {100 * high:.1f}]" in text
+    assert f"[{100 * clinical['rr']['ci'][0]:.2f}, {100 * clinical['rr']['ci'][1]:.2f}]" in text
+    assert len(table["comparisons"]) == 9  # 3 pairs x 3 metrics
+    for c in table["comparisons"]:
+        assert c["verdict"] in text
+    assert page.tags.count("li") == 9 and "details" in page.tags  # every run's interval, folded
+    assert "clinical-s1" in text and "10 patients" in text and "20 liver slices" in text
+    assert "40 test slices were each used as a query" not in text  # the intro is evaluation.json's
+    assert "10 test slices were each used as a query" in text
+
+
 def test_missing_parts_become_notes_not_errors(tmp_path, demo_like):
     out = tmp_path / "one-run.html"
     result = CliRunner().invoke(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -92,6 +93,79 @@ def test_verdicts_claim_a_direction_only_when_the_interval_excludes_zero():
     assert verdict("A", "B", "MAP@5", level).startswith("no detectable difference between A and B on MAP@5")
 
 
+def _evaluation(per_query: dict[str, dict[str, list]], grid) -> dict:
+    """evaluate's JSON (per_query) for runs named like the grid, rows as evaluate groups them."""
+    from ctsearch.jobs.evaluate import summary_stats
+    from ctsearch.jobs.reproduce import LABELS
+
+    runs = []
+    for c, s in grid:
+        pq = per_query[f"{c}-s{s}"]
+        run = {"name": LABELS[c], "source": f"runs/{c}-s{s}", "per_query": pq}
+        for key, v in pq.items():
+            run[key] = float(np.nanmean(np.array([np.nan if x is None else x for x in v], float)))
+        runs.append(run)
+    rows = []
+    for c in dict.fromkeys(c for c, _ in grid):
+        rs = [r for r in runs if r["name"] == LABELS[c]]
+        rows.append(
+            {"n": len(rs), **{key: summary_stats([r[key] for r in rs]) for key in ("map", "acc", "rr")}}
+        )
+    n = len(next(iter(per_query.values()))["map"])
+    return {"k": 5, "queries": n, "liver_queries": 3, "database": 10, "runs": runs, "rows": rows}
+
+
+def test_summarise_pairs_rr_on_the_liver_slices_every_run_scored_by_hand():
+    from ctsearch.jobs.reproduce import ReproduceOptions, markdown, summarise
+
+    grid = [("clinical", 0), ("clinical", 1), ("standard", 0), ("standard", 1)]
+    # Five queries of patients p, p, q, r, r. RR exists for queries 0, 2 and 4 (liver slices);
+    # query 4 failed in standard-s1 (a RELAX error), so A and B share queries 0 and 2 only.
+    rr = {
+        "clinical-s0": [0.6, None, 0.8, None, 0.5],
+        "clinical-s1": [0.7, None, 0.9, None, 0.5],
+        "standard-s0": [0.5, None, 0.7, None, 0.9],
+        "standard-s1": [0.4, None, 0.6, None, None],
+    }
+    ones = [1.0] * 5
+    per_query = {run: {"map": ones, "acc": ones, "rr": v} for run, v in rr.items()}
+    patients = np.array(["p", "p", "q", "r", "r"])
+    o = ReproduceOptions(configs=("clinical", "standard"), seeds=2, relax_masks=10, n_boot=4000)
+    table = summarise(_evaluation(per_query, grid), grid, o, patients)
+
+    (cmp,) = [c for c in table["comparisons"] if c["metric"] == "rr"]
+    # Differences on queries 0 and 2: seed 0 [0.1, 0.1], seed 1 [0.3, 0.3]. Mean 0.2; the queries
+    # do not matter, resampling the two seeds gives 0.1, 0.2 or 0.3; patients p and q each differ
+    # by +0.2 on average: of their 4 sign patterns only ++ and -- reach |0.2|, p = 1/2.
+    assert (cmp["queries"], cmp["patients"], cmp["seeds"]) == (2, 2, 2)
+    assert cmp["difference"] == pytest.approx(0.2)
+    assert (cmp["low"], cmp["high"]) == pytest.approx((0.1, 0.3))
+    assert cmp["p_value"] == 0.5
+    assert cmp["verdict"].startswith(
+        "no detectable difference between HU clipping and standard on RR: +20.0 points"
+    )
+    clinical, standard = table["rows"]
+    # A configuration's interval uses the queries scored in all its seeds: 0, 2, 4 and 0, 2.
+    assert (clinical["rr"]["queries"], standard["rr"]["queries"], table["rr_queries"]) == (3, 2, 2)
+    assert clinical["map"]["ci"] == [1.0, 1.0] and clinical["map"]["queries"] == 5
+    # standard on queries 0 (patient p) and 2 (q): seed 0 [0.5, 0.7], seed 1 [0.4, 0.6]. Drawing
+    # seed 1 twice and p twice (probability 1/4 x 1/4 > 2.5%) gives the lowest mean, 0.4; seed 0
+    # twice and q twice the highest, 0.7: those are the 2.5% and 97.5% quantiles.
+    assert standard["rr"]["ci"] == pytest.approx([0.4, 0.7])
+    # One run's interval uses its own scored queries: standard-s1 has 0.4 and 0.6 (two patients).
+    assert table["runs"][3]["rr"]["ci"] == pytest.approx([0.4, 0.6])
+    md = markdown(table)
+    assert "| pretraining | seeds | MAP@5 | 95% CI | ACC (5-NN) | 95% CI | RR | 95% CI |" in md
+    assert "for RR the 2 liver slices scored in every run" in md and cmp["verdict"] in md
+    assert "| standard-s1 | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | 50.00 [40.00, 60.00] |" in md
+
+    # Without RELAX, RR is neither compared nor shown.
+    o0 = ReproduceOptions(configs=("clinical", "standard"), seeds=2, relax_masks=0, n_boot=200)
+    no_rr = summarise(_evaluation(per_query, grid), grid, o0, patients)
+    assert {c["metric"] for c in no_rr["comparisons"]} == {"map", "acc"} and no_rr["rr_queries"] is None
+    assert "RR" not in markdown(no_rr)
+
+
 # ----------------------------------------------------------------------------- reproduce (Ray Tune)
 
 
@@ -109,12 +183,22 @@ def test_reproduce_grid_on_tune_matches_evaluate_and_resumes(ray_session, slice_
     from ctsearch.jobs.train import read_metrics
 
     out = tmp_path / "table1"
-    opts = ReproduceOptions(configs=("clinical", "none"), seeds=2, n_boot=500)
+    opts = ReproduceOptions(configs=("clinical", "none"), seeds=2, n_boot=500, relax_masks=4)
     table = reproduce(slice_dataset, out, _base(), opts)
     assert sorted(table["trained"]) == ["clinical-s0", "clinical-s1", "none-s0", "none-s1"]
     assert table["reused"] == []
     assert (out / "table.md").read_text().startswith("| pretraining | seeds |")
-    assert json.loads((out / "evaluation.json").read_text())["runs"][0]["per_query"]["map"]
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["runs"][0]["per_query"]["map"]
+    # RR per query: a score on each liver slice of the test split (in test order), None elsewhere.
+    import pyarrow.parquet as pq
+
+    labels = pq.read_table(slice_dataset / "test.parquet", columns=["label"]).column(0).to_pylist()
+    for run in evaluation["runs"]:
+        rr = run["per_query"]["rr"]
+        assert [v is not None for v in rr] == [label == 1 for label in labels]
+        assert np.mean([v for v in rr if v is not None]) == pytest.approx(run["rr"])
+    assert table["compared"] == ["map", "acc", "rr"] and table["rr_queries"] == sum(labels)
     on_disk = json.loads((out / "table.json").read_text())
     assert on_disk["rows"] == table["rows"]
 
@@ -132,28 +216,35 @@ def test_reproduce_grid_on_tune_matches_evaluate_and_resumes(ray_session, slice_
         slice_dataset,
         [dirs["clinical-s0"], dirs["clinical-s1"], dirs["none-s0"], dirs["none-s1"]],
         names=["a", "a", "b", "b"],
-        relax_masks=0,
+        relax_masks=4,
     )
     for row, ref in zip(table["rows"], direct.rows):
         assert row["map"]["mean"] == ref["map"]["mean"] and row["acc"]["std"] == ref["acc"]["std"]
-        assert row["map"]["ci"][0] <= row["map"]["mean"] <= row["map"]["ci"][1]
+        assert row["rr"]["mean"] == pytest.approx(ref["rr"]["mean"])
+        for key in ("map", "rr"):
+            assert row[key]["ci"][0] <= row[key]["mean"] <= row[key]["ci"][1]
     by_run = {r["source"]: r for r in direct.runs}
     for r in table["runs"]:
         assert r["map"]["value"] == by_run[r["run"]]["map"]
-    (cmp,) = [c for c in table["comparisons"] if c["metric"] == "map"]
-    assert (cmp["a"], cmp["b"], cmp["seeds"]) == ("clinical", "none", 2)
-    mean = lambda cfg: np.mean([by_run[str(dirs[f"{cfg}-s{s}"])]["map"] for s in (0, 1)])  # noqa: E731
-    assert cmp["difference"] == pytest.approx(mean("clinical") - mean("none"))
-    assert cmp["verdict"] in (out / "table.md").read_text()
+    for key in ("map", "rr"):
+        (cmp,) = [c for c in table["comparisons"] if c["metric"] == key]
+        assert (cmp["a"], cmp["b"], cmp["seeds"]) == ("clinical", "none", 2)
+        mean = {
+            c: np.mean([by_run[str(dirs[f"{c}-s{s}"])][key] for s in (0, 1)]) for c in ("clinical", "none")
+        }
+        assert cmp["difference"] == pytest.approx(mean["clinical"] - mean["none"])
+        assert cmp["verdict"] in (out / "table.md").read_text()
 
     # A second call (an interrupted reproduce run again) reuses every finished trial.
     metrics_before = {n: (d / "metrics.jsonl").read_bytes() for n, d in dirs.items()}
     mtimes = {n: (d / "encoder.safetensors").stat().st_mtime_ns for n, d in dirs.items()}
-    again = reproduce(slice_dataset, out, _base(), opts)
+    # Evaluation settings are not training settings: the runs are reused with RR off too.
+    again = reproduce(slice_dataset, out, _base(), replace(opts, relax_masks=0))
     assert again["trained"] == [] and sorted(again["reused"]) == sorted(dirs)
     assert {n: (d / "metrics.jsonl").read_bytes() for n, d in dirs.items()} == metrics_before
     assert {n: (d / "encoder.safetensors").stat().st_mtime_ns for n, d in dirs.items()} == mtimes
-    assert again["rows"] == table["rows"]
+    for row, before in zip(again["rows"], table["rows"]):
+        assert row["map"] == before["map"] and row["acc"] == before["acc"]
 
 
 def test_cli_reproduce_json_and_one_line_errors(ray_session, slice_dataset, tmp_path):

@@ -84,6 +84,12 @@ def reproduce_cmd(
         0, min=0, max=1_000_000, help="RELAX masks per liver slice for RR (0: skip RR, the slow part)."
     ),
     n_boot: int = typer.Option(10_000, min=100, help="Bootstrap resamples (and permutations)."),
+    crossexam: bool = typer.Option(
+        False,
+        "--crossexam",
+        help="Also measure cross-examination retrieval of every run (as `ctsearch evaluate --crossexam`; "
+        "archives of `ctsearch synth --exams 2`), into OUT/evaluation.json and the report.",
+    ),
     address: Optional[str] = ADDRESS_OPT,
     json_out: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
@@ -127,6 +133,7 @@ def reproduce_cmd(
         relax_masks=relax_masks,
         n_boot=n_boot,
         max_concurrent=max_concurrent,
+        crossexam=crossexam,
     )
     table = run_job(
         reproduce,
@@ -143,4 +150,12 @@ def reproduce_cmd(
         emit_json(table)
         return
     emit_result(table["markdown"])
+    if table.get("crossexam"):
+        c = table["crossexam"]
+        emit_result("\n" + c["table"])
+        say(
+            f"cross-exam: {c['queries']} query slices in {c['exam_pairs']} ordered exam pairs of {c['patients']} test "
+            f"patients with two or more exams; |Δz| = distance of the top-1 slice from the true anatomical position",
+            quiet,
+        )
     say(f"table written to {out / 'table.md'} and {out / 'table.json'}", quiet)

@@ -23,7 +23,7 @@ import numpy as np
 from ctsearch.config import ModelConfig
 from ctsearch.errors import CTSearchInputError
 from ctsearch.explain import ExplainOptions
-from ctsearch.jobs.explain import count_nodes, explain_slices
+from ctsearch.jobs.explain import count_nodes, explain_slices, slice_key
 from ctsearch.metrics import METRICS, Ranking, percent_cell, shown_metrics
 from ctsearch.model import EncoderSpec
 from ctsearch.store import read_model_config, read_run_settings, read_slices
@@ -75,9 +75,16 @@ def rr_of(
     gpus: int,
     workers: int,
     address: str | None,
+    keys: list[str] | None = None,
 ) -> dict:
-    """Mean relevance-rank accuracy over the test split's liver slices (Ray job)."""
-    scores, skipped, errors, nodes = [], 0, [], {}
+    """Mean relevance-rank accuracy over the test split's liver slices (Ray job).
+
+    ``keys``: the test queries' slice keys (``slice_key``) in test order; then ``rr_per_query``
+    [queries] holds each query's RR, None where it has none (no liver, an empty mask, an error).
+    Every run is explained with the same RELAX masks (one seed), so these scores pair up across
+    runs slice by slice.
+    """
+    scores, skipped, errors, nodes, by_key = [], 0, [], {}, {}
     for b in explain_slices(
         test_path, spec, options, gpus=gpus, workers=workers, liver_only=True, address=address
     ):
@@ -89,13 +96,17 @@ def rr_of(
                 skipped += 1
             else:
                 scores.append(float(b["rr"][i]))
-    return {
+                by_key[slice_key(b["volume_id"][i], b["slice_index"][i])] = scores[-1]
+    out = {
         "rr": float(np.mean(scores)) if scores else float("nan"),
         "rr_slices": len(scores),
         "rr_skipped_empty_mask": skipped,
         "rr_errors": errors,
         "rr_nodes": nodes,
     }
+    if keys is not None:
+        out["rr_per_query"] = [by_key.get(key) for key in keys]
+    return out
 
 
 def summary_stats(values: list[float]) -> dict:
@@ -132,8 +143,9 @@ class EvaluateOptions:
     gpus: int = 0  # for the RELAX part, one actor each; 0: CPU actors
     workers: int = 1  # CPU actors of the RELAX part
     crossexam: bool = False  # also measure cross-exam retrieval on the test split's two-exam patients
-    # Also keep each run's score per query (``per_query``: metric key -> [n queries], test order):
-    # what ``ctsearch.stats`` bootstraps over (``ctsearch reproduce``). Off: it grows the JSON.
+    # Also keep each run's score per query (``per_query``: metric key -> [n queries], test order;
+    # "rr" with relax_masks, None for the queries without one): what ``ctsearch.stats``
+    # bootstraps over (``ctsearch reproduce``). Off: it grows the JSON.
     per_query: bool = False
 
 
@@ -227,6 +239,7 @@ def evaluate(
     )
     relax.check()
     cross = crossexam_volumes(dataset_dir) if o.crossexam else None  # read before the runs: fail early
+    keys = [slice_key(v, i) for v, i in zip(test.volume_id, test.slice_index)]
     per_run = []
     for name, source, spec in entries:
         log(f"{name}: {source}")
@@ -241,7 +254,10 @@ def evaluate(
         if o.per_query:
             row["per_query"] = {key: v.tolist() for key, v in per_query.items()}
         if o.relax_masks > 0:
-            row.update(rr_of(spec, test_path, relax, o.gpus, o.workers, address))
+            rr = rr_of(spec, test_path, relax, o.gpus, o.workers, address, keys if o.per_query else None)
+            if o.per_query:  # None where a query has no RR (no liver, empty mask, error)
+                row["per_query"]["rr"] = rr.pop("rr_per_query")
+            row.update(rr)
         if cross is not None:
             row["crossexam"] = crossexam_of(spec, cross["patients"], k, device)
         per_run.append(row)

@@ -51,7 +51,6 @@ CONFIGS = ("clinical", "standard", "none")
 LABELS = {"clinical": "HU clipping", "standard": "standard", "none": "no self-supervision"}
 # The paper's ordering, pair by pair: the better-claimed configuration first.
 PAIRS = (("clinical", "standard"), ("standard", "none"), ("clinical", "none"))
-COMPARED = ("map", "acc")  # metrics with per-query scores; RR is mean ± std over seeds only
 TABLE_JSON, TABLE_MD, EVALUATION_JSON = "table.json", "table.md", "evaluation.json"
 
 
@@ -65,6 +64,7 @@ class ReproduceOptions:
     relax_masks: int = 0  # RELAX masks per liver slice for RR; 0 skips RR (the slow part)
     n_boot: int = N_BOOT
     max_concurrent: int = 0  # trials at once; 0: as many as the cluster's CPUs (or GPUs) hold
+    crossexam: bool = False  # also evaluate's cross-examination retrieval (archives of `synth --exams 2`)
 
 
 def run_dir(out: Path, config: str, seed: int) -> Path:
@@ -139,20 +139,34 @@ def _run_trials(trials: list[dict], out: Path, base: TrainOptions, max_concurren
         have = ray.cluster_resources()
         fits = [have.get("CPU", 1) // (cpus + 1)] + ([have.get("GPU", 0) // gpus] if gpus else [])
         max_concurrent = max(1, int(min(fits)))
-    tuner = tune.Tuner(
-        # The trial itself only drives its TorchTrainer (a fraction of a CPU; `none` trials embed once).
-        tune.with_resources(_trial, {"cpu": 0.1}),
-        param_space={"trial": tune.grid_search(trials)},
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=max_concurrent,
-            # OUT/tune/<config>-s<seed>: Tune's trial folder named like the run folder it writes.
-            trial_dirname_creator=lambda trial: Path(trial.config["trial"]["run_dir"]).name,
-        ),
-        run_config=tune.RunConfig(
-            name="tune", storage_path=str(out), verbose=0, failure_config=tune.FailureConfig(max_failures=0)
-        ),
-    )
-    for result in tuner.fit():
+    # Tune's new console output prints an experiment box and a TensorBoard hint even at verbose=0;
+    # its legacy reporter, used when RAY_AIR_NEW_OUTPUT is 0, is silent at verbose=0.
+    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        tuner = tune.Tuner(
+            # The trial itself only drives its TorchTrainer (a fraction of a CPU; `none` trials embed once).
+            tune.with_resources(_trial, {"cpu": 0.1}),
+            param_space={"trial": tune.grid_search(trials)},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=max_concurrent,
+                # OUT/tune/<config>-s<seed>: Tune's trial folder named like the run folder it writes.
+                trial_dirname_creator=lambda trial: Path(trial.config["trial"]["run_dir"]).name,
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=str(out),
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+        results = tuner.fit()
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = previous
+    for result in results:
         if result.error is not None:
             cause = getattr(result.error, "cause", None) or result.error
             if isinstance(cause, CTSearchInputError):
@@ -218,7 +232,7 @@ def reproduce(
         dataset_dir,
         [run_dir(out, c, s) for c, s in grid],
         names=[LABELS[c] for c, _ in grid],
-        options=EvaluateOptions(k=o.k, relax_masks=o.relax_masks, per_query=True),
+        options=EvaluateOptions(k=o.k, relax_masks=o.relax_masks, per_query=True, crossexam=o.crossexam),
         address=address,
         log=lambda msg: log(f"evaluating {msg}"),
     )
@@ -237,10 +251,25 @@ def reproduce(
         trained=[Path(t["run_dir"]).name for t in todo],
         reused=reused,
     )
+    if evaluation.get("crossexam"):  # the whole block (rows, example) is in evaluation.json
+        cross = evaluation["crossexam"]
+        keep = ("patients", "single_exam_patients", "exam_pairs", "queries", "k", "table")
+        table["crossexam"] = {key: cross[key] for key in keep}
     table["markdown"] = markdown(table)
     atomic_write_json(table, out / TABLE_JSON)
     atomic_write_bytes((table["markdown"] + "\n").encode(), out / TABLE_MD)
     return table
+
+
+def compared(relax_masks: int) -> tuple[str, ...]:
+    """The metrics with per-query scores, which get intervals and paired comparisons: MAP@K and
+    k-NN accuracy over every test query, and RR over the liver slices when RELAX ran."""
+    return ("map", "acc", "rr") if relax_masks else ("map", "acc")
+
+
+def _scores(per_query: list) -> np.ndarray:
+    """One run's per-query scores as floats, NaN where a query has none (RR off the liver)."""
+    return np.asarray([np.nan if v is None else v for v in per_query], np.float64)
 
 
 def summarise(
@@ -248,34 +277,54 @@ def summarise(
 ) -> dict:
     """Rows (mean ± std over seeds, bootstrap interval), runs (interval each) and paired comparisons
     from ``evaluate``'s JSON with ``per_query`` for the runs of ``grid``, in that order.
-    ``patients`` [queries]: each query's patient, the unit the bootstraps resample (None: queries)."""
+    ``patients`` [queries]: each query's patient, the unit the bootstraps resample (None: queries).
+
+    A query without a score (RR: not a liver slice, an empty mask, a RELAX error) is left out;
+    an interval or comparison uses the queries scored in every run it covers, so A and B are
+    always compared on the same slices.
+    """
     k = evaluation["k"]
+    keys = compared(o.relax_masks)
+    if patients is None:
+        patients = np.arange(evaluation["queries"])
+        resampled = "queries"
+    else:
+        resampled = "patients"
+
+    def interval(runs: np.ndarray, seed: int = 0) -> tuple[list[float], int]:
+        ok = np.all(np.isfinite(runs), axis=0)  # runs [seeds, queries]
+        if not ok.any():
+            return [math.nan, math.nan], 0
+        _, low, high = bootstrap_ci(runs[:, ok], o.n_boot, seed=seed, groups=patients[ok])
+        return [low, high], int(ok.sum())
+
     runs, scores = [], {}  # scores[config][metric] = [seeds, queries]
     for (c, s), r in zip(grid, evaluation["runs"]):
         entry = {"config": c, "seed": s, "run": r["source"]}
-        for key in COMPARED:
-            _, low, high = bootstrap_ci(np.asarray(r["per_query"][key]), o.n_boot, seed=s, groups=patients)
-            entry[key] = {"value": r[key], "ci": [low, high]}
-            scores.setdefault(c, {}).setdefault(key, []).append(r["per_query"][key])
-        if o.relax_masks:
-            entry["rr"] = {"value": r.get("rr")}
+        for key in keys:
+            run_scores = _scores(r["per_query"][key])
+            entry[key] = {"value": r[key], "ci": interval(run_scores[None], seed=s)[0]}
+            scores.setdefault(c, {}).setdefault(key, []).append(run_scores)
         runs.append(entry)
+    scores = {c: {key: np.stack(v) for key, v in by_key.items()} for c, by_key in scores.items()}
     rows = []
     for c, row in zip(dict.fromkeys(c for c, _ in grid), evaluation["rows"]):
         summary = {"config": c, "name": LABELS[c], "seeds": row["n"]}
         for m in METRICS:
             if m.header:
                 summary[m.key] = {key: row[m.key][key] for key in ("mean", "std")}
-        for key in COMPARED:
-            _, low, high = bootstrap_ci(np.asarray(scores[c][key]), o.n_boot, groups=patients)
-            summary[key]["ci"] = [low, high]
+        for key in keys:
+            summary[key]["ci"], summary[key]["queries"] = interval(scores[c][key])
         rows.append(summary)
     comparisons = []
     for a, b in PAIRS:
         if a in scores and b in scores:
-            for m in (m for m in METRICS if m.key in COMPARED):
-                a_scores, b_scores = np.asarray(scores[a][m.key]), np.asarray(scores[b][m.key])
-                cmp = paired_comparison(a_scores, b_scores, o.n_boot, groups=patients)
+            for m in (m for m in METRICS if m.key in keys):
+                a_scores, b_scores = scores[a][m.key], scores[b][m.key]
+                ok = np.all(np.isfinite(a_scores), axis=0) & np.all(np.isfinite(b_scores), axis=0)
+                if not ok.any():
+                    continue
+                cmp = paired_comparison(a_scores[:, ok], b_scores[:, ok], o.n_boot, groups=patients[ok])
                 metric = m.header.format(k=k)
                 comparisons.append(
                     {
@@ -283,6 +332,7 @@ def summarise(
                         "b": b,
                         "metric": m.key,
                         **cmp.to_json(),
+                        "patients": len(set(patients[ok].tolist())),
                         "verdict": verdict(LABELS[a], LABELS[b], metric, cmp),
                     }
                 )
@@ -291,10 +341,18 @@ def summarise(
         "configs": list(dict.fromkeys(c for c, _ in grid)),
         "seeds": o.seeds,
         "queries": evaluation["queries"],
-        "resampled": "patients" if patients is not None else "queries",
-        "patients": None if patients is None else len(set(patients.tolist())),
+        "liver_queries": evaluation.get("liver_queries"),
+        "resampled": resampled,
+        "patients": None if resampled == "queries" else len(set(patients.tolist())),
         "database": evaluation["database"],
         "relax_masks": o.relax_masks,
+        # RR's queries: the liver slices with a score in every run (those with a mask, no error)
+        "rr_queries": int(
+            np.all(np.isfinite(np.concatenate([v["rr"] for v in scores.values()])), axis=0).sum()
+        )
+        if "rr" in keys
+        else None,
+        "compared": list(keys),
         "n_boot": o.n_boot,
         "rows": rows,
         "runs": runs,
@@ -310,35 +368,42 @@ def _ci_cell(stat: dict, decimals: int) -> str:
 def markdown(table: dict) -> str:
     """table.md: Table 1 (mean ± std over seeds, 95% bootstrap CI), the verdicts, then every run."""
     k = table["k"]
-    shown = [m for m in METRICS if m.header and (m.key in COMPARED or table["relax_masks"])]
+    keys = table.get("compared") or compared(table["relax_masks"])
+    shown = [m for m in METRICS if m.header and (m.key in keys or table["relax_masks"])]
     head = []
     for m in shown:
-        head += [m.header.format(k=k)] + (["95% CI"] if m.key in COMPARED else [])
+        head += [m.header.format(k=k)] + (["95% CI"] if m.key in keys else [])
     lines = ["| pretraining | seeds | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
     for r in table["rows"]:
         cells = []
         for m in shown:
             cells.append(percent_cell(r[m.key], m.decimals))
-            if m.key in COMPARED:
+            if m.key in keys:
                 cells.append(_ci_cell(r[m.key], m.decimals))
         lines.append(f"| {r['name']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    rr = table.get("rr_queries")
     lines += [
         "",
-        f"Values in percent: mean ± sample std over seeds; 95% CI: bootstrap over seeds and "
-        f"{table['queries']} test queries"
+        f"Values in percent: mean ± sample std over seeds; 95% CI: bootstrap ({table['n_boot']} resamples) "
+        f"over seeds and {table['queries']} test queries"
         + (f" of {table['patients']} patients (whole patients resampled)" if table["patients"] else "")
-        + f" ({table['n_boot']} resamples); p: sign-flip permutation test.",
+        + (f", for RR the {rr} liver slices scored in every run" if rr is not None else "")
+        + "; p: sign-flip permutation test.",
         "",
     ]
     lines += [f"- {c['verdict']}" for c in table["comparisons"]]
+    by_key = {m.key: m for m in METRICS}
     lines += [
         "",
-        "| run | "
-        + " | ".join(f"{m.header.format(k=k)} (95% CI)" for m in shown if m.key in COMPARED)
-        + " |",
-        "|---|" + "---|" * len(COMPARED),
+        "| run | " + " | ".join(f"{by_key[key].header.format(k=k)} (95% CI)" for key in keys) + " |",
+        "|---|" + "---|" * len(keys),
     ]
     for r in table["runs"]:
-        cells = [f"{100 * r[key]['value']:.1f} {_ci_cell(r[key], 1)}" for key in COMPARED]
+        cells = []
+        for key in keys:
+            d = by_key[key].decimals
+            value = r[key]["value"]
+            shown_value = "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.{d}f}"
+            cells.append(f"{shown_value} {_ci_cell(r[key], d)}")
         lines.append(f"| {Path(r['run']).name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -42,18 +42,31 @@ class ReportInputs:
     explain: list[Path] = field(default_factory=list)
     evaluation: Path | None = None
     prepared: Path | None = None
+    table: Path | None = None  # ctsearch reproduce's table.json: Table 1 with intervals and verdicts
 
 
 _PARTS_HELP = (
     "is not a demo folder, run directory (config.json / metrics.jsonl), index directory (index.json), "
-    "explain folder (maps.npz / explain.json), prepared dataset (manifest.parquet) or evaluation JSON (evaluate --out)"
+    "explain folder (maps.npz / explain.json), prepared dataset (manifest.parquet), evaluation JSON "
+    "(evaluate --out) or table.json (reproduce)"
 )
+
+
+def _is_table(path: Path) -> bool:
+    """A JSON file written by ``ctsearch reproduce`` (OUT/table.json): rows and paired comparisons."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False  # not readable as JSON: the evaluation reader names the problem
+    return isinstance(data, dict) and "comparisons" in data and "rows" in data
 
 
 def _kind(path: Path) -> str | None:
     """Which report part a path is, from the files it holds (None: not one)."""
     if path.is_file():
-        return "evaluation" if path.suffix == ".json" else None
+        if path.suffix != ".json":
+            return None
+        return "table" if _is_table(path) else "evaluation"
     if (path / "index.json").is_file():
         return "index"
     if (path / "config.json").is_file() or (path / "metrics.jsonl").is_file():
@@ -62,7 +75,9 @@ def _kind(path: Path) -> str | None:
         return "explain"
     if (path / "manifest.parquet").is_file():
         return "prepared"
-    if any((path / p).exists() for p in ("runs", "index", "explain", "prepared", "evaluation.json")):
+    if any(
+        (path / p).exists() for p in ("runs", "index", "explain", "prepared", "evaluation.json", "table.json")
+    ):
         return "demo"
     return None
 
@@ -72,7 +87,7 @@ def collect_inputs(paths: list[str | os.PathLike]) -> ReportInputs:
 
     Example:
         >>> collect_inputs([])
-        ReportInputs(runs=[], index=None, explain=[], evaluation=None, prepared=None)
+        ReportInputs(runs=[], index=None, explain=[], evaluation=None, prepared=None, table=None)
     """
     parts = ReportInputs()
 
@@ -107,6 +122,7 @@ def collect_inputs(paths: list[str | os.PathLike]) -> ReportInputs:
             ("explain", "explain"),
             ("prepared", "prepared"),
             ("evaluation.json", "evaluation"),
+            ("table.json", "table"),
         ):
             if (p / name).exists() and _kind(p / name) == kind:
                 add(kind, p / name)
@@ -229,27 +245,31 @@ def _facts(pairs: list[tuple[str, object]]) -> str:
     return f'<dl class="facts">{items}</dl>'
 
 
-def evaluation_section(path: Path) -> str:
-    """The Table-1-shaped comparison from ``ctsearch evaluate --out FILE.json``, with what it means."""
+def _read_evaluation(path: Path) -> dict:
     res = read_json(path, "evaluation result")
     if not isinstance(res.get("rows"), list) or "k" not in res:
         raise CTSearchInputError(
             path, "is not an evaluation result (no 'rows' and 'k'; write one with ctsearch evaluate --out)"
         )
-    k = int(res["k"])
-    shown = shown_metrics()
-    rows = [
-        [r.get("name"), r.get("n"), *(percent_cell(r.get(m.key), m.decimals) for m in shown)]
-        for r in res["rows"]
-    ]
-    table = _table(["pretraining", "runs", *(m.report_header.format(k=k) for m in shown)], rows, "results")
-    masks = res.get("relax_masks")
+    return res
+
+
+def _read_table(path: Path) -> dict:
+    table = read_json(path, "reproduce table")
+    if (
+        not isinstance(table.get("rows"), list)
+        or not isinstance(table.get("comparisons"), list)
+        or "k" not in table
+    ):
+        raise CTSearchInputError(
+            path,
+            "is not a reproduce table (no 'rows', 'comparisons' and 'k'; ctsearch reproduce writes OUT/table.json)",
+        )
+    return table
+
+
+def _legend(k: int, masks, extra: str = "") -> str:
     return f"""
-<p>{escape(str(res.get("queries", "?")))} test slices were each used as a query against the
-{escape(str(res.get("database", "?")))} slices of the training patients ({escape(str(res.get("liver_queries", "?")))}
-of the queries show liver). A retrieved slice counts as relevant when it agrees with the query on
-whether liver is visible. {escape(shared_patients_phrase(res.get("shared_patients")).capitalize())}.</p>
-{table}
 <dl class="legend">
 <dt>MAP@{k}</dt><dd>Mean average precision of the top {k}: for each query, the share of relevant slices among
 the first 1, 2, ..., {k} results, averaged; then averaged over all queries. 100 means every one of the
@@ -259,8 +279,107 @@ own label (liver / no liver): a measure of how well the representation separates
 <dt>RR</dt><dd>Relevance-rank accuracy of the RELAX importance maps ({escape(str(masks))} masks per slice) on the
 liver slices: of the M most important pixels, where M is the liver's area, the share that lies inside the
 liver. Higher means the model looks at the liver; "n/a" when it was not measured.</dd>
-<dt>±</dt><dd>Sample standard deviation over the runs of one row (none when a row has one run).</dd>
+<dt>±</dt><dd>Sample standard deviation over the runs of one row (none when a row has one run).</dd>{extra}
 </dl>"""
+
+
+def _ci(stat: dict | None, decimals: int) -> str:
+    ci = (stat or {}).get("ci")
+    if not ci or any(v is None or not math.isfinite(v) for v in ci):
+        return ""
+    return f"[{100 * ci[0]:.{decimals}f}, {100 * ci[1]:.{decimals}f}]"
+
+
+def table_section(table: dict) -> str:
+    """``ctsearch reproduce``'s Table 1: mean ± std over seeds with 95% intervals, the verdicts, every run."""
+    from ctsearch.metrics import METRICS
+
+    k = int(table["k"])
+    keys = table.get("compared") or ["map", "acc"]
+    shown = [m for m in shown_metrics() if m.key in keys or table.get("relax_masks")]
+    header = ["pretraining", "seeds"]
+    for m in shown:
+        header += [m.report_header.format(k=k)] + (["95% CI"] if m.key in keys else [])
+    rows = []
+    for r in table["rows"]:
+        cells = [r.get("name"), r.get("seeds")]
+        for m in shown:
+            cells.append(percent_cell(r.get(m.key), m.decimals))
+            if m.key in keys:
+                cells.append(_ci(r.get(m.key), m.decimals))
+        rows.append(cells)
+    verdicts = "".join(f"<li>{escape(str(c.get('verdict')))}</li>" for c in table["comparisons"])
+    verdicts = (
+        f'<ul class="verdicts">{verdicts}</ul>'
+        if verdicts
+        else '<p class="note">One configuration: nothing to compare.</p>'
+    )
+    by_key = {m.key: m for m in METRICS}
+    run_rows = []
+    for r in table.get("runs", []):
+        cells = [Path(str(r.get("run"))).name]
+        for key in keys:
+            stat = r.get(key) or {}
+            value = stat.get("value")
+            shown_value = (
+                "n/a"
+                if value is None or not math.isfinite(value)
+                else f"{100 * value:.{by_key[key].decimals}f}"
+            )
+            cells.append(f"{shown_value} {_ci(stat, by_key[key].decimals)}".strip())
+        run_rows.append(cells)
+    runs = _table(
+        ["run", *(f"{by_key[key].report_header.format(k=k)} (95% CI)" for key in keys)], run_rows, "results"
+    )
+    units = (
+        f"{table.get('queries')} test queries of {table['patients']} patients (whole patients resampled)"
+        if table.get("patients")
+        else f"{table.get('queries')} test queries"
+    )
+    if table.get("rr_queries") is not None:
+        units += f"; RR over the {table['rr_queries']} liver slices scored in every run"
+    return f"""
+<p>Every configuration was trained with {escape(str(table.get("seeds")))} seed(s) by <code>ctsearch reproduce</code>
+(one Ray Tune trial per configuration and seed) and evaluated on the same test queries. Each value is the
+mean over seeds ± its sample standard deviation; the 95% interval comes from a bootstrap
+({escape(str(table.get("n_boot")))} resamples) over seeds and {escape(units)}.</p>
+{_table(header, rows, "results")}
+<p>Is each difference between two configurations real or noise? Paired over the same seeds and queries:</p>
+{verdicts}
+<details><summary>Every run</summary>{runs}</details>"""
+
+
+def evaluation_section(path: Path | None, table_path: Path | None = None) -> str:
+    """The Table-1-shaped comparison, with what it means: from ``ctsearch reproduce``'s table.json
+    (intervals and verdicts) when given, else from ``ctsearch evaluate --out FILE.json``."""
+    res = _read_evaluation(path) if path is not None else None
+    table = _read_table(table_path) if table_path is not None else None
+    intro = ""
+    if res is not None:
+        intro = f"""
+<p>{escape(str(res.get("queries", "?")))} test slices were each used as a query against the
+{escape(str(res.get("database", "?")))} slices of the training patients ({escape(str(res.get("liver_queries", "?")))}
+of the queries show liver). A retrieved slice counts as relevant when it agrees with the query on
+whether liver is visible. {escape(shared_patients_phrase(res.get("shared_patients")).capitalize())}.</p>"""
+    if table is not None:
+        k = int(table["k"])
+        extra = """
+<dt>95% CI</dt><dd>Where the mean would likely lie with other test patients and other training seeds: a
+bootstrap that redraws seeds and whole test patients (a patient's slices are not independent).</dd>
+<dt>verdict</dt><dd>A minus B on the same queries and seeds, its 95% interval, and p of a sign-flip
+permutation test that flips whole patients. A direction is claimed only when the interval excludes 0
+and p &lt; 0.05; otherwise "no detectable difference".</dd>"""
+        return intro + table_section(table) + _legend(k, table.get("relax_masks"), extra)
+    k = int(res["k"])
+    shown = shown_metrics()
+    rows = [
+        [r.get("name"), r.get("n"), *(percent_cell(r.get(m.key), m.decimals) for m in shown)]
+        for r in res["rows"]
+    ]
+    table_html = _table(
+        ["pretraining", "runs", *(m.report_header.format(k=k) for m in shown)], rows, "results"
+    )
+    return intro + table_html + _legend(k, res.get("relax_masks"))
 
 
 def crossexam_section(cross: dict) -> str:
@@ -572,6 +691,7 @@ svg.chart{background:#fff;border:1px solid #e3e3e3} svg.chart text{font-size:11p
 svg.chart .grid{stroke:#eee} svg.chart .frame{fill:none;stroke:#999}
 img.figure{max-width:100%;height:auto;border:1px solid #ccc} .gallery{display:flex;flex-wrap:wrap;gap:.6em}
 figure{margin:0} img.overlay{width:256px;height:auto} figcaption{font-size:.8em;color:#555}
+ul.verdicts li{margin:.2em 0} details summary{cursor:pointer;color:#444}
 """
 
 _SECTIONS = (
@@ -593,14 +713,17 @@ def build_report(parts: ReportInputs, title: str = "ctsearch report") -> tuple[s
     """
     body: dict[str, str] = {}
     notes: list[str] = []
-    if parts.evaluation:
-        body["evaluation"] = evaluation_section(parts.evaluation)
-        cross = read_json(parts.evaluation, "evaluation result").get("crossexam")
+    if parts.evaluation or parts.table:
+        body["evaluation"] = evaluation_section(parts.evaluation, parts.table)
+        cross = (
+            read_json(parts.evaluation, "evaluation result").get("crossexam") if parts.evaluation else None
+        )
         if cross:
             body["crossexam"] = crossexam_section(cross)
     else:
         notes.append(
-            "No evaluation result: run ctsearch evaluate ... --out evaluation.json and pass the file."
+            "No evaluation result: run ctsearch evaluate ... --out evaluation.json (or ctsearch reproduce) "
+            "and pass the file."
         )
     if parts.runs:
         body["training"] = "\n".join(run_section(r) for r in parts.runs)
