@@ -130,6 +130,42 @@ def sign_flip_p(d: np.ndarray, n_perm: int = N_BOOT, seed: int = 0) -> float:
     return (hits + 1) / (n_perm + 1)
 
 
+def smallest_p(groups: int, n_perm: int = N_BOOT) -> float:
+    """The smallest p ``sign_flip_p`` can return for ``groups`` paired differences (e.g. patients):
+    2 / 2**groups when it enumerates every pattern (the observed one and its mirror image always
+    count), else 1 / (n_perm + 1).
+
+    Example (4 test patients: no difference can reach p < 0.05):
+        >>> smallest_p(4), smallest_p(20, n_perm=9999)
+        (0.125, 0.0001)
+    """
+    if groups < 1:
+        raise ValueError(f"need at least one group, got {groups}")
+    return 2 / 2**groups if groups <= _EXACT_FLIPS else 1 / (n_perm + 1)
+
+
+def no_verdict_possible(groups: int, n_perm: int = N_BOOT, unit: str = "test patients") -> str | None:
+    """A sentence when ``groups`` paired units are too few for the sign-flip test to ever reject
+    at ``LEVEL`` (so ``verdict`` can never claim a direction), else None.
+
+    Example:
+        >>> no_verdict_possible(12) is None
+        True
+        >>> no_verdict_possible(4)
+        'With 4 test patients the smallest p the sign-flip test can give is 2/2^4 = 0.125, not below 0.05: no difference can be claimed on this test split, however many slices it has; more test patients are needed.'
+    """
+    p = smallest_p(groups, n_perm)
+    if p < 1 - LEVEL:
+        return None
+    if groups == 1:
+        unit = unit.removesuffix("s")
+    return (
+        f"With {groups} {unit} the smallest p the sign-flip test can give is 2/2^{groups} = {p:.3g}, "
+        f"not below {1 - LEVEL:.2g}: no difference can be claimed on this test split, however many "
+        "slices it has; more test patients are needed."
+    )
+
+
 def _group_index(groups: np.ndarray | None, n: int) -> np.ndarray:
     """Group number 0..G-1 of each of n queries (each query its own group when ``groups`` is None)."""
     if groups is None:

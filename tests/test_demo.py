@@ -67,6 +67,11 @@ def test_demo_runs_end_to_end(tmp_path, ray_session):
     assert table["compared"] == ["map", "acc", "rr"] and len(table["comparisons"]) == 9
     for c in table["comparisons"]:
         assert c["verdict"] in result.output  # printed with Table 1
+    # One test patient: the table says no verdict is possible
+    assert (
+        table["no_verdict"].startswith("With 1 test patient the smallest p")
+        and table["no_verdict"] in result.output
+    )
     assert f"Open the report: {out / 'report.html'}" in result.output
     page = parse_page(out / "report.html")  # balanced, self-contained
     text = " ".join(page.text)

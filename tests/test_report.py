@@ -288,6 +288,7 @@ def test_report_shows_reproduce_table_with_intervals_and_verdicts(tmp_path, demo
         assert c["verdict"] in text
     assert page.tags.count("li") == 9 and "details" in page.tags  # every run's interval, folded
     assert "clinical-s1" in text and "10 patients" in text and "20 liver slices" in text
+    assert table["no_verdict"] is None and "no difference can be claimed" not in text  # 10 patients suffice
     assert "40 test slices were each used as a query" not in text  # the intro is evaluation.json's
     assert "10 test slices were each used as a query" in text
 

@@ -158,11 +158,17 @@ def test_summarise_pairs_rr_on_the_liver_slices_every_run_scored_by_hand():
     assert "| pretraining | seeds | MAP@5 | 95% CI | ACC (5-NN) | 95% CI | RR | 95% CI |" in md
     assert "for RR the 2 liver slices scored in every run" in md and cmp["verdict"] in md
     assert "| standard-s1 | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | 50.00 [40.00, 60.00] |" in md
+    # RR is compared on 2 patients: 4 sign patterns, the smallest p is 2/4: no verdict is possible.
+    assert table["no_verdict"].startswith(
+        "With 2 test patients the smallest p the sign-flip test can give is 2/2^2 = 0.5"
+    )
+    assert table["no_verdict"] in md
 
     # Without RELAX, RR is neither compared nor shown.
     o0 = ReproduceOptions(configs=("clinical", "standard"), seeds=2, relax_masks=0, n_boot=200)
     no_rr = summarise(_evaluation(per_query, grid), grid, o0, patients)
     assert {c["metric"] for c in no_rr["comparisons"]} == {"map", "acc"} and no_rr["rr_queries"] is None
+    assert no_rr["no_verdict"].startswith("With 3 test patients")  # MAP and ACC: patients p, q, r
     assert "RR" not in markdown(no_rr)
 
 

@@ -44,7 +44,7 @@ from ctsearch.jobs.train import (
     train,
 )
 from ctsearch.metrics import METRICS, percent_cell
-from ctsearch.stats import N_BOOT, bootstrap_ci, paired_comparison, verdict
+from ctsearch.stats import N_BOOT, bootstrap_ci, no_verdict_possible, paired_comparison, verdict
 from ctsearch.store import atomic_write_bytes, atomic_write_json
 
 CONFIGS = ("clinical", "standard", "none")
@@ -336,6 +336,7 @@ def summarise(
                         "verdict": verdict(LABELS[a], LABELS[b], metric, cmp),
                     }
                 )
+    groups = [c["patients"] for c in comparisons]
     return {
         "k": k,
         "configs": list(dict.fromkeys(c for c, _ in grid)),
@@ -357,6 +358,8 @@ def summarise(
         "rows": rows,
         "runs": runs,
         "comparisons": comparisons,
+        # Too few patients for any verdict (the sign-flip test's smallest p): said once, plainly.
+        "no_verdict": no_verdict_possible(min(groups), o.n_boot, f"test {resampled}") if groups else None,
     }
 
 
@@ -392,6 +395,8 @@ def markdown(table: dict) -> str:
         "",
     ]
     lines += [f"- {c['verdict']}" for c in table["comparisons"]]
+    if table.get("no_verdict"):
+        lines += ["", table["no_verdict"]]
     by_key = {m.key: m for m in METRICS}
     lines += [
         "",

@@ -314,6 +314,8 @@ def table_section(table: dict) -> str:
         if verdicts
         else '<p class="note">One configuration: nothing to compare.</p>'
     )
+    if table.get("no_verdict"):
+        verdicts += f'<p class="note">{escape(str(table["no_verdict"]))}</p>'
     by_key = {m.key: m for m in METRICS}
     run_rows = []
     for r in table.get("runs", []):
