@@ -33,6 +33,11 @@ class CTSearchInputError(Exception):
         where = None if self.path is None else printable(self.path)
         super().__init__(printable(self.problem) if where is None else f"{where}: {printable(self.problem)}")
 
+    def __reduce__(self):
+        # Raised in a Ray task or Train worker, it is pickled to the driver; the default would
+        # call __init__ with the message alone.
+        return (type(self), (self.path, self.problem))
+
 
 def printable(text: str) -> str:
     """``text`` with every non-printable character escaped (``\\n``, ``\\x1b``): one line, no terminal codes.

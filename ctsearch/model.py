@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -318,6 +318,9 @@ class EncoderSpec:
     config: ModelConfig | None = None
     seed: int = 0
     weights: str | None = None
+    # {store root: filesystem} resolved on the driver for a run URI: a worker loads the model
+    # through them, whatever endpoint and keys its own environment has (storage.adopt).
+    filesystems: dict | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def run(cls, model_dir: str | os.PathLike) -> EncoderSpec:
@@ -327,7 +330,9 @@ class EncoderSpec:
         from ctsearch import storage
 
         local = storage.model_folder(model_dir)
-        return cls("run", path=os.fspath(model_dir) if storage.is_remote(model_dir) else str(local))
+        if storage.is_remote(model_dir):
+            return cls("run", path=os.fspath(model_dir), filesystems=storage.filesystems([model_dir]))
+        return cls("run", path=str(local))
 
     @classmethod
     def baseline(
@@ -343,6 +348,9 @@ class EncoderSpec:
     def load(self, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:
         """(encoder in eval mode on ``device``, its ModelConfig)."""
         if self.kind == "run":
+            from ctsearch import storage
+
+            storage.adopt(self.filesystems)
             return load_encoder(self.path, device)
         torch.manual_seed(self.seed)
         encoder = build_encoder(self.config)

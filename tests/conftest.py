@@ -26,10 +26,22 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        # address="local": never the test cluster that tests/local_cluster.py may have started.
-        ray.init(
-            address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR"
-        )
+        # Ray's workers inherit the environment of the moment Ray starts. Started without the
+        # s3_server fixture's AWS_* variables, whatever the order tests run in, every job on a
+        # bucket must hand its workers the driver's filesystems (storage.adopt), as on a cluster
+        # whose nodes have no keys.
+        aws = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("AWS_")}
+        try:
+            # address="local": never the test cluster that tests/local_cluster.py may have started.
+            ray.init(
+                address="local",
+                num_cpus=4,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level="ERROR",
+            )
+        finally:
+            os.environ.update(aws)
     yield ray
     ray.shutdown()
 

@@ -48,6 +48,33 @@ def test_user_error_is_one_line_on_stderr_and_stdout_is_restored():
     assert sys.stdout is before
 
 
+def test_user_error_raised_in_a_ray_train_worker_is_the_one_line_error():
+    """A worker's CTSearchInputError crosses Ray (pickled: path and problem kept) and Ray Train
+    wraps it; the command still prints it as the user's one line, not as a failed Ray job."""
+    import pickle
+
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from ctsearch.io.dicom import NotAxialCTSeries
+
+    for e in (
+        CTSearchInputError("s3://b/run", "cannot open this storage location"),
+        NotAxialCTSeries("a", "b"),
+    ):
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is type(e) and (back.path, back.problem, str(back)) == (e.path, e.problem, str(e))
+
+    inner = CTSearchInputError("s3://b/run", "cannot open this storage location")
+    failure = WorkerGroupError("[Rank 0]: ...", {0: UserExceptionWithTraceback(inner, "Traceback ...")})
+
+    def command() -> None:
+        raise pickle.loads(pickle.dumps(failure))
+
+    r = CliRunner().invoke(_app(command), ["run"])
+    assert error_line(r) == "error: s3://b/run: cannot open this storage location"
+
+
 def test_progress_in_a_log_file_is_a_line_every_n_seconds(monkeypatch, capsys):
     from ctsearch.cli.common import CallbackBar
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
+import traceback
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,8 +32,9 @@ def cache(tmp_path, monkeypatch):
 
 def run(*args: str) -> tuple[dict | None, str]:
     """A ctsearch command in this process; (its --json result or None, everything it printed)."""
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert r.exit_code == 0, r.output
+    # CTSEARCH_DEBUG: a failure shows the whole chain of causes, not the one line a user gets.
+    r = CliRunner().invoke(app, [str(a) for a in args], env={"CTSEARCH_DEBUG": "1"})
+    assert r.exit_code == 0, r.output + "".join(traceback.format_exception(*r.exc_info))
     out = r.stdout.strip()
     return (json.loads(out) if out.startswith("{") else None), r.output
 
@@ -145,6 +149,26 @@ def test_pipeline_with_every_input_and_output_on_s3(bucket, cache, tmp_path, ray
     assert hits[0]["slice_index"] == 5  # the query slice itself, read from the store both times
     summary, text = run("verify", index, "--json")
     printed.append(text)
+
+    # The service on the index in the store, its shards in a group deployment of their own: the
+    # replicas read the index and the source volumes with the driver's filesystems.
+    from ctsearch.serve.deploy import ServeOptions, start, stop
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = start(ServeOptions(index, port=port, shards_per_replica=1, cpus_per_replica=0.5))
+    try:
+        ref = f"{hits[0]['volume_id']}:5"
+        with urllib.request.urlopen(f"{base}api/search?query={ref}&k=3", timeout=120) as r:
+            served = json.loads(r.read())["hits"]
+        assert [(h["volume_id"], h["slice_index"]) for h in served] == [
+            (h["volume_id"], h["slice_index"]) for h in hits
+        ]
+        with urllib.request.urlopen(f"{base}api/thumbnail?query={ref}", timeout=120) as r:
+            assert r.read(8) == b"\x89PNG\r\n\x1a\n"  # decoded from the source volume in the bucket
+    finally:
+        stop()
     query_out = f"{bucket}/explain-query"
     summary, text = run(
         "explain",

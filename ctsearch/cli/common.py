@@ -128,9 +128,10 @@ def handle_errors(fn: Callable) -> Callable:
         except Exception as e:
             if debug_enabled():
                 raise
-            full = environment_error(e)  # a full disk or read-only folder: the user's to fix
-            if full is not None:
-                err_console.print(f"[red]error:[/red] {escape(str(full))}", highlight=False, soft_wrap=True)
+            # A full disk or read-only folder, or bad input met inside a Ray worker: the user's to fix.
+            user = environment_error(e) or _user_error_inside(e)
+            if user is not None:
+                err_console.print(f"[red]error:[/red] {escape(str(user))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
             # A node, actor or object lost on a cluster is not a bug of ours: say it in one line.
             # Every job resumes, so the advice is the same for all of them.
@@ -148,6 +149,25 @@ def handle_errors(fn: Callable) -> Callable:
             _result_stream = outer
 
     return wrapper
+
+
+def _user_error_inside(e: BaseException) -> CTSearchInputError | None:
+    """The CTSearchInputError a Ray task or Train worker raised, found in ``e``'s causes (Ray
+    Train keeps a worker's exception in ``worker_failures``, wrapped with its traceback)."""
+    todo, seen = [e], 0
+    while todo and seen < 50:  # bounded: chains can loop
+        x = todo.pop()
+        seen += 1
+        if isinstance(x, CTSearchInputError):
+            return x
+        todo += [c for c in (getattr(x, "cause", None), x.__cause__, x.__context__) if c is not None]
+        todo += [
+            c for c in (getattr(x, "worker_failures", None) or {}).values() if isinstance(c, BaseException)
+        ]
+        base = getattr(x, "_base_exc", None)
+        if isinstance(base, BaseException):
+            todo.append(base)
+    return None
 
 
 def _is_ray_failure(e: BaseException) -> bool:

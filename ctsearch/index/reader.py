@@ -143,6 +143,11 @@ class Index:
         except (pa.ArrowException, OSError) as e:
             raise damaged(path, e) from None
 
+    def source_stores(self) -> set[str]:
+        """The stores (``s3://bucket``) the indexed volumes were read from; empty when all are local."""
+        paths = {p for s in self.shards if s.rows for p in set(self._column(s, "path").tolist())}
+        return {storage.store_root(p) for p in paths if p} - {""}
+
     def rows(self, shard: int, ids: np.ndarray) -> list[dict]:
         """Metadata of rows ``ids`` of shard number ``shard``, reading only the row groups they are in."""
         p = self.root / "embeddings" / f"{self.shards[shard].name}.parquet"

@@ -330,6 +330,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     from ctsearch.device_views import BatchedTwoViews, resolve_views_device
     from ctsearch.views import TwoViews
 
+    storage.adopt(cfg["filesystems"])
     opts = TrainOptions(**cfg["options"])
     mcfg = ModelConfig.from_json(cfg["model"])
     optim_cfg = opts.optim_config()
@@ -559,6 +560,9 @@ def train(
             "test_path": str(test_path),
             "init_state": ray.put(init_state) if init_state is not None else None,
             "fail_at_epoch": int(fail_at) if fail_at else None,
+            # A worker's own environment may name no endpoint or keys (a node started without
+            # them): it uses the driver's filesystems for the run folder and the dataset.
+            "filesystems": storage.filesystems([out, dataset_dir]),
         }
         resources = {"CPU": opts.cpus_per_worker}
         if opts.gpus_per_worker:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from ray import serve
 
+from ctsearch import storage
 from ctsearch.errors import CTSearchInputError
 from ctsearch.serve.shards import ShardGroup, group_shards
 
@@ -42,6 +43,9 @@ class ServeOptions:
     id_salt: bytes | None = None
     max_upload_mb: int = 512
     cached_volumes: int = 8
+    # {store root: filesystem} resolved on the driver (build): replicas read an index or source
+    # volumes in a store with them, whatever endpoint and keys their node's environment has.
+    filesystems: dict | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -129,8 +133,9 @@ def _quiet_torch(cpus: float) -> None:
 class ShardGroupDeployment:
     """One group of shards, loaded once per replica; the front calls its methods by handle."""
 
-    def __init__(self, index_dir: str, names: list[str], cpus: float = 1.0):
+    def __init__(self, index_dir: str, names: list[str], cpus: float = 1.0, filesystems: dict | None = None):
         _quiet_torch(cpus)
+        storage.adopt(filesystems)
         self.group = ShardGroup(index_dir, names)
 
     def lookup(self, volume_id, slice_index):
@@ -168,6 +173,7 @@ class Front:
         from ctsearch.serve.service import LocalGroup, SearchService
 
         _quiet_torch(options.cpus_per_replica)
+        storage.adopt(options.filesystems)
         logging.getLogger("ray.serve.ctsearch").setLevel(logging.INFO)
         groups = (
             [RemoteGroup(h) for h in group_handles]
@@ -195,12 +201,13 @@ def build(options: ServeOptions):
 
     index = Index.open(options.index_dir)  # a wrong folder is a one-line error before any replica starts
     names = [s.name for s in index.shards]
+    options = replace(options, filesystems=storage.filesystems([options.index_dir, *index.source_stores()]))
     scaling = options.scaling()
     if options.shards_per_replica < 1:
         return Front.options(name="front", **scaling).bind(options)
     handles = [
         ShardGroupDeployment.options(name=f"shards-{g}", **scaling).bind(
-            options.index_dir, group, options.cpus_per_replica
+            options.index_dir, group, options.cpus_per_replica, options.filesystems
         )
         for g, group in enumerate(group_shards(names, options.shards_per_replica))
     ]
