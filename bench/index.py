@@ -40,8 +40,8 @@ import ray
 import torch
 
 from ctsearch.jobs.index import index_source
-from ctsearch.model import ModelConfig, build_encoder, load_encoder, save_encoder
-from ctsearch.preprocess import eval_transform, to_rgb
+from ctsearch.model import ModelConfig, build_encoder, grey_input, load_encoder, save_encoder
+from ctsearch.preprocess import eval_transform
 from ctsearch.synth import synth_archive
 
 
@@ -82,12 +82,49 @@ def decode_one_core(paths: list[Path], config: ModelConfig, with_preprocess: boo
         torch.set_num_threads(threads)
 
 
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """{pid: (what it is, CPU seconds so far)} of every process on this machine (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(d.name)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
+    return out
+
+
+def cpu_breakdown(before: dict, after: dict, driver: int) -> dict[str, float]:
+    """CPU seconds spent between two ``cpu_seconds`` snapshots, by kind of process."""
+    kinds: dict[str, float] = {}
+    for pid, (cmd, t) in after.items():
+        used = t - before.get(pid, (cmd, 0.0))[1]
+        if used <= 0:
+            continue
+        if pid == driver:
+            kind = "driver (this process)"
+        elif cmd.startswith("ray::"):
+            kind = cmd.split()[0]  # ray::IDLE, ray::MapWorker(...), ray::ReadVolumeRows ...
+        elif "raylet" in cmd or "gcs_server" in cmd or "/ray/" in cmd:
+            kind = "Ray system (raylet, GCS, agents)"
+        else:
+            kind = "other processes"
+        kinds[kind] = kinds.get(kind, 0.0) + used
+    return kinds
+
+
 def bare_model(model_dir: Path, n: int, batch_size: int, device: str) -> float:
-    """slices/s of the encoder alone on ready 3-channel batches (bf16 + channels_last on a GPU)."""
+    """slices/s of the encoder alone on ready grey batches (bf16 + channels_last on a GPU)."""
     model, config = load_encoder(model_dir, device=device)
+    model = grey_input(model)  # as the embedding actor runs it: grey slices in
     torch.backends.cudnn.benchmark = device != "cpu"  # as the embedding actor does
     S = config.image_size
-    x = to_rgb(torch.rand(batch_size, 1, S, S)).to(device)
+    x = torch.rand(batch_size, 1, S, S).to(device)
     if device != "cpu":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -149,6 +186,7 @@ def main() -> None:
             logging.basicConfig()
             logging.getLogger("ctsearch.jobs.index").setLevel(logging.DEBUG)
         done_at: list[float] = []
+        cpu0 = cpu_seconds()
         t0 = time.perf_counter()
         s = index_source(
             arc / "flat",
@@ -159,6 +197,7 @@ def main() -> None:
             on_volume=lambda done, total: done_at.append(time.perf_counter()),
         )
         wall = time.perf_counter() - t0
+        cpu = cpu_breakdown(cpu0, cpu_seconds(), os.getpid())
         # Start-up (Ray Data planning, workers, the model actor) until the first volume is embedded,
         # then the steady rate over the remaining volumes (all volumes have about the same size).
         first, last = done_at[0] - t0, done_at[-1] - done_at[0]
@@ -181,6 +220,9 @@ def main() -> None:
         f"pipeline            {pipe:9.1f} slices/s   (end to end: Ray start of the dataset, parquet + FAISS)"
     )
     print(f"  of which          {first:9.1f} s to the first volume, then {steady:.1f} slices/s (steady)")
+    print(f"CPU during the pipeline ({os.cpu_count()} cores x {wall:.1f} s = {os.cpu_count() * wall:.1f} s):")
+    for kind, secs in sorted(cpu.items(), key=lambda kv: -kv[1]):
+        print(f"  {secs:7.1f} s  {1e3 * secs / max(1, s.rows_added):6.2f} ms/slice  {kind}")
     feed = decode_cores * decode_rate
     if args.backbone == "null" or gpus:
         limit = feed if args.backbone == "null" else min(bare, feed)

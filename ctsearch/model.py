@@ -105,6 +105,37 @@ def load_encoder(
     return encoder.to(device).eval(), config
 
 
+def grey_input(encoder: nn.Module) -> nn.Module:
+    """A copy of ``encoder`` that takes grey slices [n, 1, S, S] and returns what ``encoder``
+    returns on their pseudo-RGB stack ``to_rgb(x)`` [n, 3, S, S].
+
+    Three equal channels through the first convolution give the convolution of the one channel
+    with the weights summed over their input channels, so the stack need not be made: it is a
+    copy of every input (3x its bytes), which costs an embedding actor as much as a cheap model.
+    Equal up to float rounding (~1e-6). An encoder without convolutions (the ``null`` benchmark
+    encoder) takes any number of channels and is returned as it is.
+
+    Example:
+        >>> from ctsearch.preprocess import to_rgb
+        >>> enc = build_encoder(ModelConfig(backbone="tiny", image_size=32)).eval()
+        >>> x = torch.rand(2, 1, 32, 32)
+        >>> torch.allclose(grey_input(enc)(x), enc(to_rgb(x)), atol=1e-5)
+        True
+    """
+    import copy
+
+    first = next((m for m in encoder.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None:
+        return encoder
+    if first.in_channels != 3 or first.groups != 1:
+        raise ValueError(f"the first convolution takes {first.in_channels} channels, not a pseudo-RGB stack")
+    grey = copy.deepcopy(encoder)
+    conv = next(m for m in grey.modules() if isinstance(m, nn.Conv2d))
+    conv.weight = nn.Parameter(conv.weight.detach().sum(dim=1, keepdim=True), requires_grad=False)
+    conv.in_channels = 1
+    return grey
+
+
 # ---------------------------------------------------------------------------------------------
 # SimSiam heads (Chen & He 2021, as in the reference code; reference-facts.md)
 

@@ -189,3 +189,21 @@ def test_saved_encoder_gives_identical_embeddings(tmp_path):
     loaded, cfg = load_encoder(tmp_path)
     assert cfg == TINY
     np.testing.assert_array_equal(embed(loaded, hu, cfg), expected)
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "resnet18"])
+def test_grey_input_encoder_equals_the_encoder_on_the_pseudo_rgb_stack(backbone):
+    """What the embedding actor runs (no 3x copy of each slice) embeds as the encoder does on to_rgb."""
+    from ctsearch.model import ModelConfig, build_encoder, grey_input, set_residual_bn
+    from ctsearch.preprocess import to_rgb
+
+    torch.manual_seed(0)
+    enc = set_residual_bn(build_encoder(ModelConfig(backbone=backbone, image_size=64)), 1.0).eval()
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        want, got = enc(to_rgb(x)), grey_input(enc)(x)
+    assert got.shape == want.shape and want.abs().max() > 0
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert next(enc.parameters()).shape[1] == 3  # the encoder itself is left as it was
+    with pytest.raises(ValueError, match="takes 1 channels"):
+        grey_input(grey_input(enc))

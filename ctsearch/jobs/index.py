@@ -332,7 +332,7 @@ class Embedder:
     def __init__(self, model_dir: str, device: str = "cpu", threads: int | None = None, filesystems=None):
         import torch
 
-        from ctsearch.model import load_encoder
+        from ctsearch.model import grey_input, load_encoder
 
         storage.adopt(filesystems)  # a model in an index on a store: fetched with the driver's keys
         if device == "cpu" and threads:
@@ -340,30 +340,30 @@ class Embedder:
         self.device = device
         # Every batch has the same shape but the last: let cuDNN time its algorithms once.
         torch.backends.cudnn.benchmark = device != "cpu"
-        self.model, self.config = load_encoder(model_dir, device=device)
+        model, self.config = load_encoder(model_dir, device=device)
+        self.model = grey_input(model)  # grey slices in: no pseudo-RGB copy of every input
         if device != "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from ctsearch.preprocess import to_rgb
-
         if "hu" in batch:
             batch = preprocess(batch, self.config.to_json(), self.device)
         x = torch.as_tensor(batch["pixels"], device=self.device)
-        ok = torch.from_numpy(batch["status"] == "indexed").to(self.device)
+        ok = batch["status"] == "indexed"
         emb = np.zeros((len(x), self.config.embedding_dim), np.float32)
         if ok.any():
             with torch.inference_mode():
-                xs = to_rgb(x[ok])
+                # Status rows (errors, duplicates) carry zeros; most batches have none to leave out.
+                xs = x if ok.all() else x[torch.from_numpy(ok).to(self.device)]
                 if self.device != "cpu":
                     xs = xs.contiguous(memory_format=torch.channels_last)
                     with torch.autocast("cuda", dtype=torch.bfloat16):
                         e = self.model(xs)
                 else:
                     e = self.model(xs)
-                emb[ok.cpu().numpy()] = l2_normalize(e.float().cpu().numpy())
+                emb[ok] = l2_normalize(e.float().cpu().numpy())
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["embedding"] = emb
         out["embed_node"] = np.full(len(x), node_id(), dtype=object)
