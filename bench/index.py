@@ -230,6 +230,7 @@ def main() -> None:
             f"{decode_cores} x decode" if args.backbone == "null" else f"min(bare, {decode_cores} x decode)"
         )
         print(f"pipeline / {what} = {pipe / limit:.2f}   (target >= 0.8; {what} = {limit:.1f}/s)")
+        print(f"  steady / {what} = {steady / limit:.2f}   (after the start-up, which a large archive amortises)")
     else:
         print(f"pipeline / bare model = {pipe / bare:.2f}   (target >= 0.8)")
     print(
