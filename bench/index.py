@@ -40,7 +40,7 @@ import ray
 import torch
 
 from ctsearch.jobs.index import index_source
-from ctsearch.model import ModelConfig, build_encoder, grey_input, load_encoder, save_encoder
+from ctsearch.model import ModelConfig, build_encoder, fold_batchnorm, grey_input, load_encoder, save_encoder
 from ctsearch.preprocess import eval_transform
 from ctsearch.synth import synth_archive
 
@@ -121,7 +121,7 @@ def cpu_breakdown(before: dict, after: dict, driver: int) -> dict[str, float]:
 def bare_model(model_dir: Path, n: int, batch_size: int, device: str) -> float:
     """slices/s of the encoder alone on ready grey batches (bf16 + channels_last on a GPU)."""
     model, config = load_encoder(model_dir, device=device)
-    model = grey_input(model)  # as the embedding actor runs it: grey slices in
+    model = fold_batchnorm(grey_input(model))  # as the embedding actor runs it (grey input)
     torch.backends.cudnn.benchmark = device != "cpu"  # as the embedding actor does
     S = config.image_size
     x = torch.rand(batch_size, 1, S, S).to(device)
@@ -230,7 +230,9 @@ def main() -> None:
             f"{decode_cores} x decode" if args.backbone == "null" else f"min(bare, {decode_cores} x decode)"
         )
         print(f"pipeline / {what} = {pipe / limit:.2f}   (target >= 0.8; {what} = {limit:.1f}/s)")
-        print(f"  steady / {what} = {steady / limit:.2f}   (after the start-up, which a large archive amortises)")
+        print(
+            f"  steady / {what} = {steady / limit:.2f}   (after the start-up, which a large archive amortises)"
+        )
     else:
         print(f"pipeline / bare model = {pipe / bare:.2f}   (target >= 0.8)")
     print(

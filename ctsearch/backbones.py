@@ -109,8 +109,10 @@ def _null_encoder(dim: int = 2048):
     from torch import nn
 
     class NullEncoder(nn.Module):
+        takes_grey = True  # reads the first channel only: the same on grey and pseudo-RGB input
+
         def forward(self, x):
-            flat = x.flatten(1)
+            flat = x[:, 0].flatten(1)
             step = max(1, flat.shape[1] // dim)
             return flat[:, ::step][:, :dim].float()
 

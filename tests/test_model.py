@@ -205,5 +205,34 @@ def test_grey_input_encoder_equals_the_encoder_on_the_pseudo_rgb_stack(backbone)
     assert got.shape == want.shape and want.abs().max() > 0
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert next(enc.parameters()).shape[1] == 3  # the encoder itself is left as it was
-    with pytest.raises(ValueError, match="takes 1 channels"):
-        grey_input(grey_input(enc))
+    assert grey_input(grey_input(enc)) is None  # its first convolution already takes one channel
+
+
+def test_grey_input_of_encoders_without_a_pseudo_rgb_convolution():
+    from ctsearch.model import ModelConfig, build_encoder, grey_input
+    from ctsearch.preprocess import to_rgb
+
+    null = build_encoder(ModelConfig(backbone="null", image_size=32))
+    x = torch.rand(2, 1, 32, 32)
+    assert grey_input(null) is null and torch.equal(null(x), null(to_rgb(x)))
+    # An encoder that does not say it reads grey input is not given it.
+    assert grey_input(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))) is None
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "resnet18"])
+def test_folded_batchnorm_encoder_equals_the_encoder(backbone):
+    from ctsearch.model import ModelConfig, build_encoder, fold_batchnorm, set_residual_bn
+
+    torch.manual_seed(0)
+    enc = set_residual_bn(build_encoder(ModelConfig(backbone=backbone, image_size=64)), 1.0)
+    for m in enc.modules():  # running statistics as after training, so folding them matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    enc.eval()
+    folded = fold_batchnorm(enc)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), enc(x), atol=1e-5, rtol=1e-4)
+    assert fold_batchnorm(enc.train()) is enc  # training mode: batch statistics, nothing to fold

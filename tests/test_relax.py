@@ -155,3 +155,32 @@ def test_bf16_on_the_cpu_agrees_with_float32(tiny):
 def test_unknown_precision_is_refused(tiny):
     with pytest.raises(ValueError, match="precision"):
         relax(tiny, torch.rand(3, S, S), num_masks=8, precision="fp8")
+
+
+def test_folded_encoder_gives_the_reference_maps_and_follows_changed_weights():
+    """relax() runs the encoder with BatchNorm folded, kept between calls: the maps stay the
+    reference loop's (run on the encoder as given), also after its weights change."""
+    from ctsearch.relax import _FAST
+
+    torch.manual_seed(5)
+    enc = build_encoder(ModelConfig(backbone="tiny", image_size=S)).eval()
+    for m in enc.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.running_mean.uniform_(-0.1, 0.1)
+    x = torch.rand(3, S, S)
+    masks = make_masks(120, S, seed=7)
+    made = []
+    for _ in range(2):
+        ours = relax(enc, x, masks=masks, batch_size=40)
+        ref = relax_per_mask(enc, x, masks, batch_size=100)
+        assert np.abs(ours.importance - ref.importance).max() <= 1e-5
+        assert np.abs(ours.uncertainty - ref.uncertainty).max() <= 1e-6
+        assert ref.importance.std() > 1e-4
+        fast = _FAST[enc][1]
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+        assert relax(enc, x, masks=masks[:10]).masks_used == 10 and _FAST[enc][1] is fast  # kept
+        made.append(fast)
+        with torch.no_grad():
+            enc.conv1.weight.mul_(-1.5)  # what a training step does between two explanations
+    assert made[0] is not made[1]  # rebuilt for the changed weights (whose maps matched above)

@@ -332,7 +332,7 @@ class Embedder:
     def __init__(self, model_dir: str, device: str = "cpu", threads: int | None = None, filesystems=None):
         import torch
 
-        from ctsearch.model import grey_input, load_encoder
+        from ctsearch.model import fold_batchnorm, grey_input, load_encoder
 
         storage.adopt(filesystems)  # a model in an index on a store: fetched with the driver's keys
         if device == "cpu" and threads:
@@ -341,12 +341,18 @@ class Embedder:
         # Every batch has the same shape but the last: let cuDNN time its algorithms once.
         torch.backends.cudnn.benchmark = device != "cpu"
         model, self.config = load_encoder(model_dir, device=device)
-        self.model = grey_input(model)  # grey slices in: no pseudo-RGB copy of every input
+        # Grey slices in where the encoder allows (no pseudo-RGB copy of every input), and
+        # BatchNorm folded into the convolutions.
+        grey = grey_input(model)
+        self.grey = grey is not None
+        self.model = fold_batchnorm(grey if self.grey else model)
         if device != "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
+
+        from ctsearch.preprocess import to_rgb
 
         if "hu" in batch:
             batch = preprocess(batch, self.config.to_json(), self.device)
@@ -357,6 +363,8 @@ class Embedder:
             with torch.inference_mode():
                 # Status rows (errors, duplicates) carry zeros; most batches have none to leave out.
                 xs = x if ok.all() else x[torch.from_numpy(ok).to(self.device)]
+                if not self.grey:
+                    xs = to_rgb(xs)
                 if self.device != "cpu":
                     xs = xs.contiguous(memory_format=torch.channels_last)
                     with torch.autocast("cuda", dtype=torch.bfloat16):
