@@ -263,3 +263,26 @@ def test_slabs_cover_every_slice_and_the_actor_preprocesses_them_alike(synth_arc
     assert on_actor.shape == (len(slab["path"]), config.embedding_dim)
     np.testing.assert_allclose(on_actor, in_tasks, atol=1e-6)
     assert np.allclose(np.linalg.norm(on_actor, axis=1), 1.0, atol=1e-5)
+
+
+def test_the_embedding_actor_used_outside_ray_connects_to_nothing(model_dir):
+    """Embedder and read_volume_rows are plain callables too: outside Ray they record no node and
+    never try to reach the cluster RAY_ADDRESS names (here an unreachable one)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, sys\n"
+        "from ctsearch.jobs.index import Embedder\n"
+        "e = Embedder(sys.argv[1], threads=1)\n"
+        "b = {'pixels': np.zeros((2, 1, 64, 64), np.float32), 'status': np.array(['indexed', 'error'], dtype=object)}\n"
+        "out = e(b)\n"
+        "print(out['embedding'].shape, list(out['embed_node']), bool(out['embedding'][1].any()))\n"
+    )
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(model_dir)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "(2, 128) ['', ''] False"

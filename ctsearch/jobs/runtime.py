@@ -323,8 +323,10 @@ def _unwrap(ref) -> Any:
 
 
 def node_id() -> str:
-    """The Ray node this code runs on (hex id), recorded by jobs to show where work ran."""
-    return ray.get_runtime_context().get_node_id()
+    """The Ray node this code runs on (hex id), recorded by jobs to show where work ran; "" outside
+    Ray (asking the runtime context there would connect to whatever cluster RAY_ADDRESS or
+    /tmp/ray names, and wait for it when it is gone)."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 _SHARED: dict = {}
