@@ -21,16 +21,21 @@ class RegionEncoder(nn.Module):
         return torch.cat([region, torch.ones(len(x), 4)], dim=1)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
+def tiny_encoder(seed: int) -> nn.Module:
+    """The tiny backbone at S px in eval mode, seeded, with non-trivial BN statistics so masked
+    representations differ enough to give structured maps."""
+    torch.manual_seed(seed)
     enc = build_encoder(ModelConfig(backbone="tiny", image_size=S)).eval()
-    # Non-trivial BN statistics so masked representations differ enough to give structured maps.
     for m in enc.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.weight.data.uniform_(0.5, 1.5)
             m.running_mean.uniform_(-0.1, 0.1)
     return enc
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_encoder(0)
 
 
 def test_masks_follow_the_reference_recipe():
@@ -162,12 +167,7 @@ def test_folded_encoder_gives_the_reference_maps_and_follows_changed_weights():
     reference loop's (run on the encoder as given), also after its weights change."""
     from ctsearch.relax import _FAST
 
-    torch.manual_seed(5)
-    enc = build_encoder(ModelConfig(backbone="tiny", image_size=S)).eval()
-    for m in enc.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.running_mean.uniform_(-0.1, 0.1)
+    enc = tiny_encoder(5)
     x = torch.rand(3, S, S)
     masks = make_masks(120, S, seed=7)
     made = []
