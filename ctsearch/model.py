@@ -143,8 +143,8 @@ def fold_batchnorm(encoder: nn.Module) -> nn.Module:
     and under bf16 autocast without converting each activation to float32 and back for it
     (ResNet50, bf16, on a 2-core CPU: 1.10x; docs/benchmarks.md, RELAX).
 
-    An encoder in training mode, with no BatchNorm, or compiled (``torch.compile``) is returned
-    as it is.
+    An encoder in training mode, with no BatchNorm, compiled (``torch.compile``) or that
+    torch.fx cannot trace is returned as it is: folding only saves time.
 
     Example:
         >>> enc = build_encoder(ModelConfig(backbone="tiny", image_size=32)).eval()
@@ -158,7 +158,10 @@ def fold_batchnorm(encoder: nn.Module) -> nn.Module:
         return encoder
     if not any(isinstance(m, nn.BatchNorm2d) for m in encoder.modules()):
         return encoder
-    return fuse(encoder)
+    try:
+        return fuse(encoder)
+    except torch.fx.proxy.TraceError:  # control flow on tensor values: keep the layers as they are
+        return encoder
 
 
 # ---------------------------------------------------------------------------------------------

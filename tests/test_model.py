@@ -236,3 +236,14 @@ def test_folded_batchnorm_encoder_equals_the_encoder(backbone):
     with torch.no_grad():
         torch.testing.assert_close(folded(x), enc(x), atol=1e-5, rtol=1e-4)
     assert fold_batchnorm(enc.train()) is enc  # training mode: batch statistics, nothing to fold
+
+    class Branchy(torch.nn.Module):  # control flow on a value: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else self.conv(x)
+
+    branchy = Branchy().eval()
+    assert fold_batchnorm(branchy) is branchy
