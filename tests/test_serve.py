@@ -393,10 +393,12 @@ def test_page_in_headless_chromium(server, catalogue):
         wait.until(loaded("#query-image"))
         label = browser.find_element(By.ID, "slice-label").text
         assert "slice" in label and "z" in label
-        hits = browser.find_elements(By.CSS_SELECTOR, "#results .hit")
+        # The hits' texts read in one go, again if the list is redrawn meanwhile (stale elements).
+        texts = wait.until(lambda b: [h.text for h in b.find_elements(By.CSS_SELECTOR, "#results .hit")])
         own = catalogue[1]["patient_id"]
-        assert all(own not in h.text for h in hits)  # "other patients only" is on by default
-        assert all("z " in h.text and "patient" in h.text for h in hits)
+        assert len(texts) == 3
+        assert all(own not in t for t in texts)  # "other patients only" is on by default
+        assert all("z " in t and "patient" in t for t in texts)
         # Cross-exam: the patient's other exam, aligned along z.
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#crossexam .exam"))
         # Switch the window: every picture is redrawn.
@@ -405,7 +407,7 @@ def test_page_in_headless_chromium(server, catalogue):
         wait.until(lambda b: b.find_element(By.ID, "query-image").get_attribute("src") != before)
         wait.until(loaded("#results .hit img"))
         # The first hit's RELAX explanation.
-        hits[0].find_element(By.CSS_SELECTOR, "button.explain").click()
+        wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#results .hit button.explain").click() or True)
         wait.until(lambda b: b.find_element(By.ID, "explain-dialog").is_displayed())
         wait.until(loaded("#explain-image"))
         assert "computing" not in browser.find_element(By.ID, "explain-status").text
