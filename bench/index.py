@@ -28,21 +28,33 @@ content hash) differ but decoding it costs the same.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import shutil
-import tempfile
-import time
-from pathlib import Path
 
-import ray
-import torch
+# "decode, 1 core" is one core, numpy's BLAS (the resize's matrix products) included, as in a
+# reading task (Ray gives a 1-CPU task OMP_NUM_THREADS=1). Set before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from ctsearch.jobs.index import index_source
-from ctsearch.model import ModelConfig, build_encoder, fold_batchnorm, grey_input, load_encoder, save_encoder
-from ctsearch.preprocess import eval_transform
-from ctsearch.synth import synth_archive
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from ctsearch.jobs.index import index_source  # noqa: E402
+from ctsearch.model import (  # noqa: E402
+    ModelConfig,
+    build_encoder,
+    fold_batchnorm,
+    grey_input,
+    load_encoder,
+    save_encoder,
+)
+from ctsearch.preprocess import eval_pixels  # noqa: E402
+from ctsearch.synth import synth_archive  # noqa: E402
 
 
 def make_archive(out: Path, volumes: int, distinct: int, size: int) -> list[Path]:
@@ -62,24 +74,19 @@ def make_archive(out: Path, volumes: int, distinct: int, size: int) -> list[Path
 
 
 def decode_one_core(paths: list[Path], config: ModelConfig, with_preprocess: bool) -> tuple[float, float]:
-    """(slices/s read, slices/s read + preprocess) in this process on one torch thread, no Ray."""
+    """(slices/s read, slices/s read + preprocess) in this process on one thread, no Ray."""
     from ctsearch.io import read_volume
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        read_s = prep_s = 0.0
-        n = 0
-        for p in paths:
-            t0 = time.perf_counter()
-            hu = read_volume(p).hu
-            t1 = time.perf_counter()
-            if with_preprocess:
-                eval_transform(hu, config, channels=1)
-            read_s, prep_s, n = read_s + t1 - t0, prep_s + time.perf_counter() - t1, n + len(hu)
-        return n / read_s, n / (read_s + prep_s)
-    finally:
-        torch.set_num_threads(threads)
+    read_s = prep_s = 0.0
+    n = 0
+    for p in paths:
+        t0 = time.perf_counter()
+        hu = read_volume(p).hu
+        t1 = time.perf_counter()
+        if with_preprocess:
+            eval_pixels(hu, config)  # what a reading task does for a CPU model
+        read_s, prep_s, n = read_s + t1 - t0, prep_s + time.perf_counter() - t1, n + len(hu)
+    return n / read_s, n / (read_s + prep_s)
 
 
 def cpu_seconds() -> dict[int, tuple[str, float]]:

@@ -60,12 +60,19 @@ def apply_window(hu, window: Window, rescale: Rescale = "reference"):
         raise ValueError(f"rescale must be 'reference' or 'own', got {rescale!r}")
     scale = REFERENCE_SCALE if rescale == "reference" else window
     span = scale.high - scale.low
+    # Clamping integers first, then converting and scaling in place, gives the same values
+    # 3x faster (the window is a good part of a slice's preprocessing on a CPU).
+    integral = float(window.low).is_integer() and float(window.high).is_integer()
     if isinstance(hu, np.ndarray) or not hasattr(hu, "clamp"):
-        x = np.clip(np.asarray(hu, dtype=np.float32), window.low, window.high)
-        return ((x - scale.low) / span).astype(np.float32)
-    if not hu.is_floating_point() and float(window.low).is_integer() and float(window.high).is_integer():
-        # Clamping the integers first, then converting and scaling in place, gives the same
-        # values 3x faster (the window is most of a slice's preprocessing on a CPU).
+        hu = np.asarray(hu)
+        if integral and hu.dtype.kind in "iu":
+            x = np.clip(hu, int(window.low), int(window.high)).astype(np.float32)
+        else:
+            x = np.clip(hu.astype(np.float32), window.low, window.high)
+        x -= np.float32(scale.low)
+        x /= np.float32(span)
+        return x
+    if not hu.is_floating_point() and integral:
         x = hu.clamp(int(window.low), int(window.high)).float()
     else:
         x = hu.float().clamp(window.low, window.high)

@@ -233,13 +233,32 @@ def test_cli_index_of_nothing_usable_fails_with_one_line(model_dir, ray_session,
     assert pq.read_table(out / "errors.parquet").column("path").to_pylist() == [str(bad)]
 
 
-def test_the_reading_stage_never_imports_torch():
-    """CPU workers that only read volumes must not pay torch's import (seconds, and memory)."""
+def test_the_reading_stage_never_imports_torch(synth_archive):
+    """CPU workers that read volumes, and preprocess them for a CPU model, must not pay torch's
+    import (seconds, and ~450 MB per worker)."""
     import subprocess
     import sys
 
-    code = "import sys, ctsearch.jobs.index; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    code = (
+        "import sys, numpy as np\n"
+        "from ctsearch.config import ModelConfig\n"
+        "from ctsearch.jobs.index import read_volume_rows, resolve_source\n"
+        "tasks, _ = resolve_source(sys.argv[1])\n"
+        "task = {**tasks[0], 'order': 0, 'shard': 0, 'size': 0, 'mtime_ns': 0}\n"
+        "batch = {k: np.asarray([v], dtype=object) for k, v in task.items()}\n"
+        "slabs = list(read_volume_rows(batch, set(), config=ModelConfig(image_size=48).to_json()))\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "print(sum(len(s['pixels']) for s in slabs), slabs[0]['n_rows'][0], slabs[0]['pixels'].shape[1:])\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(synth_archive / "nifti")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows, n_rows, shape = r.stdout.split(maxsplit=2)
+    assert rows == n_rows and int(rows) > 0 and shape.strip() == "(1, 48, 48)"
 
 
 def test_slabs_cover_every_slice_and_the_actor_preprocesses_them_alike(synth_archive, model_dir, ray_session):

@@ -3,12 +3,12 @@
 The pipeline follows Ray's batch-inference guide, one stage per resource:
 
     volume paths --map_batches(read_volume_rows)--> slabs of slices: HU int16, or    CPU tasks, one per volume
-                                                    eval_transform pixels (CPU model)
+                                                    preprocessed pixels (CPU model)
                  --map_batches(Embedder)---------> L2-normalised embeddings         actor pool (1 model / GPU)
                  --iter_batches (driver)---------> shard complete? write + commit   driver
 
 Only paths travel into the object store. CPU tasks do what must be on a CPU: reading and
-decompressing; they never import torch (a worker's first task would pay seconds for it). With
+decompressing; they never import torch (a worker would pay seconds and ~450 MB for it). With
 GPUs the embedding actor windows and resizes whole batches on its device, so a CPU core's time
 goes to decoding alone; with a CPU model, preprocessing runs in the reading tasks, beside the
 model rather than in its process. A volume leaves its reading task as slabs of ``SLAB_SLICES``
@@ -283,23 +283,37 @@ def _series_by_pseudonym(folder: str, pseudonym: str, salt: bytes | None) -> str
 
 
 def preprocess(batch: dict[str, np.ndarray], config: dict, device: str = "cpu"):
-    """HU rows -> ``pixels`` [n, 1, S, S] by ctsearch.preprocess.eval_transform (zeros for status rows).
+    """HU rows -> ``pixels`` [n, 1, S, S] by ctsearch.preprocess (zeros for status rows).
 
-    One grey channel travels to the model, which stacks the pseudo-RGB copies itself: on the CPU
-    path a third of the bytes through the object store (S = 224: 200 kB per slice, not 600 kB).
-    Returns numpy on the CPU (a pipeline stage), a tensor on ``device`` otherwise (in the actor).
+    One grey channel travels to the model (``Embedder`` feeds it to a grey-input encoder): on the
+    CPU path a third of the bytes through the object store (S = 224: 200 kB per slice, not 600 kB).
+    On the CPU (a reading task) this is numpy alone: the task never imports torch. On a device
+    (the actor) ``pixels`` is a tensor there.
     """
+    cfg = ModelConfig.from_json(config)
+    n, S = len(batch["path"]), cfg.image_size
+    out = {k: v for k, v in batch.items() if k != "hu"}
+    if device == "cpu":
+        from ctsearch.preprocess import eval_pixels
+
+        groups = list(_hu_groups(batch))
+        if len(groups) == 1 and len(groups[0][0]) == n:  # every row a slice of one size: no copy
+            out["pixels"] = eval_pixels(groups[0][1], cfg)
+            return out
+        pixels = np.zeros((n, 1, S, S), np.float32)
+        for rows, hu in groups:
+            pixels[rows] = eval_pixels(hu, cfg)
+        out["pixels"] = pixels
+        return out
     import torch
 
     from ctsearch.preprocess import eval_transform
 
-    cfg = ModelConfig.from_json(config)
-    pixels = torch.zeros((len(batch["path"]), 1, cfg.image_size, cfg.image_size), device=device)
+    pixels = torch.zeros((n, 1, S, S), device=device)
     for rows, hu in _hu_groups(batch):
         hu = torch.from_numpy(np.ascontiguousarray(hu)).to(device, non_blocking=True)
         pixels[torch.from_numpy(rows).to(device)] = eval_transform(hu, cfg, channels=1)
-    out = {k: v for k, v in batch.items() if k != "hu"}
-    out["pixels"] = pixels.numpy() if device == "cpu" else pixels
+    out["pixels"] = pixels
     return out
 
 
