@@ -44,7 +44,7 @@ from pathlib import Path  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from ctsearch.jobs.index import index_source  # noqa: E402
+from ctsearch.jobs.index import SLAB_SLICES, index_source  # noqa: E402
 from ctsearch.model import (  # noqa: E402
     ModelConfig,
     build_encoder,
@@ -83,8 +83,9 @@ def decode_one_core(paths: list[Path], config: ModelConfig, with_preprocess: boo
         t0 = time.perf_counter()
         hu = read_volume(p).hu
         t1 = time.perf_counter()
-        if with_preprocess:
-            eval_pixels(hu, config)  # what a reading task does for a CPU model
+        if with_preprocess:  # what a reading task does for a CPU model, slab by slab
+            for a in range(0, len(hu), SLAB_SLICES):
+                eval_pixels(hu[a : a + SLAB_SLICES], config)
         read_s, prep_s, n = read_s + t1 - t0, prep_s + time.perf_counter() - t1, n + len(hu)
     return n / read_s, n / (read_s + prep_s)
 

@@ -411,3 +411,32 @@ def test_special_file_beside_a_dicom_series_leaves_the_series_readable(tmp_path)
     files = series(tmp_path)
     os.mkfifo(files[0].parent / "pipe")
     assert read_volume(files[0].parent).hu.shape == (4, 8, 8)
+
+
+def test_gzip_damage_past_the_header_is_one_clear_error(tmp_path):
+    """Damage the voxel data, or only the CRC in the trailer: the stream decompresses to the right
+    length either way, and reading must still refuse it rather than return wrong pixels."""
+    good = nifti_bytes(tmp_path, shape=(6, 32, 32))
+    middle = bytearray(good)
+    middle[len(good) // 2 : len(good) // 2 + 16] = bytes(16)
+    crc = bytearray(good)
+    crc[-8] ^= 0xFF  # CRC32 of the data; ISIZE (the last 4 bytes) still agrees with the header
+    for name, data in (("middle", middle), ("crc", crc)):
+        p = tmp_path / f"{name}.nii.gz"
+        p.write_bytes(bytes(data))
+        with pytest.raises(CTSearchInputError) as info:
+            read_volume(p)
+        message = str(info.value)
+        assert "\n" not in message and str(p) in message and "cannot read voxel data" in message, message
+
+
+def test_gzip_of_several_members_reads_as_one_stream(tmp_path):
+    """`cat a.gz b.gz` is a valid gzip file (RFC 1952): the voxels may span members."""
+    raw = nifti_bytes(tmp_path, shape=(6, 32, 32), suffix=".nii")
+    one = tmp_path / "one.nii.gz"
+    one.write_bytes(gzip.compress(raw))
+    parts = tmp_path / "parts.nii.gz"
+    cuts = [0, 400, 3000, len(raw) - 5, len(raw)]  # the header alone, then voxels in three pieces
+    parts.write_bytes(b"".join(gzip.compress(raw[a:b]) for a, b in zip(cuts, cuts[1:])))
+    np.testing.assert_array_equal(read_volume(parts).hu, read_volume(one).hu)
+    assert read_volume(one).hu.flags.writeable

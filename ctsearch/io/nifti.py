@@ -282,13 +282,58 @@ def _load_scaled(img, path, convert) -> np.ndarray:
     proxy = img.dataobj
     shape = tuple(int(d) for d in img.shape[:3])
     try:
-        raw = np.asanyarray(proxy.get_unscaled()).reshape(shape)
+        if os.fspath(path).lower().endswith(".gz"):
+            n_bytes = int(np.prod(shape, dtype=np.int64)) * proxy.dtype.itemsize
+            raw = (
+                _gunzip_range(path, int(proxy.offset), n_bytes)
+                .view(proxy.dtype)
+                .reshape(shape, order=proxy.order)
+            )
+        else:
+            raw = np.asanyarray(proxy.get_unscaled()).reshape(shape)
         slope, inter = float(proxy.slope), float(proxy.inter)
         return convert(raw, slope, inter)
     except CTSearchInputError as e:
         raise CTSearchInputError(path, e.problem) if e.path is None else e from None
     except Exception as e:  # nibabel, gzip, zlib and EOF errors alike
         raise CTSearchInputError(path, f"cannot read voxel data ({_describe(e)})") from None
+
+
+_GZ_IN = 1 << 20  # compressed bytes per zlib call
+_GZ_OUT = 1 << 24  # at most this many decompressed bytes per call: bounded temporaries
+
+
+def _gunzip_range(path, start: int, length: int) -> np.ndarray:
+    """Bytes ``start .. start + length`` of a .gz file's decompressed stream, as a writable uint8 array.
+
+    zlib is fed a MiB at a time and writes into the array, where gzip.GzipFile (nibabel's path)
+    makes thousands of 8 kB calls per volume: ~15 % less CPU per CT slice (bench/index.py's
+    "read, 1 core"). Several gzip members are read in turn; a stream that ends early is an error.
+    """
+    out = np.empty(length, np.uint8)
+    done, skip, data = 0, start, b""
+    d = zlib.decompressobj(wbits=31)  # gzip header and trailer; the CRC is checked at each member's end
+    with open(path, "rb") as f:
+        while done < length:
+            if not data:
+                data = f.read(_GZ_IN)
+                if not data:
+                    raise CTSearchInputError(
+                        path, f"gzip stream ends after {start + done} of {start + length} bytes (truncated?)"
+                    )
+            block = d.decompress(data, min(_GZ_OUT, skip + length - done))
+            if d.eof:  # this member ended: what follows is the next one
+                data, d = d.unused_data, zlib.decompressobj(wbits=31)
+            else:
+                data = d.unconsumed_tail
+            cut = min(skip, len(block))
+            skip -= cut
+            n = len(block) - cut
+            out[done : done + n] = np.frombuffer(block, np.uint8, n, cut)
+            done += n
+        if not d.eof:  # the trailer usually follows the voxels: have zlib check its CRC
+            d.decompress(data or f.read(_GZ_IN), 1 << 16)
+    return out
 
 
 def _to_int16(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
