@@ -1,9 +1,10 @@
-"""The one exception type for bad user input."""
+"""The one exception type for bad user input, and finding one among an exception's causes."""
 
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 
 # What the place being written to can refuse: the user's to fix (free space, another folder), not a bug.
 _ADVICE = {
@@ -49,15 +50,39 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
+def causes(e: BaseException, limit: int = 50) -> Iterator[BaseException]:
+    """``e`` and every exception behind it, nearest first: ``__cause__``, ``__context__``, a Ray
+    task error's ``cause``, and the workers' errors a Ray Train ``WorkerGroupError`` keeps (each
+    wrapped with its traceback as ``_base_exc``). Each at most once, at most ``limit``: chains
+    can loop.
+
+    Example:
+        >>> try:
+        ...     try:
+        ...         raise KeyError("k")
+        ...     except KeyError as inner:
+        ...         raise RuntimeError("outer") from inner
+        ... except RuntimeError as e:
+        ...     [type(x).__name__ for x in causes(e)]
+        ['RuntimeError', 'KeyError']
+    """
+    todo, seen = [e], set()
+    while todo and len(seen) < limit:
+        x = todo.pop(0)
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        nested = [getattr(x, "cause", None), x.__cause__, x.__context__, getattr(x, "_base_exc", None)]
+        nested += list((getattr(x, "worker_failures", None) or {}).values())
+        todo += [c for c in nested if isinstance(c, BaseException)]
+
+
 def environment_error(e: BaseException) -> CTSearchInputError | None:
     """A full disk, a read-only file system or a permission refusal anywhere in ``e``'s causes
     (also inside a Ray task's error), as a one-line user error naming the file; else None."""
-    seen: BaseException | None = e
-    for _ in range(10):  # the chain of causes; bounded, chains can loop
-        if seen is None:
-            return None
-        if isinstance(seen, OSError) and seen.errno in _ADVICE:
-            where = seen.filename or seen.filename2
-            return CTSearchInputError(where, f"{os.strerror(seen.errno)}; {_ADVICE[seen.errno]}")
-        seen = getattr(seen, "cause", None) or seen.__cause__ or seen.__context__
+    for x in causes(e):
+        if isinstance(x, OSError) and x.errno in _ADVICE:
+            where = x.filename or x.filename2
+            return CTSearchInputError(where, f"{os.strerror(x.errno)}; {_ADVICE[x.errno]}")
     return None

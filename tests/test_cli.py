@@ -75,6 +75,36 @@ def test_user_error_raised_in_a_ray_train_worker_is_the_one_line_error():
     assert error_line(r) == "error: s3://b/run: cannot open this storage location"
 
 
+def test_a_full_disk_in_a_train_worker_and_a_looping_chain_of_causes():
+    """A Train worker's full disk is the user's one line too; a chain of causes that loops (an
+    exception that is its own context's context) ends instead of hanging the error handler."""
+    import errno
+
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from ctsearch.errors import causes
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/r1/checkpoint")
+    failure = WorkerGroupError("[Rank 1]: ...", {1: UserExceptionWithTraceback(full, "Traceback ...")})
+
+    def command() -> None:
+        raise failure
+
+    r = CliRunner().invoke(_app(command), ["run"])
+    assert error_line(r).startswith("error: /runs/r1/checkpoint: No space left on device; free some space")
+
+    a, b = RuntimeError("a"), ValueError("b")
+    a.__context__, b.__context__ = b, a
+    assert [type(x).__name__ for x in causes(a)] == ["RuntimeError", "ValueError"]
+
+    def looping() -> None:
+        raise a
+
+    r = CliRunner().invoke(_app(looping), ["run"])
+    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)  # a bug of ours: not hidden
+
+
 def test_progress_in_a_log_file_is_a_line_every_n_seconds(monkeypatch, capsys):
     from ctsearch.cli.common import CallbackBar
 

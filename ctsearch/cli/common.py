@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ctsearch.errors import CTSearchInputError, environment_error, printable
+from ctsearch.errors import CTSearchInputError, causes, environment_error, printable
 
 err_console = Console(stderr=True)
 T = TypeVar("T")
@@ -152,22 +152,8 @@ def handle_errors(fn: Callable) -> Callable:
 
 
 def _user_error_inside(e: BaseException) -> CTSearchInputError | None:
-    """The CTSearchInputError a Ray task or Train worker raised, found in ``e``'s causes (Ray
-    Train keeps a worker's exception in ``worker_failures``, wrapped with its traceback)."""
-    todo, seen = [e], 0
-    while todo and seen < 50:  # bounded: chains can loop
-        x = todo.pop()
-        seen += 1
-        if isinstance(x, CTSearchInputError):
-            return x
-        todo += [c for c in (getattr(x, "cause", None), x.__cause__, x.__context__) if c is not None]
-        todo += [
-            c for c in (getattr(x, "worker_failures", None) or {}).values() if isinstance(c, BaseException)
-        ]
-        base = getattr(x, "_base_exc", None)
-        if isinstance(base, BaseException):
-            todo.append(base)
-    return None
+    """The CTSearchInputError a Ray task or Train worker raised, found in ``e``'s causes."""
+    return next((x for x in causes(e) if isinstance(x, CTSearchInputError)), None)
 
 
 def _is_ray_failure(e: BaseException) -> bool:
@@ -188,14 +174,7 @@ def _is_ray_failure(e: BaseException) -> bool:
         "ControllerError",
         "WorkerGroupError",
     }
-    seen: BaseException | None = e
-    for _ in range(10):  # the chain of causes; bounded, chains can loop
-        if seen is None:
-            return False
-        if type(seen).__module__.startswith("ray.") and type(seen).__name__ in names:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return any(type(x).__module__.startswith("ray.") and type(x).__name__ in names for x in causes(e))
 
 
 def progress(items: Iterable[T], total: int | None, description: str, quiet: bool = False) -> Iterable[T]:
