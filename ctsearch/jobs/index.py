@@ -282,18 +282,18 @@ def _series_by_pseudonym(folder: str, pseudonym: str, salt: bytes | None) -> str
     raise CTSearchInputError(folder, f"no DICOM series with pseudonym {pseudonym} here (another salt?)")
 
 
-def preprocess(batch: dict[str, np.ndarray], config: dict, device: str = "cpu"):
+def preprocess(batch: dict[str, np.ndarray], config: dict, device: str | None = None):
     """HU rows -> ``pixels`` [n, 1, S, S] by ctsearch.preprocess (zeros for status rows).
 
     One grey channel travels to the model (``Embedder`` feeds it to a grey-input encoder): on the
     CPU path a third of the bytes through the object store (S = 224: 200 kB per slice, not 600 kB).
-    On the CPU (a reading task) this is numpy alone: the task never imports torch. On a device
-    (the actor) ``pixels`` is a tensor there.
+    Without a ``device`` (a reading task) this is numpy alone: the task never imports torch. With
+    one (the embedding actor) ``pixels`` is a tensor there, made by torch with the same weights.
     """
     cfg = ModelConfig.from_json(config)
     n, S = len(batch["path"]), cfg.image_size
     out = {k: v for k, v in batch.items() if k != "hu"}
-    if device == "cpu":
+    if device is None:
         from ctsearch.preprocess import eval_pixels
 
         groups = list(_hu_groups(batch))
