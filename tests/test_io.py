@@ -149,6 +149,50 @@ def test_pydicom_ct_small_matches_apply_modality_lut(tmp_path):
     assert vol.spacing_mm[1] == pytest.approx(float(ref.PixelSpacing[0]))
 
 
+@pytest.mark.parametrize(
+    "signed,slope,intercept",
+    [
+        (0, 1, -1024),  # the common CT case: unsigned stored values, integer intercept
+        (1, 1, 0),
+        (1, 3, -32768),  # clips at int16's bounds on both sides
+        (0, -2, 40000),
+        (1, 0.5, -1024.0),  # fractional: pydicom's float path
+        (1, 1, -1024.25),
+        (0, None, None),  # no rescale tags: the stored values
+        (1, "lut", None),  # a modality LUT sequence
+    ],
+)
+def test_integer_rescale_equals_pydicoms_modality_lut(tmp_path, signed, slope, intercept):
+    """The int32 rescale gives exactly what pydicom's float64 modality LUT, rounded and clipped,
+    gives; everything it does not cover still goes through pydicom."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from ctsearch.io.dicom import _decode_slice
+
+    (path,) = write_dicom_series(make_volume(shape=(1, 16, 16)), tmp_path / "dcm", file_names="ordered")
+    ds = pydicom.dcmread(path)
+    rng = np.random.default_rng(signed)
+    ds.PixelRepresentation = signed
+    stored = rng.integers(-32768, 32768, (16, 16)) if signed else rng.integers(0, 65536, (16, 16))
+    ds.PixelData = stored.astype("<i2" if signed else "<u2").tobytes()
+    del ds.RescaleSlope, ds.RescaleIntercept
+    if slope == "lut":
+        item = Dataset()
+        item.add_new("LUTDescriptor", "US", [256, 0, 16])
+        item.ModalityLUTType = "HU"
+        item.add_new("LUTData", "US", [int(v) for v in rng.integers(0, 4096, 256)])
+        ds.ModalityLUTSequence = Sequence([item])
+    elif slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.save_as(path)
+    back = pydicom.dcmread(path)
+    want = np.clip(np.rint(apply_modality_lut(back.pixel_array, back).astype(np.float64)), -32768, 32767)
+    got = _decode_slice(str(path))
+    assert got.dtype == np.int16
+    np.testing.assert_array_equal(got, want.astype(np.int16))
+
+
 def test_rle_compressed_series_decodes(tmp_path):
     vol = make_volume(shape=(3, 8, 8))
     for path in write_dicom_series(vol, tmp_path / "dcm"):
