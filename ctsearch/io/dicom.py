@@ -232,7 +232,11 @@ class SliceHeader:
 
 def read_dicom_header(path: str | os.PathLike) -> SliceHeader:
     """Parse one file's DICOM header without decoding pixels; CTSearchInputError if unusable."""
-    path = os.fspath(path)
+    return _read_header(os.fspath(path))[0]
+
+
+def _read_header(path: str) -> tuple[SliceHeader, pydicom.Dataset]:
+    """The header, and the dataset it was read from (pixels deferred: read when decoded)."""
     if not os.path.isfile(path):
         raise CTSearchInputError(path, "no such file")
     if os.path.getsize(path) == 0:
@@ -248,7 +252,7 @@ def read_dicom_header(path: str | os.PathLike) -> SliceHeader:
         series_uid = str(ds.get("SeriesInstanceUID", "") or "")
         if not series_uid:
             raise CTSearchInputError(path, "DICOM file without SeriesInstanceUID")
-        return SliceHeader(
+        header = SliceHeader(
             path=path,
             series_uid=series_uid,
             study_uid=str(ds.get("StudyInstanceUID", "") or ""),
@@ -264,6 +268,7 @@ def read_dicom_header(path: str | os.PathLike) -> SliceHeader:
             cols=int(ds.Columns) if ds.get("Columns") is not None else None,
             pixel_problem=pixel_data_problem(path, ds),
         )
+        return header, ds
     except CTSearchInputError:
         raise
     except Exception as e:  # pydicom raises many types on corrupt input, also lazily on access
@@ -287,9 +292,13 @@ def _floats(ds: pydicom.Dataset, tag: str, n: int) -> tuple[float, ...] | None:
 
 
 def group_series(
-    files: list[str | os.PathLike], stage: str = "read"
+    files: list[str | os.PathLike], stage: str = "read", datasets: dict | None = None
 ) -> tuple[dict[str, list[SliceHeader]], list[dict]]:
     """Read the headers of ``files`` and group them by SeriesInstanceUID.
+
+    ``datasets``: a dict to keep each header's dataset in, by path, for ``DicomSeries.read`` to
+    decode from without parsing the file a second time (a read, not a scan: a scan of a whole
+    archive must not hold every dataset).
 
     Returns:
         ({series_uid: [SliceHeader, ...]}, errors) with one ``{path, stage, error}`` dict per
@@ -299,11 +308,13 @@ def group_series(
     errors: list[dict] = []
     for path in files:
         try:
-            h = read_dicom_header(path)
+            h, ds = _read_header(os.fspath(path))
         except CTSearchInputError as e:
             errors.append(error_row(e, stage))
             continue
         groups.setdefault(h.series_uid, []).append(h)
+        if datasets is not None:
+            datasets[h.path] = ds
     return groups, errors
 
 
@@ -330,14 +341,19 @@ class DicomSeries:
     folder: str
     stored_affine: np.ndarray
 
-    def read(self) -> Volume:
-        """Decode, rescale (RescaleSlope/Intercept) and reorient the slices into a Volume."""
-        first = _decode_slice(self.files[0])
+    def read(self, datasets: dict | None = None) -> Volume:
+        """Decode, rescale (RescaleSlope/Intercept) and reorient the slices into a Volume.
+
+        ``datasets``: the headers ``group_series`` read, by path; each is decoded from (its
+        pixels read then) and dropped, instead of parsing its file again.
+        """
+        datasets = {} if datasets is None else datasets
+        first = _decode_slice(self.files[0], datasets.pop(self.files[0], None))
         rows, cols = first.shape
         stack = np.empty((len(self.files), rows, cols), dtype=np.int16)
         stack[0] = first
         for k, path in enumerate(self.files[1:], start=1):
-            s = _decode_slice(path)
+            s = _decode_slice(path, datasets.pop(path, None))
             if s.shape != (rows, cols):
                 raise CTSearchInputError(path, f"slice is {s.shape[0]}x{s.shape[1]}, series is {rows}x{cols}")
             stack[k] = s
@@ -506,11 +522,12 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[list[Volume], list[dic
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise CTSearchInputError(folder, "not a folder")
-    groups, errors = group_series(walk_files(folder))
+    datasets: dict = {}
+    groups, errors = group_series(walk_files(folder), datasets=datasets)
     volumes = []
     for items in groups.values():
         try:
-            volumes.append(plan_series(items).read())
+            volumes.append(plan_series(items).read(datasets))
         except CTSearchInputError as e:
             errors.append(error_row(e, "read"))
     return volumes, errors
@@ -522,7 +539,8 @@ def read_dicom_folder(folder: str | os.PathLike) -> Volume:
     files = walk_files(folder)
     if not files:
         raise CTSearchInputError(folder, "folder holds no files")
-    groups, errors = group_series(files)
+    datasets: dict = {}
+    groups, errors = group_series(files, datasets=datasets)
     if not groups and any(f.lower().endswith((".nii", ".nii.gz")) for f in files):
         raise CTSearchInputError(
             folder, "holds NIfTI files, not a DICOM series: pass one .nii/.nii.gz file, or scan the folder"
@@ -537,13 +555,17 @@ def read_dicom_folder(folder: str | os.PathLike) -> Volume:
             f"holds {len(groups)} DICOM series; pass the folder of one series "
             "(or, from Python, ctsearch.io.read_dicom_series / scan_archive)",
         )
-    return plan_series(next(iter(groups.values()))).read()
+    return plan_series(next(iter(groups.values()))).read(datasets)
 
 
-def _decode_slice(path: str) -> np.ndarray:
-    """int16 [rows, cols] HU of one slice: pydicom's modality LUT, rounded and clipped."""
+def _decode_slice(path: str, ds: pydicom.Dataset | None = None) -> np.ndarray:
+    """int16 [rows, cols] HU of one slice: pydicom's modality LUT, rounded and clipped.
+
+    ``ds``: the file's header as ``group_series`` read it (pixels deferred), else it is read here.
+    """
     try:
-        ds = pydicom.dcmread(path, force=True)
+        if ds is None:
+            ds = pydicom.dcmread(path, force=True)
         if "PixelData" not in ds:
             raise CTSearchInputError(path, "missing pixel data")
         if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
@@ -664,7 +686,8 @@ class DicomFormat:
     def read(self, path: str, series_id: str | None = None) -> Volume:
         if series_id is None:
             return read_dicom_folder(path)
-        groups, _ = group_series(walk_files(path))
+        datasets: dict = {}
+        groups, _ = group_series(walk_files(path), datasets=datasets)
         if series_id not in groups:
             raise CTSearchInputError(path, f"no DICOM series {series_id} in this folder")
-        return plan_series(groups[series_id]).read()
+        return plan_series(groups[series_id]).read(datasets)
