@@ -32,7 +32,7 @@ test: install browser
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/python bench/train.py && $(BIN)/python bench/index.py && $(BIN)/python bench/search.py && $(BIN)/python bench/relax.py && $(BIN)/python bench/serve.py
+	$(BIN)/python bench/train.py && $(BIN)/python bench/read.py && $(BIN)/python bench/index.py && $(BIN)/python bench/search.py && $(BIN)/python bench/relax.py && $(BIN)/python bench/serve.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)
