@@ -431,7 +431,8 @@ def test_gzip_damage_past_the_header_is_one_clear_error(tmp_path):
 
 
 def test_gzip_of_several_members_reads_as_one_stream(tmp_path):
-    """`cat a.gz b.gz` is a valid gzip file (RFC 1952): the voxels may span members."""
+    """`cat a.gz b.gz` is a valid gzip file (RFC 1952): the voxels may span members; zero padding
+    after the last one is ignored."""
     raw = nifti_bytes(tmp_path, shape=(6, 32, 32), suffix=".nii")
     one = tmp_path / "one.nii.gz"
     one.write_bytes(gzip.compress(raw))
@@ -440,3 +441,6 @@ def test_gzip_of_several_members_reads_as_one_stream(tmp_path):
     parts.write_bytes(b"".join(gzip.compress(raw[a:b]) for a, b in zip(cuts, cuts[1:])))
     np.testing.assert_array_equal(read_volume(parts).hu, read_volume(one).hu)
     assert read_volume(one).hu.flags.writeable
+    padded = tmp_path / "padded.nii.gz"  # zeros after the last member, which gzip.GzipFile accepts
+    padded.write_bytes(one.read_bytes() + bytes(512))
+    np.testing.assert_array_equal(read_volume(padded).hu, read_volume(one).hu)
