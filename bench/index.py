@@ -74,21 +74,14 @@ def make_archive(out: Path, volumes: int, distinct: int, size: int) -> list[Path
     return paths
 
 
-def decode_one_core(
-    paths: list[Path], config: ModelConfig, with_preprocess: bool
-) -> tuple[float, float, float]:
-    """(slices/s read, slices/s read + preprocess, slices/s of nibabel's own read of the voxels)
-    in this process on one thread, no Ray."""
-    import nibabel as nib
-
+def decode_one_core(paths: list[Path], config: ModelConfig, with_preprocess: bool) -> tuple[float, float]:
+    """(slices/s read, slices/s read + preprocess) in this process on one thread, no Ray.
+    (bench/read.py compares the reading with nibabel's and pydicom's own.)"""
     from ctsearch.io import read_volume
 
-    read_s = prep_s = nib_s = 0.0
+    read_s = prep_s = 0.0
     n = 0
     for p in paths:
-        t0 = time.perf_counter()
-        nib.load(p).dataobj.get_unscaled()  # gzip.GzipFile, what read_volume used before
-        nib_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         hu = read_volume(p).hu
         t1 = time.perf_counter()
@@ -96,7 +89,7 @@ def decode_one_core(
             for a in range(0, len(hu), SLAB_SLICES):
                 eval_pixels(hu[a : a + SLAB_SLICES], config)
         read_s, prep_s, n = read_s + t1 - t0, prep_s + time.perf_counter() - t1, n + len(hu)
-    return n / read_s, n / (read_s + prep_s), n / nib_s
+    return n / read_s, n / (read_s + prep_s)
 
 
 def cpu_seconds() -> dict[int, tuple[str, float]]:
@@ -196,9 +189,7 @@ def main() -> None:
             )
         cfg = ModelConfig(backbone=args.backbone, image_size=args.image_size)
         save_encoder(build_encoder(cfg), cfg, tmp / "model")
-        read_rate, decode_rate, nib_rate = decode_one_core(
-            paths[: min(len(paths), 4)], cfg, with_preprocess=not gpus
-        )
+        read_rate, decode_rate = decode_one_core(paths[: min(len(paths), 4)], cfg, with_preprocess=not gpus)
         ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         ray.data.DataContext.get_current().enable_progress_bars = False
         if args.stats:
@@ -232,9 +223,7 @@ def main() -> None:
         f"{args.size} px, batch {args.batch_size}; pipeline wall {wall:.1f} s"
     )
     where = "read only: the GPU actor preprocesses" if gpus else "read + window/resize"
-    print(
-        f"read, 1 core        {read_rate:9.1f} slices/s   (nibabel's gzip read of the voxels alone: {nib_rate:.1f}/s)"
-    )
+    print(f"read, 1 core        {read_rate:9.1f} slices/s")
     print(f"decode, 1 core      {decode_rate:9.1f} slices/s   ({where})")
     print(f"bare model          {bare:9.1f} slices/s")
     print(

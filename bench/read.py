@@ -35,14 +35,11 @@ def pydicom_slices(files: list[str]) -> int:
     return len(files)
 
 
-def best_rate(fn, slices: int, repeats: int) -> list[float]:
-    """slices/s of each of ``repeats`` calls of ``fn`` (CPU time of this process)."""
-    rates = []
-    for _ in range(repeats):
-        t = time.process_time()
-        fn()
-        rates.append(slices / (time.process_time() - t))
-    return rates
+def rate(fn, slices: int) -> float:
+    """slices/s of one call of ``fn`` (CPU time of this process)."""
+    t = time.process_time()
+    fn()
+    return slices / (time.process_time() - t)
 
 
 def main() -> None:
@@ -78,8 +75,8 @@ def main() -> None:
         for name, (ours, theirs, n) in cases.items():
             a, b = [], []
             for _ in range(args.repeats):  # interleaved: the machine's noise hits both alike
-                a += best_rate(ours, n, 1)
-                b += best_rate(theirs, n, 1)
+                a.append(rate(ours, n))
+                b.append(rate(theirs, n))
             print(f"{name:6} {max(a):8.1f} /s  {max(b):10.1f} /s   {max(a) / max(b):6.2f}x   ({n} slices)")
 
 
