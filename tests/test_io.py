@@ -193,6 +193,32 @@ def test_integer_rescale_equals_pydicoms_modality_lut(tmp_path, signed, slope, i
     np.testing.assert_array_equal(got, want.astype(np.int16))
 
 
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "<i2", "<u2", "<i4", "float32"])
+@pytest.mark.parametrize("slope,intercept", [(1, 0), (1, -1024), (3, -32768), (-2, 40000), (0.5, -1024.25)])
+def test_to_hu_int16_exact_path_equals_the_float_rescale(dtype, slope, intercept):
+    """Every reader's rescale (NIfTI scl_*, DICOM Rescale*): the int32 path for integer pixels and
+    integer rescales gives what float64 arithmetic, rounded and clipped, gives."""
+    from ctsearch.io.volume import to_hu_int16
+
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else np.iinfo(np.int16)
+    rng = np.random.default_rng(0)
+    raw = rng.integers(info.min, int(info.max) + 1, (3, 7, 5)).astype(dtype)
+    raw.flat[:2] = info.min, info.max  # both ends of the stored range
+    want = np.clip(np.rint(raw.astype(np.float64) * slope + intercept), -32768, 32767).astype(np.int16)
+    got = to_hu_int16(raw, slope, intercept)
+    assert got.dtype == np.int16 and got.shape == raw.shape
+    np.testing.assert_array_equal(got, want)
+
+
+def test_to_hu_int16_float_input_nan_and_infinities():
+    from ctsearch.io.volume import to_hu_int16
+
+    raw = np.array([np.nan, np.inf, -np.inf, 2.5, -2.5, 1e9], np.float32)
+    np.testing.assert_array_equal(to_hu_int16(raw), [-1024, 32767, -32768, 2, -2, 32767])
+    stored = np.array([-5, 7], np.int16)
+    assert to_hu_int16(stored) is stored  # nothing to rescale: no copy
+
+
 def test_rle_compressed_series_decodes(tmp_path):
     vol = make_volume(shape=(3, 8, 8))
     for path in write_dicom_series(vol, tmp_path / "dcm"):

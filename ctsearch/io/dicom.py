@@ -33,7 +33,7 @@ from ctsearch.errors import CTSearchInputError
 from ctsearch.io.entry import ScanEntry, case_number
 from ctsearch.io.formats import error_row, walk_files
 from ctsearch.io.orient import canonical_transform, spacing_of, to_canonical
-from ctsearch.io.volume import Volume
+from ctsearch.io.volume import Volume, to_hu_int16
 
 # RescaleIntercept used for the unsigned pixels we write (the common scanner convention).
 WRITE_INTERCEPT = -1024
@@ -168,7 +168,6 @@ def _ds(v: float) -> str:
 
 # Refuse series whose headers claim more voxels than any CT volume plausibly holds.
 MAX_VOXELS = 2 * 1024**3
-_INT16 = np.iinfo(np.int16)
 _CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 # Axial: the slice normal within ~37 degrees of the body axis (gantry tilt stays well below).
@@ -590,40 +589,31 @@ def _decode_slice(path: str, ds: pydicom.Dataset | None = None) -> np.ndarray:
         raise CTSearchInputError(path, f"expected one 2-D frame, pixel data has shape {pixels.shape}")
     rescale = _integer_rescale(ds, pixels)
     if rescale is not None:
-        slope, intercept = rescale
-        hu = pixels.astype(np.int32)
-        if slope != 1:
-            hu *= slope
-        hu += intercept
-        return np.clip(hu, _INT16.min, _INT16.max).astype(np.int16)
+        return to_hu_int16(pixels, *rescale)
     try:
         hu = apply_modality_lut(pixels, ds)
     except Exception as e:
         raise CTSearchInputError(path, f"unusable RescaleSlope/RescaleIntercept ({_describe(e)})") from None
-    if np.issubdtype(hu.dtype, np.floating):
-        hu = np.rint(np.nan_to_num(hu, nan=-1024.0))
-    return np.clip(hu, _INT16.min, _INT16.max).astype(np.int16)
+    return to_hu_int16(hu)
 
 
-def _integer_rescale(ds: pydicom.Dataset, pixels: np.ndarray) -> tuple[int, int] | None:
-    """(slope, intercept) when the modality LUT is integer arithmetic that int32 holds, else None.
+def _integer_rescale(ds: pydicom.Dataset, pixels: np.ndarray) -> tuple[float, float] | None:
+    """(slope, intercept) when the modality LUT is an integer rescale of integer pixels, else None.
 
-    CT's rescale is nearly always slope 1 and an integer intercept. pydicom applies it in
-    float64, and rounding, NaN handling and clipping then cost ~4 more passes over the slice:
-    in int32 the same values come out at a fraction of the cost. A LUT sequence, a fractional or
-    unreadable rescale, or float pixels go through pydicom (which also words its errors).
+    CT's rescale is nearly always slope 1 and an integer intercept: ``to_hu_int16`` does it
+    exactly in int32, where pydicom's float64 LUT and the rounding and clipping after it cost ~4
+    more passes over the slice. A LUT sequence, a fractional or unreadable rescale, or float
+    pixels go through pydicom (which also words its errors).
     """
-    if pixels.dtype.kind not in "iu" or pixels.dtype.itemsize > 2 or "ModalityLUTSequence" in ds:
+    if pixels.dtype.kind not in "iu" or "ModalityLUTSequence" in ds:
         return None
     if "RescaleSlope" not in ds or "RescaleIntercept" not in ds:
-        return 1, 0  # pydicom leaves the stored values as they are
+        return 1.0, 0.0  # pydicom leaves the stored values as they are
     try:
         slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
     except (TypeError, ValueError):
         return None
-    if not (slope.is_integer() and intercept.is_integer() and abs(slope) <= 1024 and abs(intercept) <= 2**20):
-        return None  # |65535 x slope + intercept| stays far inside int32
-    return int(slope), int(intercept)
+    return (slope, intercept) if slope.is_integer() and intercept.is_integer() else None
 
 
 def _iso_date(ds: pydicom.Dataset) -> str | None:

@@ -34,7 +34,7 @@ from ctsearch.errors import CTSearchInputError
 from ctsearch.io.entry import ScanEntry, case_number
 from ctsearch.io.formats import error_row, scan_error
 from ctsearch.io.orient import canonical_transform, spacing_of, to_canonical
-from ctsearch.io.volume import Volume
+from ctsearch.io.volume import Volume, to_hu_int16
 from ctsearch.store import atomic_write_bytes
 
 # NIfTI RAS+ <-> DICOM LPS+: negate x and y.
@@ -102,7 +102,6 @@ def _save(zyx: np.ndarray, affine_ras: np.ndarray, path) -> None:
 # Deflate cannot expand data by more than ~1032:1, so a .nii.gz whose header needs more bytes than
 # that is lying about its size.
 _MAX_DEFLATE_RATIO = 1032
-_INT16 = np.iinfo(np.int16)
 
 
 @dataclass(frozen=True)
@@ -340,10 +339,8 @@ def _to_int16(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
     if raw.dtype == np.int16 and slope == 1.0 and inter == 0.0:
         return raw
     out = np.empty(raw.shape, dtype=np.int16)
-    for k in range(raw.shape[2]):  # per slab: bounded float64 temporaries
-        v = raw[:, :, k].astype(np.float64) * slope + inter
-        v = np.nan_to_num(v, nan=-1024.0, posinf=_INT16.max, neginf=_INT16.min)
-        out[:, :, k] = np.clip(np.rint(v), _INT16.min, _INT16.max)
+    for k in range(raw.shape[2]):  # per slab: bounded temporaries
+        out[:, :, k] = to_hu_int16(raw[:, :, k], slope, inter)
     return out
 
 

@@ -8,6 +8,52 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+_INT16 = np.iinfo(np.int16)
+_NAN_HU = -1024  # a NaN voxel (float data, a broken scale) reads as air
+
+
+def to_hu_int16(raw: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> np.ndarray:
+    """Stored values -> int16 HU: ``raw * slope + intercept``, rounded, clipped to int16.
+
+    The one rescale of every reader (NIfTI's scl_slope/scl_inter, DICOM's RescaleSlope/
+    RescaleIntercept). Integer pixels with an integer slope and intercept (CT's usual case) are
+    rescaled in int32, exactly and without float temporaries; anything else in float64, where
+    NaN reads as -1024 (air) and +-inf as the int16 bounds.
+
+    Args:
+        raw: stored values, any shape; integers or floats.
+        slope, intercept: the rescale.
+
+    Returns:
+        int16 array of ``raw``'s shape (``raw`` itself where it is int16 and the rescale is 1, 0).
+
+    Example:
+        >>> to_hu_int16(np.array([0, 1000, 65535], np.uint16), 1, -1024)
+        array([-1024,   -24, 32767], dtype=int16)
+        >>> to_hu_int16(np.array([np.nan, 1.5, -np.inf]))
+        array([ -1024,      2, -32768], dtype=int16)
+    """
+    if raw.dtype == np.int16 and slope == 1 and intercept == 0:
+        return raw
+    exact = (
+        raw.dtype.kind in "iu"
+        and raw.dtype.itemsize <= 2
+        and float(slope).is_integer()
+        and float(intercept).is_integer()
+        and abs(slope) <= 1024
+        and abs(intercept) <= 2**20  # |65535 x slope + intercept| stays far inside int32
+    )
+    if exact:
+        hu = raw.astype(np.int32)
+        if slope != 1:
+            hu *= int(slope)
+        if intercept:
+            hu += int(intercept)
+    else:
+        hu = np.nan_to_num(raw.astype(np.float64) * slope + intercept, nan=_NAN_HU)
+        np.rint(hu, out=hu)
+    return np.clip(hu, _INT16.min, _INT16.max).astype(np.int16)
+
 
 @dataclass
 class Volume:
