@@ -38,7 +38,7 @@ step() {  # step NAME SECONDS CMD...
     local t0=$SECONDS
     timeout "$limit" "$@" >>"$out/$name.log" 2>&1
     local rc=$?
-    grep -v "Warning\|warn(" "$out/$name.log" | tail -n 14
+    grep -v "Warning\|warn(" "$out/$name.log" | tail -n 26
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
 }
 
