@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,18 +150,6 @@ def test_train_slices_all_without_the_file_is_one_line_error(slice_dataset, tmp_
         train(slice_dataset, tmp_path / "run", _opts(train_slices="all"))
 
 
-def test_a_run_from_before_the_new_options_still_resumes(ray_session, slice_dataset, tmp_path):
-    out = tmp_path / "old"
-    train(slice_dataset, out, _opts())
-    cfg_path = out / "config.json"
-    config = json.loads(cfg_path.read_text())
-    for key in ("crop_scale", "train_slices", "zero_init_residual"):
-        del config["options"][key]
-    cfg_path.write_text(json.dumps(config))
-    s = train(slice_dataset, out, _opts(epochs=2))
-    assert s["resumed_after_epoch"] == 1 and s["epochs"] == 2
-
-
 def test_cli_prepare_and_train_accept_the_options(ray_session, synth_archive, tmp_path):
     from ctsearch.cli.main import app
 
@@ -205,10 +194,18 @@ def test_cli_prepare_and_train_accept_the_options(ray_session, synth_archive, tm
             "16",
             "--eval-every",
             "0",
+            "--workers",
+            "2",
             "--json",
         ],
     )
     assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["epochs"] == 1 and Path(summary["encoder"]).is_file()
+    # Every train slice, split equally over 2 workers, 8 per worker batch, drop_last.
+    n_all = len(read_slices(prep / "train_all.parquet").hu)
+    row = read_metrics(tmp_path / "run")[-1]
+    assert row["steps"] == n_all // 2 // 8 and row["images"] == row["steps"] * 16 and np.isfinite(row["loss"])
     options = json.loads((tmp_path / "run" / "config.json").read_text())["options"]
     assert (options["train_slices"], options["crop_scale"], options["zero_init_residual"]) == (
         "all",

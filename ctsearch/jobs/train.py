@@ -1,7 +1,8 @@
 """SimSiam training on Ray Train (V2 API): one laptop by default, a GPU cluster unchanged.
 
 The driver checks the inputs, writes ``OUT/config.json`` and starts a ``TorchTrainer``. Each
-worker reads its shard of ``train.parquet`` through Ray Data, makes two views per slice
+worker reads its shard of ``train.parquet`` from Ray's object store (the driver puts a small
+dataset there whole; Ray Data's read tasks a large one), makes two views per slice
 (``ctsearch.views.TwoViews``) and runs ``ctsearch.ssl.train_step``. Rank 0 checkpoints every
 epoch into ``OUT/checkpoints`` (Ray's run folder, weights as safetensors), appends a line to
 ``OUT/metrics.jsonl`` and finally writes the encoder (``OUT/encoder.safetensors`` +
@@ -13,7 +14,7 @@ the same OUT continues after the last finished epoch. OUT must therefore be stor
 node sees (a local disk on one machine, NFS or similar on a cluster), or an object-store URI
 (``s3://bucket/runs/r0``): then Ray Train writes the checkpoints there through the store's
 filesystem, rank 0 writes metrics.jsonl and the encoder there object by object, the dataset is read
-from its URI by Ray Data, and a lease (``storage.writer_lock``) replaces the folder's flock.
+from its URI, and a lease (``storage.writer_lock``) replaces the folder's flock.
 
 Example:
     >>> from ctsearch.jobs.train import TrainOptions, train  # doctest: +SKIP
@@ -62,6 +63,9 @@ TRAIN_FILES = {"protocol": "train.parquet", "all": "train_all.parquet"}
 # cuda (ctsearch.device_views on the worker's GPU), cpu-batched (ctsearch.device_views on the CPU).
 VIEWS_DEVICES = ("auto", "cpu", "cuda", "cpu-batched")
 SHUFFLE_BUFFER = 256  # rows held per worker for the local shuffle (~128 MiB of 512x512 slices)
+# Up to this many bytes of pixels (uncompressed), the driver reads the dataset and hands it to Ray
+# whole: Ray Data's read tasks take 2-5 s to start, longer than such a dataset takes per epoch.
+SMALL_DATASET_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -528,11 +532,10 @@ def train(
         )
     where, fs = storage.arrow_source(ssl_path)
     try:
-        n_train = (
-            pq.read_metadata(where, filesystem=fs) if fs else pq.ParquetFile(ssl_path).metadata
-        ).num_rows
+        meta = pq.read_metadata(where, filesystem=fs) if fs else pq.ParquetFile(ssl_path).metadata
     except Exception as e:  # noqa: BLE001 - an unreadable file is the user's input problem
         raise CTSearchInputError(ssl_path, f"not a readable parquet file ({e})") from None
+    n_train = meta.num_rows
     if n_train < opts.batch_size:
         raise CTSearchInputError(
             ssl_path, f"{n_train} slices, fewer than one batch (--batch-size {opts.batch_size})"
@@ -567,13 +570,7 @@ def train(
         resources = {"CPU": opts.cpus_per_worker}
         if opts.gpus_per_worker:
             resources["GPU"] = opts.gpus_per_worker
-        # Read once into the object store (spilled to disk if larger than memory): re-reading the parquet
-        # file every epoch made the data pipeline, not the model, the bottleneck (bench/train.py).
-        dataset = (
-            ray.data.read_parquet(where, filesystem=fs)
-            .select_columns(["hu", "height", "width"])
-            .materialize()
-        )
+        dataset = _pixels_dataset(ssl_path, where, fs, meta)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,
@@ -620,6 +617,26 @@ def train(
             "nodes": sorted({n for r in trained for n in r.get("nodes", [])}),
             "seconds": round(time.perf_counter() - t0, 1),
         }
+
+
+def _pixels_dataset(path, where: str, fs, meta) -> ray.data.Dataset:
+    """The slices SimSiam trains on (``hu``, ``height``, ``width``), held in Ray's object store.
+
+    Read once (spilled to disk if larger than memory): re-reading the parquet file every epoch
+    made the data pipeline, not the model, the bottleneck (bench/train.py). A small dataset is
+    read here and put in whole; a large one by Ray Data's read tasks, spread over the cluster.
+    """
+    import pyarrow.parquet as pq
+
+    columns = ["hu", "height", "width"]
+    size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if size > SMALL_DATASET_BYTES:
+        return ray.data.read_parquet(where, filesystem=fs).select_columns(columns).materialize()
+    try:
+        table = pq.read_table(where, columns=columns, filesystem=fs)
+    except Exception as e:  # noqa: BLE001 - a damaged file is the user's input problem
+        raise CTSearchInputError(path, f"not a readable slice dataset ({e})") from None
+    return ray.data.from_arrow(table)
 
 
 def _run_storage(out: Path | str) -> dict:
