@@ -10,6 +10,11 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # Every Ray the tests start advertises and listens on 127.0.0.1 only (read when Ray is imported).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray Train's controller polls its workers every 2 s, so it sees a run end (or a worker fail) up
+# to 2 s late; the suite trains ~20 runs. A poll that takes longer is not an error (only one
+# hanging for RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min, is). Inherited by every Ray node
+# the tests start.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def pytest_collection_modifyitems(config, items):
