@@ -78,6 +78,22 @@ def causes(e: BaseException, limit: int = 50) -> Iterator[BaseException]:
         todo += [c for c in nested if isinstance(c, BaseException)]
 
 
+def input_error(e: BaseException) -> CTSearchInputError | None:
+    """The CTSearchInputError among ``e``'s causes (nearest first), as it was raised, or None.
+
+    Ray re-raises a task's error as a subclass of the error's own class whose text is the task's
+    whole traceback; the error itself is its ``cause``, found next.
+
+    Example:
+        >>> try:
+        ...     raise RuntimeError("the job failed") from CTSearchInputError("a.nii", "truncated")
+        ... except RuntimeError as e:
+        ...     str(input_error(e))
+        'a.nii: truncated'
+    """
+    return next((x for x in causes(e) if isinstance(x, CTSearchInputError) and "cause" not in vars(x)), None)
+
+
 def environment_error(e: BaseException) -> CTSearchInputError | None:
     """A full disk, a read-only file system or a permission refusal anywhere in ``e``'s causes
     (also inside a Ray task's error), as a one-line user error naming the file; else None."""

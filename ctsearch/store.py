@@ -368,6 +368,41 @@ def decode_pixels(buf: bytes, height: int, width: int, dtype: str = "<i2") -> np
     return np.frombuffer(buf, dt).reshape(h, w).astype(dt.newbyteorder("="))
 
 
+def check_pixel_rows(t: pa.Table, path: str | os.PathLike) -> pa.Table:
+    """``t`` itself if every row's ``hu`` (and ``mask``, where present) holds height x width
+    pixels; else a one-line error naming ``path`` and the first bad slice.
+
+    A slice dataset written by another tool, or damaged in a way its parquet checksums do not
+    catch, must fail here with the file's name, not as a worker's traceback mid-training.
+
+    Example:
+        >>> t = pa.table({"height": [2], "width": [2], "hu": [b"\\0" * 6], "volume_id": ["v"], "slice_index": [3]})
+        >>> check_pixel_rows(t, "train.parquet")
+        Traceback (most recent call last):
+        ctsearch.errors.CTSearchInputError: train.parquet: volume v slice 3: hu holds 6 bytes, not 2x2 int16 (8)
+    """
+    import pyarrow.compute as pc
+
+    h = pc.fill_null(t.column("height"), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    w = pc.fill_null(t.column("width"), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    for col, dtype in (("hu", np.dtype("<i2")), ("mask", np.dtype("u1"))):
+        if col not in t.column_names:
+            continue
+        got = pc.fill_null(pc.binary_length(t.column(col)), -1).to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero((h < 1) | (w < 1) | (got != h * w * dtype.itemsize))
+        if len(bad):
+            i = int(bad[0])
+            where = f"row {i}"
+            if {"volume_id", "slice_index"} <= set(t.column_names):
+                where = f"volume {t.column('volume_id')[i]} slice {t.column('slice_index')[i]}"
+            held = "no bytes (null)" if got[i] < 0 else f"{got[i]} bytes"
+            raise CTSearchInputError(
+                path,
+                f"{where}: {col} holds {held}, not {h[i]}x{w[i]} {dtype.name} ({h[i] * w[i] * dtype.itemsize})",
+            )
+    return t
+
+
 def _require_slice_columns(path: Path, names) -> None:
     missing = set(SLICES_SCHEMA.names) - set(names)
     if missing:
@@ -413,6 +448,7 @@ def read_slices(path: str | os.PathLike) -> SliceSet:
         )
     t = read_parquet(path)
     _require_slice_columns(path, t.column_names)
+    check_pixel_rows(t, path)
     n = t.num_rows
     hs, ws = t.column("height").to_numpy(), t.column("width").to_numpy()
     if n and (np.any(hs != hs[0]) or np.any(ws != ws[0])):

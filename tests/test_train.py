@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -185,6 +186,61 @@ def test_training_learns_and_does_not_collapse(ray_session, dataset, tmp_path):
     assert trained["embedding_std"] > 0.2 / np.sqrt(128), rows
     assert trained["knn_accuracy"] > untrained["knn_accuracy"], rows
     assert trained["map_at_5"] > untrained["map_at_5"], rows
+
+
+@pytest.mark.parametrize("read_by", ["driver", "ray-data"])
+def test_a_slice_with_the_wrong_byte_count_is_one_line_naming_file_and_slice(
+    ray_session, dataset, tmp_path, monkeypatch, read_by
+):
+    """A train.parquet whose checksums hold but one slice's pixels are short (another tool wrote
+    it): one line before training, whichever reads the file, not a worker's traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import error_line
+
+    from ctsearch.cli.main import app
+    from ctsearch.jobs import train as train_job
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    t = pq.read_table(dataset / "train.parquet")
+    hu = t.column("hu").to_pylist()
+    hu[5] = hu[5][:100]
+    i = t.schema.get_field_index("hu")
+    pq.write_table(t.set_column(i, t.schema.field(i), pa.array(hu, pa.binary())), bad / "train.parquet")
+    shutil.copy(dataset / "test.parquet", bad / "test.parquet")
+    if read_by == "ray-data":  # the path of a dataset too large for the driver to read
+        monkeypatch.setattr(train_job, "SMALL_DATASET_BYTES", 0)
+    args = ["train", str(bad), str(tmp_path / "run"), "--backbone", "tiny", "--image-size", "64"]
+    r = CliRunner().invoke(app, [*args, "--init", "random", "--epochs", "1", "--eval-every", "0"])
+    line = error_line(r)
+    assert (
+        str(bad / "train.parquet") in line
+        and "volume v0_1 slice 5: hu holds 100 bytes, not 64x64 int16" in line
+    )
+    assert not (tmp_path / "run" / "encoder.safetensors").exists()
+
+
+def test_check_pixel_rows_names_nulls_sizes_and_masks():
+    import pyarrow as pa
+
+    from ctsearch.store import check_pixel_rows
+
+    def table(**cols):
+        base = {"height": [2, 2], "width": [3, 3], "hu": [b"\0" * 12] * 2, "mask": [b"\0" * 6] * 2}
+        return pa.table({**base, **cols})
+
+    good = table()
+    assert check_pixel_rows(good, "s.parquet") is good
+    cases = [
+        (dict(hu=[b"\0" * 12, None]), "row 1: hu holds no bytes (null), not 2x3 int16 (12)"),
+        (dict(height=[2, 0]), "row 1: hu holds 12 bytes, not 0x3 int16 (0)"),
+        (dict(width=[None, 3]), "row 0: hu holds 12 bytes, not 2x0 int16 (0)"),
+        (dict(mask=[b"\0" * 6, b"\0" * 12]), "row 1: mask holds 12 bytes, not 2x3 uint8 (6)"),
+    ]
+    for cols, problem in cases:
+        with pytest.raises(CTSearchInputError, match=re.escape(f"s.parquet: {problem}")):
+            check_pixel_rows(table(**cols), "s.parquet")
 
 
 def test_training_checkpoint_roundtrip_gives_identical_embeddings(dataset, tmp_path):

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ctsearch.errors import CTSearchInputError, causes, environment_error, printable
+from ctsearch.errors import CTSearchInputError, causes, environment_error, input_error, printable
 
 err_console = Console(stderr=True)
 T = TypeVar("T")
@@ -120,7 +120,8 @@ def handle_errors(fn: Callable) -> Callable:
             if debug_enabled():
                 raise
             # escape: a path or option holding "[...]" is printed as given, not read as rich markup.
-            err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+            user = input_error(e) or e  # from a Ray task: the error, not Ray's traceback text
+            err_console.print(f"[red]error:[/red] {escape(str(user))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -129,7 +130,7 @@ def handle_errors(fn: Callable) -> Callable:
             if debug_enabled():
                 raise
             # A full disk or read-only folder, or bad input met inside a Ray worker: the user's to fix.
-            user = environment_error(e) or _user_error_inside(e)
+            user = environment_error(e) or input_error(e)
             if user is not None:
                 err_console.print(f"[red]error:[/red] {escape(str(user))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
@@ -149,11 +150,6 @@ def handle_errors(fn: Callable) -> Callable:
             _result_stream = outer
 
     return wrapper
-
-
-def _user_error_inside(e: BaseException) -> CTSearchInputError | None:
-    """The CTSearchInputError a Ray task or Train worker raised, found in ``e``'s causes."""
-    return next((x for x in causes(e) if isinstance(x, CTSearchInputError)), None)
 
 
 def _is_ray_failure(e: BaseException) -> bool:

@@ -47,7 +47,7 @@ from ctsearch.errors import CTSearchInputError
 from ctsearch.hu import Rescale
 from ctsearch.model import SimSiam, initial_encoder_state, save_encoder, set_residual_bn
 from ctsearch.ssl import OptimConfig, build_optimizer, set_lr, train_step
-from ctsearch.store import decode_pixels, read_jsonl
+from ctsearch.store import check_pixel_rows, decode_pixels, read_jsonl
 
 CONFIG_FILE = RUN_CONFIG
 METRICS_FILE = "metrics.jsonl"
@@ -629,14 +629,21 @@ def _pixels_dataset(path, where: str, fs, meta) -> ray.data.Dataset:
     import pyarrow.parquet as pq
 
     columns = ["hu", "height", "width"]
+    # What names a bad slice in the error, where the file has it.
+    named = columns + [c for c in ("volume_id", "slice_index") if c in meta.schema.names]
     size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     if size > SMALL_DATASET_BYTES:
-        return ray.data.read_parquet(where, filesystem=fs).select_columns(columns).materialize()
+        ds = ray.data.read_parquet(where, filesystem=fs).select_columns(named)
+        # This dataset's tasks raise check_pixel_rows' error itself (the driver then prints its
+        # one line), not Ray Data's UserCodeException, which drops its cause when pickled.
+        ds.context.raise_original_map_exception = True
+        checked = ds.map_batches(check_pixel_rows, batch_format="pyarrow", fn_kwargs={"path": str(path)})
+        return checked.select_columns(columns).materialize()
     try:
-        table = pq.read_table(where, columns=columns, filesystem=fs)
+        table = pq.read_table(where, columns=named, filesystem=fs)
     except Exception as e:  # noqa: BLE001 - a damaged file is the user's input problem
         raise CTSearchInputError(path, f"not a readable slice dataset ({e})") from None
-    return ray.data.from_arrow(table)
+    return ray.data.from_arrow(check_pixel_rows(table, path).select(columns))
 
 
 def _run_storage(out: Path | str) -> dict:
